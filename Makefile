@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (Python 3.11, no GPU): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+# (Re)install when a requirements file changes.
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m magicpose_jax.demo --out outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check magicpose_jax tests benchmarks configs
+
+bench: $(STAMP)
+	$(PY) benchmarks/unet_forward.py
+
+clean:
+	rm -rf $(VENV) outputs

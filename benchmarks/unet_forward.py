@@ -1,0 +1,88 @@
+"""UNet forward: our jit'd Flax UNet vs diffusers' PyTorch UNet, same weights, same threads, one run.
+
+    python benchmarks/unet_forward.py                 # full SD 1.5, batch 1, 64×64 latents, fp32
+    python benchmarks/unet_forward.py --variant tiny  # seconds, for a smoke run
+
+Prints both median times after warm-up, their ratio (goal: ours / PyTorch <= 1.0),
+and our compile time. Needs the test/reference extra (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variant", default="sd15", help="UNet variant from magicpose_jax.models.unet.VARIANTS")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--size", type=int, default=64, help="latent height = width")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--backend", default="xla", help="our attention backend")
+  args = parser.parse_args()
+
+  # Both frameworks get the same intra-op thread count; set before either is imported.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
+
+  from magicpose_jax.convert.diffusers import unet_key_table  # noqa: PLC0415
+  from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415
+
+  torch.set_num_threads(args.threads)
+  config = VARIANTS[args.variant].replace(attention_backend=args.backend)
+  torch.manual_seed(0)
+  tmodel = TorchUNet(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}).eval()
+  params = jax.device_put(unet_key_table(config).to_flax(
+      {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}))
+
+  rng = np.random.default_rng(0)
+  sample = rng.standard_normal((args.batch, args.size, args.size, config.in_channels), dtype=np.float32)
+  t = np.full((args.batch,), 500.0, np.float32)
+  context = rng.standard_normal((args.batch, 77, config.cross_attention_dim), dtype=np.float32)
+
+  model = UNet2DConditionModel(config)
+  start = time.perf_counter()
+  compiled = jax.jit(model.apply).lower({"params": params}, sample, t, context).compile()
+  compile_s = time.perf_counter() - start
+  run_jax = lambda: compiled({"params": params}, sample, t, context).block_until_ready()
+
+  x_t, t_t, c_t = torch.from_numpy(sample.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(context)
+
+  def run_torch():
+    with torch.inference_mode():
+      return tmodel(x_t, t_t, c_t).sample
+
+  def timed(fn):
+    fn()  # warm-up
+    times = []
+    for _ in range(args.iters):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  # Interleave nothing: each framework runs alone, one after the other, on the same threads.
+  jax_s, torch_s = timed(run_jax), timed(run_torch)
+  err = np.abs(np.asarray(run_jax()) - run_torch().numpy().transpose(0, 2, 3, 1)).max()
+
+  print(f"UNet forward: variant={args.variant} batch={args.batch} latents={args.size}x{args.size} fp32, "
+        f"threads={args.threads} (cpu_count={os.cpu_count()}), jax {jax.__version__}, torch {torch.__version__}")
+  print(f"  ours (jit, {args.backend:>11}) : {jax_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
+  print(f"  diffusers (PyTorch)     : {torch_s * 1e3:9.1f} ms")
+  print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (goal <= 1.00)")
+  print(f"  max |ours - PyTorch|    : {err:.2e}")
+
+
+if __name__ == "__main__":
+  main()

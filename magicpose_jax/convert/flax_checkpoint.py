@@ -1,0 +1,50 @@
+"""Our own UNet checkpoint format: `config.json` (diffusers keys) + an orbax tree of the params.
+
+Layout of a folder written by `save_flax_unet`:
+  config.json   the diffusers UNet config (so the architecture is readable anywhere)
+  params/       an orbax `StandardCheckpointer` checkpoint of the Flax param tree
+This is what `python -m magicpose_jax.convert --to flax` writes; orbax restores
+it sharded onto any mesh (pass a target tree with shardings to `restore`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from magicpose_jax.models.unet import UNetConfig
+
+PARAMS_DIR = "params"
+
+
+def is_flax_unet(folder: str | os.PathLike) -> bool:
+  return os.path.isdir(os.path.join(folder, PARAMS_DIR)) and os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def save_flax_unet(config: UNetConfig, params: dict, folder: str | os.PathLike) -> None:
+  """Writes `folder/config.json` and `folder/params` (orbax). The folder must not hold params yet."""
+  folder = os.path.abspath(folder)
+  target = os.path.join(folder, PARAMS_DIR)
+  if os.path.exists(target):
+    raise FileExistsError(f"{target} already exists; choose an empty destination")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config.to_diffusers(), f, indent=2)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(target, jax.device_get(params))
+    ckpt.wait_until_finished()
+
+
+def load_flax_unet(folder: str | os.PathLike, **config_overrides: Any) -> tuple[UNetConfig, dict]:
+  """Reads a folder written by `save_flax_unet` -> `(config, params)` (host arrays)."""
+  folder = os.path.abspath(folder)
+  if not is_flax_unet(folder):
+    raise FileNotFoundError(f"{folder}: not a Flax UNet checkpoint (expected config.json and {PARAMS_DIR}/)")
+  config = UNetConfig.from_diffusers(folder, **config_overrides)
+  with ocp.StandardCheckpointer() as ckpt:
+    params = ckpt.restore(os.path.join(folder, PARAMS_DIR))
+  return config, jax.device_get(params)

@@ -1,0 +1,180 @@
+"""One key table per model family, used in both directions between PyTorch and Flax.
+
+A table lists, for every Flax param leaf, the PyTorch state-dict key and the
+layout change between them. It is built once from the abstract Flax param tree
+(`jax.eval_shape` of `init`), so the Flax model is the single source of the
+names; both `to_flax` and `to_torch` read the same table, which makes the two
+directions inverse by construction (transposes only: round trips are bit-exact).
+
+Layouts: conv kernels Flax HWIO <-> PyTorch OIHW; dense kernels `[in, out]` <->
+`[out, in]`; norm `scale` <-> `weight`; biases unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+FlaxPath = tuple[str, ...]
+
+_INDEX = re.compile(r"^(.*)_(\d+)$")
+
+
+class ConversionError(ValueError):
+  """Missing, unexpected or mis-shaped tensors; the message lists every one of them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One tensor: its Flax path and shape, its PyTorch key, and the layout between them."""
+
+  flax_path: FlaxPath
+  torch_key: str
+  flax_shape: tuple[int, ...]
+  layout: str  # "conv" (HWIO/OIHW), "dense" ([in,out]/[out,in]) or "same"
+
+  @property
+  def torch_shape(self) -> tuple[int, ...]:
+    s = self.flax_shape
+    if self.layout == "conv":
+      return (s[3], s[2], s[0], s[1])
+    if self.layout == "dense":
+      return (s[1], s[0])
+    return s
+
+
+def torch_name(path: FlaxPath, keep: Iterable[str] = ()) -> tuple[str, str]:
+  """Maps a Flax param path to (PyTorch key, layout).
+
+  `name_N` becomes `name.N` (a list index) unless `name_N` is in `keep` (a real
+  attribute name such as diffusers' `time_embedding.linear_1`).
+  """
+  keep = set(keep)
+  parts = []
+  for p in path[:-1]:
+    m = _INDEX.match(p)
+    parts.append(f"{m.group(1)}.{m.group(2)}" if m and p not in keep else p)
+  leaf = path[-1]
+  if leaf == "kernel":
+    return ".".join(parts + ["weight"]), "kernel"
+  if leaf in ("scale", "embedding"):
+    return ".".join(parts + ["weight"]), "same"
+  return ".".join(parts + [leaf]), "same"
+
+
+class KeyTable:
+  """The bijection between a Flax param tree and a PyTorch state dict."""
+
+  def __init__(self, entries: Iterable[Entry], name: str = "model"):
+    self.name = name
+    self.entries = tuple(entries)
+    self.by_flax = {e.flax_path: e for e in self.entries}
+    self.by_torch = {e.torch_key: e for e in self.entries}
+    if len(self.by_torch) != len(self.entries) or len(self.by_flax) != len(self.entries):
+      dup = sorted({e.torch_key for e in self.entries if list(self.by_torch).count(e.torch_key) > 1})
+      raise ValueError(f"{name}: key table is not one-to-one (duplicate keys {dup})")
+
+  @classmethod
+  def from_params(cls, abstract_params: Mapping[str, Any], keep: Iterable[str] = (),
+                  renames: Mapping[str, str] | None = None, name: str = "model") -> KeyTable:
+    """Builds the table from a (possibly abstract) Flax param tree.
+
+    Args:
+      abstract_params: nested dict of arrays or `ShapeDtypeStruct`s.
+      keep: module names with a `_N` suffix that are attribute names, not indices.
+      renames: exact PyTorch-key prefix rewrites applied after the generic rule.
+      name: used in error messages.
+    """
+    entries = []
+    for path, leaf in _flatten(abstract_params):
+      key, layout = torch_name(path, keep)
+      for old, new in (renames or {}).items():
+        if key.startswith(old):
+          key = new + key[len(old):]
+      shape = tuple(leaf.shape)
+      if layout == "kernel":
+        layout = {4: "conv", 2: "dense"}.get(len(shape))
+        if layout is None:
+          raise ValueError(f"{name}: kernel {'/'.join(path)} has unsupported rank {len(shape)}")
+      entries.append(Entry(path, key, shape, layout))
+    return cls(entries, name)
+
+  def to_flax(self, state_dict: Mapping[str, Any], dtype: Any = None, source: str = "") -> dict:
+    """PyTorch-layout arrays (numpy) keyed by PyTorch names -> nested Flax params.
+
+    Raises:
+      ConversionError: naming every missing, unexpected and mis-shaped tensor.
+    """
+    where = f" in {source}" if source else ""
+    missing = [k for k in self.by_torch if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in self.by_torch]
+    bad_shape = [f"{k}: got {tuple(v.shape)}, expected {self.by_torch[k].torch_shape}"
+                 for k, v in state_dict.items()
+                 if k in self.by_torch and tuple(v.shape) != self.by_torch[k].torch_shape]
+    _raise_if(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape)
+    params: dict = {}
+    for e in self.entries:
+      x = _to_flax_layout(np.asarray(state_dict[e.torch_key]), e.layout)
+      if dtype is not None:
+        x = x.astype(dtype)
+      _set(params, e.flax_path, x)
+    return params
+
+  def to_torch(self, params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
+    """Nested Flax params -> PyTorch-layout numpy arrays keyed by PyTorch names (strict)."""
+    flat = dict(_flatten(params))
+    missing = ["/".join(p) for p in self.by_flax if p not in flat]
+    unexpected = ["/".join(p) for p in flat if p not in self.by_flax]
+    bad_shape = [f"{'/'.join(p)}: got {tuple(v.shape)}, expected {self.by_flax[p].flax_shape}"
+                 for p, v in flat.items() if p in self.by_flax and tuple(v.shape) != self.by_flax[p].flax_shape]
+    _raise_if(f"{self.name}: params do not match the model", missing, unexpected, bad_shape)
+    out = {}
+    for e in self.entries:
+      x = _to_torch_layout(np.asarray(flat[e.flax_path]), e.layout)
+      out[e.torch_key] = x.astype(dtype) if dtype is not None else x
+    return out
+
+
+def _to_flax_layout(x: np.ndarray, layout: str) -> np.ndarray:
+  if layout == "conv":
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  if layout == "dense":
+    return np.ascontiguousarray(x.T)  # [out, in] -> [in, out]
+  return x
+
+
+def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
+  if layout == "conv":
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+  if layout == "dense":
+    return np.ascontiguousarray(x.T)
+  return x
+
+
+def _raise_if(title: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
+  if not (missing or unexpected or bad_shape):
+    return
+  lines = [title + ":"]
+  for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+    if items:
+      lines.append(f"  {label} ({len(items)}):")
+      lines += [f"    {i}" for i in items]
+  raise ConversionError("\n".join(lines))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> Iterable[tuple[FlaxPath, Any]]:
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _set(tree: dict, path: FlaxPath, value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value

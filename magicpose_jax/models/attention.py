@@ -1,0 +1,156 @@
+"""Multi-head attention with a small backend registry and extra key/value tokens.
+
+Every backend takes queries `[B, Nq, H, D]` and keys/values `[B, Nk, H, D]` with
+`Nk` free (MagicPose's self-attention sees `Nk = 2 * Nq`, cross-attention
+`Nk = 77`) and returns `[B, Nq, H, D]`.
+
+Backends:
+  * `xla`: two einsums with the softmax in float32; runs everywhere, any shape.
+  * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
+    so XLA picks cuDNN flash attention on GPUs where it applies.
+  * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only,
+    fp16/bf16, head dim a multiple of 8 and at most 128.
+  * `splash`: reserved for TPU splash attention (the accelerator issue); until it
+    lands it reports itself unsupported and the call falls back to `xla`.
+
+A backend that cannot run a given shape/dtype/platform falls back to `xla` and
+says so once in the log (the decision is made at trace time: shapes are static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_log = logging.getLogger(__name__)
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# Returns None when the backend can run (q, k, v), else the reason it cannot.
+SupportsFn = Callable[[jax.Array, jax.Array, jax.Array], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+  """One way of computing `softmax(q·kᵀ/√d)·v`; see the module docstring."""
+
+  name: str
+  fn: AttentionFn
+  supports: SupportsFn
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def register_backend(name: str, fn: AttentionFn, supports: SupportsFn | None = None) -> None:
+  """Adds (or replaces) an attention backend under `name`."""
+  _BACKENDS[name] = AttentionBackend(name, fn, supports or (lambda q, k, v: None))
+
+
+def available_backends() -> tuple[str, ...]:
+  return tuple(_BACKENDS)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Reference attention: `[B,Nq,H,D]`, `[B,Nk,H,D]`, `[B,Nk,H,D]` -> `[B,Nq,H,D]`."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)  # [B, H, Nq, Nk]
+  # Softmax in float32: bf16 logits over 8k keys lose the small probabilities.
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Nq, H, D]
+
+
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  # jax.nn.dot_product_attention uses the same [B, T, N, H] layout as ours.
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  if jax.default_backend() != "gpu":
+    return f"cuDNN attention needs a GPU (platform is {jax.default_backend()!r})"
+  if q.dtype not in (jnp.float16, jnp.bfloat16):
+    return f"cuDNN attention needs float16/bfloat16 inputs, got {q.dtype}"
+  d = q.shape[-1]
+  if d % 8 or d > 128:
+    return f"cuDNN attention needs head_dim % 8 == 0 and <= 128, got {d}"
+  return None
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  raise NotImplementedError("splash attention is not implemented yet")
+
+
+def _splash_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  return "TPU splash attention is not implemented yet (accelerator issue #10)"
+
+
+register_backend("xla", xla_attention)
+register_backend("dot_product", _dot_product)
+register_backend("cudnn", _cudnn, _cudnn_supports)
+register_backend("splash", _splash, _splash_supports)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla") -> jax.Array:
+  """Scaled dot-product attention through `backend`, falling back to `xla`.
+
+  Args:
+    q: `[B, Nq, H, D]` queries.
+    k: `[B, Nk, H, D]` keys; `Nk` may differ from `Nq`.
+    v: `[B, Nk, H, D]` values.
+    backend: a name from `available_backends()`.
+
+  Returns:
+    `[B, Nq, H, D]`.
+  """
+  if backend not in _BACKENDS:
+    raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+  chosen = _BACKENDS[backend]
+  reason = chosen.supports(q, k, v)
+  if reason is not None:
+    if (backend, reason) not in _WARNED:
+      _WARNED.add((backend, reason))
+      _log.warning("attention backend %r cannot run q%s k%s %s: %s; using 'xla'",
+                   backend, tuple(q.shape), tuple(k.shape), q.dtype, reason)
+    chosen = _BACKENDS["xla"]
+  return chosen.fn(q, k, v)
+
+
+class Attention(nn.Module):
+  """diffusers' `Attention` (to_q/to_k/to_v without bias, to_out.0 with bias).
+
+  `extra_kv` holds extra tokens appended to the key/value input along the
+  sequence axis and projected by this layer's own `to_k`/`to_v`; this is how
+  MagicPose's main UNet attends to the appearance net's states.
+  """
+
+  heads: int
+  head_dim: int
+  backend: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               extra_kv: jax.Array | None = None) -> jax.Array:
+    """`x [B, N, C]`, `context [B, M, Dc]` (None: self-attention), `extra_kv [B, R, C]`."""
+    dense = lambda features, name, bias=False: nn.Dense(
+        features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    inner = self.heads * self.head_dim
+    kv_in = x if context is None else context
+    if extra_kv is not None:
+      kv_in = jnp.concatenate([kv_in, extra_kv.astype(kv_in.dtype)], axis=1)  # [B, M+R, C]
+    b, n = x.shape[:2]
+    q = dense(inner, "to_q")(x).reshape(b, n, self.heads, self.head_dim)  # [B, N, H, D]
+    k = dense(inner, "to_k")(kv_in).reshape(b, -1, self.heads, self.head_dim)  # [B, M, H, D]
+    v = dense(inner, "to_v")(kv_in).reshape(b, -1, self.heads, self.head_dim)
+    out = attend(q, k, v, self.backend).reshape(b, n, inner)  # [B, N, H*D]
+    return dense(x.shape[-1], "to_out_0", bias=True)(out)

@@ -37,12 +37,25 @@ def test_xla_matches_numpy(shape):
   np.testing.assert_allclose(np.asarray(attend(q, k, v, "xla")), _numpy_attention(q, k, v), atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["dot_product", "xla_chunked", "auto"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_dot_product_matches_xla(shape):
+def test_backends_match_xla(shape, backend):
   q, k, v = _qkv(*shape, seed=1)
   xla = jax.jit(lambda *a: attend(*a, backend="xla"))(q, k, v)
-  dot = jax.jit(lambda *a: attend(*a, backend="dot_product"))(q, k, v)
-  np.testing.assert_allclose(np.asarray(dot), np.asarray(xla), atol=1e-5)
+  other = jax.jit(lambda *a: attend(*a, backend=backend))(q, k, v)
+  np.testing.assert_allclose(np.asarray(other), np.asarray(xla), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_attention_really_chunks(shape):
+  b, nq, nk, h, _ = shape
+  budget = b * h * nk * 4 * 4  # logits of 4 queries at a time
+  assert attention.query_chunk_size(b, h, nq, nk, budget) == 4
+  q, k, v = _qkv(*shape, seed=4)
+  out = jax.jit(lambda *a: attention.chunked_xla_attention(*a, max_bytes=budget))(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda *a: attention.chunked_xla_attention(*a, max_bytes=budget))(q, k, v))
+  assert "while" in jaxpr or "scan" in jaxpr  # a loop over chunks, not one big block
 
 
 def test_unsupported_backend_falls_back_once(caplog):
@@ -64,7 +77,7 @@ def test_unknown_backend_is_an_error():
 
 
 def test_registry_lists_the_documented_backends():
-  assert {"xla", "dot_product", "cudnn", "splash"} <= set(available_backends())
+  assert {"auto", "xla", "xla_chunked", "dot_product", "cudnn", "splash"} <= set(available_backends())
 
 
 def test_bf16_softmax_is_float32():

@@ -12,9 +12,10 @@ Layouts: conv kernels Flax HWIO <-> PyTorch OIHW; dense kernels `[in, out]` <->
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,9 @@ class Entry:
   flax_path: FlaxPath
   torch_key: str
   flax_shape: tuple[int, ...]
-  layout: str  # "conv" (HWIO/OIHW), "dense" ([in,out]/[out,in]) or "same"
+  # "conv" (HWIO/OIHW), "dense" ([in,out]/[out,in]), "dense_conv" (a Flax dense kernel stored as
+  # a PyTorch 1x1 conv, [in,out]/[out,in,1,1], as in LDM's VAE attention) or "same".
+  layout: str
 
   @property
   def torch_shape(self) -> tuple[int, ...]:
@@ -44,6 +47,8 @@ class Entry:
       return (s[3], s[2], s[0], s[1])
     if self.layout == "dense":
       return (s[1], s[0])
+    if self.layout == "dense_conv":
+      return (s[1], s[0], 1, 1)
     return s
 
 
@@ -74,32 +79,36 @@ class KeyTable:
     self.entries = tuple(entries)
     self.by_flax = {e.flax_path: e for e in self.entries}
     self.by_torch = {e.torch_key: e for e in self.entries}
-    if len(self.by_torch) != len(self.entries) or len(self.by_flax) != len(self.entries):
-      dup = sorted({e.torch_key for e in self.entries if list(self.by_torch).count(e.torch_key) > 1})
+    if len(self.by_torch) != len(self.entries):
+      counts = collections.Counter(e.torch_key for e in self.entries)
+      dup = sorted(k for k, n in counts.items() if n > 1)
       raise ValueError(f"{name}: key table is not one-to-one (duplicate keys {dup})")
 
   @classmethod
   def from_params(cls, abstract_params: Mapping[str, Any], keep: Iterable[str] = (),
-                  renames: Mapping[str, str] | None = None, name: str = "model") -> KeyTable:
+                  rename: Callable[[str], str] | None = None,
+                  dense_as_conv: Callable[[str], bool] | None = None, name: str = "model") -> KeyTable:
     """Builds the table from a (possibly abstract) Flax param tree.
 
     Args:
       abstract_params: nested dict of arrays or `ShapeDtypeStruct`s.
       keep: module names with a `_N` suffix that are attribute names, not indices.
-      renames: exact PyTorch-key prefix rewrites applied after the generic rule.
+      rename: maps the generic (diffusers-style) key to the target layout's key, e.g. LDM names.
+      dense_as_conv: true for (renamed) keys whose dense kernel the target stores as a 1x1 conv.
       name: used in error messages.
     """
     entries = []
     for path, leaf in _flatten(abstract_params):
       key, layout = torch_name(path, keep)
-      for old, new in (renames or {}).items():
-        if key.startswith(old):
-          key = new + key[len(old):]
+      if rename is not None:
+        key = rename(key)
       shape = tuple(leaf.shape)
       if layout == "kernel":
         layout = {4: "conv", 2: "dense"}.get(len(shape))
         if layout is None:
           raise ValueError(f"{name}: kernel {'/'.join(path)} has unsupported rank {len(shape)}")
+        if layout == "dense" and dense_as_conv is not None and dense_as_conv(key):
+          layout = "dense_conv"
       entries.append(Entry(path, key, shape, layout))
     return cls(entries, name)
 
@@ -144,6 +153,8 @@ def _to_flax_layout(x: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
   if layout == "dense":
     return np.ascontiguousarray(x.T)  # [out, in] -> [in, out]
+  if layout == "dense_conv":
+    return np.ascontiguousarray(x[:, :, 0, 0].T)  # [out, in, 1, 1] -> [in, out]
   return x
 
 
@@ -152,6 +163,8 @@ def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # HWIO -> OIHW
   if layout == "dense":
     return np.ascontiguousarray(x.T)
+  if layout == "dense_conv":
+    return np.ascontiguousarray(x.T[:, :, None, None])  # [in, out] -> [out, in, 1, 1]
   return x
 
 

@@ -116,7 +116,7 @@ class UNetConfig:
   attention_head_dim: IntOrTuple = 8
   use_linear_projection: bool = False
   upcast_attention: bool = False  # our attention always takes the softmax in float32
-  attention_backend: str = "xla"
+  attention_backend: str = "auto"
   remat_policy: str = "none"
 
   def __post_init__(self):

@@ -2,12 +2,16 @@
 
 import numpy as np
 import pytest
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+import torch
+from diffusers import AutoencoderKL as TorchVAE
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from test_unet_parity import CONFIGS
 from torch_reference import state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
-from magicpose_jax.convert.ldm import ldm_unet_key_table
+from magicpose_jax.convert.ldm import ldm_unet_key_table, ldm_vae_key_table
+from magicpose_jax.convert.vae import vae_key_table
+from magicpose_jax.models.vae import VAE_VARIANTS
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
@@ -56,3 +60,20 @@ def test_ldm_prefix_is_configurable():
   table = ldm_unet_key_table(CONFIGS["sd1"], prefix="appearance_control_model.")
   assert all(k.startswith("appearance_control_model.") for k in table.by_torch)
   assert "appearance_control_model.input_blocks.0.0.weight" in table.by_torch
+
+
+@pytest.mark.parametrize("variant", ["tiny", "sd15"])
+def test_ldm_vae_names_match_diffusers_single_file_converter(variant):
+  config = VAE_VARIANTS[variant]
+  torch.manual_seed(41)
+  tvae = TorchVAE(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")})
+  sd = state_dict_numpy(tvae)
+  params = vae_key_table(config).to_flax(sd)
+  ldm = ldm_vae_key_table(config).to_torch(params)
+  assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 convs in LDM files
+  back = convert_ldm_vae_checkpoint(ldm, config.to_diffusers())
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    assert np.asarray(back[k]).tobytes() == v.tobytes(), k
+  again = vae_key_table(config).to_torch(ldm_vae_key_table(config).to_flax(ldm))
+  assert all(again[k].tobytes() == v.tobytes() for k, v in sd.items())

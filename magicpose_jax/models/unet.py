@@ -14,7 +14,6 @@ With `return_reference_states=True` the UNet also returns its own per-block
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from magicpose_jax.models.attention import available_backends
+from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from magicpose_jax.models.resnet import conv
 from magicpose_jax.models.unet_blocks import DownBlock2D, MidBlock2DCrossAttn, UpBlock2D
@@ -184,36 +184,10 @@ class UNetConfig:
     keys we implement only at their SD value are checked against it; any other
     key is an error, so a config we cannot reproduce never loads silently.
     """
-    source = "config"
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      source = path
-      try:
-        with open(path) as f:
-          config = json.load(f)
-      except FileNotFoundError:
-        raise FileNotFoundError(f"UNet config not found: {path}") from None
-    class_name = config.get("_class_name", "UNet2DConditionModel")
-    if class_name != "UNet2DConditionModel":
-      raise ValueError(f"{source}: _class_name is {class_name!r}, expected 'UNet2DConditionModel'")
-    ours = {f.name for f in dataclasses.fields(cls)} - {"attention_backend", "remat_policy"}
-    kwargs, errors = {}, []
-    for key, value in config.items():
-      if key.startswith("_"):
-        continue
-      if key in ours:
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
-      elif key in _FIXED_DIFFUSERS_KEYS:
-        expected = _FIXED_DIFFUSERS_KEYS[key]
-        if value != expected and not (key == "only_cross_attention" and value in ([False], (False,))):
-          if not (isinstance(value, list) and all(v == expected for v in value)):
-            errors.append(f"{key}={value!r} (only {expected!r} is supported)")
-      else:
-        errors.append(f"{key} (unknown key)")
-    if errors:
-      raise ValueError(f"{source}: unsupported UNet config entries: " + "; ".join(errors))
+    config, source = read_config_dict(config, "UNet")
+    check_class_name(config, source, "UNet2DConditionModel")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"attention_backend", "remat_policy"}
+    kwargs = parse_config_entries(config, source, "UNet", fields, _FIXED_DIFFUSERS_KEYS)
     return cls(**{**_DIFFUSERS_DEFAULTS, **kwargs, **overrides})
 
   def to_diffusers(self) -> dict[str, Any]:

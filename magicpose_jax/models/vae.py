@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from magicpose_jax.models.attention import attend, available_backends
+from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
 # diffusers hard-codes eps=1e-6 for every GroupNorm of the VAE (resnets, attention, output norms).
@@ -114,34 +114,10 @@ class VAEConfig:
     keys we implement only at their SD value are checked against it; any other
     key is an error, so a VAE we cannot reproduce never loads silently.
     """
-    source = "config"
-    if not isinstance(config, Mapping):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      source = path
-      try:
-        with open(path) as f:
-          config = json.load(f)
-      except FileNotFoundError:
-        raise FileNotFoundError(f"VAE config not found: {path}") from None
-    class_name = config.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-      raise ValueError(f"{source}: _class_name is {class_name!r}, expected 'AutoencoderKL'")
-    ours = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
-    kwargs, errors = {}, []
-    for key, value in config.items():
-      if key.startswith("_"):
-        continue
-      if key in ours:
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
-      elif key in _FIXED_DIFFUSERS_KEYS:
-        if value != _FIXED_DIFFUSERS_KEYS[key]:
-          errors.append(f"{key}={value!r} (only {_FIXED_DIFFUSERS_KEYS[key]!r} is supported)")
-      else:
-        errors.append(f"{key} (unknown key)")
-    if errors:
-      raise ValueError(f"{source}: unsupported AutoencoderKL config entries: " + "; ".join(errors))
+    config, source = read_config_dict(config, "VAE")
+    check_class_name(config, source, "AutoencoderKL")
+    fields = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+    kwargs = parse_config_entries(config, source, "AutoencoderKL", fields, _FIXED_DIFFUSERS_KEYS)
     return cls(**{**_DIFFUSERS_DEFAULTS, **kwargs, **overrides})
 
   def to_diffusers(self) -> dict[str, Any]:

@@ -32,7 +32,8 @@ def read_config_dict(config: Mapping[str, Any] | str | os.PathLike, what: str,
 
 
 def parse_config_entries(config: Mapping[str, Any], source: str, what: str, fields: Collection[str],
-                         fixed: Mapping[str, Any], ignored: Collection[str] = ()) -> dict[str, Any]:
+                         fixed: Mapping[str, Any], ignored: Collection[str] = (),
+                         choices: Mapping[str, Collection[Any]] | None = None) -> dict[str, Any]:
   """Checks every entry; returns the kwargs for our dataclass (lists become tuples).
 
   Args:
@@ -42,6 +43,7 @@ def parse_config_entries(config: Mapping[str, Any], source: str, what: str, fiel
     fields: keys that map to our dataclass fields.
     fixed: keys accepted only at this value (a list of that value per level is accepted too).
     ignored: keys that carry no architecture (e.g. a tokenizer's ids in a model config).
+    choices: fields whose value must be one of these (reported with the other errors).
   """
   kwargs, errors = {}, []
   for key, value in config.items():
@@ -49,6 +51,9 @@ def parse_config_entries(config: Mapping[str, Any], source: str, what: str, fiel
       continue
     if key in fields:
       kwargs[key] = tuple(value) if isinstance(value, list) else value
+      allowed = (choices or {}).get(key)
+      if allowed is not None and value not in allowed:
+        errors.append(f"{key}={value!r} (supported: {tuple(allowed)})")
     elif key in fixed:
       expected = fixed[key]
       per_level = isinstance(value, list) and all(v == expected for v in value)

@@ -1,9 +1,10 @@
-"""`python -m magicpose_jax.convert --src PATH --dst PATH --to {flax,diffusers}`.
+"""`python -m magicpose_jax.convert --src PATH --dst PATH --to {flax,diffusers,ldm}`.
 
-Formats of a UNet:
-  diffusers  a diffusers model folder (config.json + safetensors / sharded / .bin)
-  flax       our folder: config.json + orbax `params/` (see convert.flax_checkpoint)
-The source format is detected from the folder's contents.
+Converts a UNet folder or a whole Stable Diffusion checkpoint; the source kind is
+detected from the path (see `magicpose_jax.convert.formats`):
+  diffusers  diffusers folders (a UNet's, or a pipeline's with model_index.json)
+  flax       ours: config.json + orbax params/ per model (see convert.flax_checkpoint)
+  ldm        an original SD single file (.safetensors written; .ckpt/.pth read too)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import jax.numpy as jnp
 
-from magicpose_jax.convert.formats import FORMATS, convert_unet
+from magicpose_jax.convert.formats import FORMATS, convert
 
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -21,22 +22,23 @@ _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloa
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--src", required=True, help="source model folder (diffusers or flax)")
-  parser.add_argument("--dst", required=True, help="destination folder")
+  parser.add_argument("--src", required=True, help="source folder or single file")
+  parser.add_argument("--dst", required=True, help="destination folder (a .safetensors file for --to ldm)")
   parser.add_argument("--to", required=True, choices=FORMATS, help="destination format")
   parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
                       help="cast the weights (default: keep the source dtype)")
   parser.add_argument("--variant", default=None, help="diffusers weight variant to read, e.g. fp16")
   parser.add_argument("--max-shard-gb", type=float, default=None,
-                      help="diffusers output: shard safetensors above this size")
+                      help="diffusers UNet output: shard safetensors above this size")
+  parser.add_argument("--ema", action="store_true", help="LDM single-file source: take the EMA UNet weights")
   args = parser.parse_args(argv)
   try:
-    convert_unet(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
-                 int(args.max_shard_gb * 2**30) if args.max_shard_gb else None)
+    kind = convert(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
+                   int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema)
   except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.to} UNet to {args.dst}")
+  print(f"read {kind} from {args.src}; wrote {args.to} to {args.dst}")
   return 0
 
 

@@ -13,7 +13,6 @@ reads both spellings.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -57,8 +56,7 @@ def clip_key_table(config: CLIPTextConfig) -> KeyTable:
   `embeddings/token_embedding/embedding`, LayerNorm `weight` <-> `scale`.
   """
   generic = KeyTable.from_params(abstract_text_encoder_params(config), name="CLIPTextModel")
-  return KeyTable([dataclasses.replace(e, torch_key=PREFIX + e.torch_key) for e in generic.entries],
-                  name="CLIPTextModel")
+  return generic.with_prefix(PREFIX, name="CLIPTextModel")
 
 
 def find_text_encoder_weights(folder: str | os.PathLike, variant: str | None = None) -> str:

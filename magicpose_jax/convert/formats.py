@@ -1,6 +1,12 @@
-"""Format detection and whole-model conversion between the on-disk UNet formats.
+"""Format detection and whole-checkpoint conversion (what `python -m magicpose_jax.convert` runs).
 
-Formats: `diffusers` (see `convert.diffusers`) and `flax` (see `convert.flax_checkpoint`).
+Sources, detected from the path:
+  unet-diffusers    a diffusers UNet folder (config.json + diffusion_pytorch_model.*)
+  unet-flax         our UNet folder (config.json + orbax params/)
+  sd-diffusers      a diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, ...)
+  sd-flax           our pipeline folder (unet/, vae/, text_encoder/ with orbax params/, scheduler/, tokenizer/)
+  sd-ldm            an original single file (.safetensors / .ckpt / .pth with model.diffusion_model.*)
+Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD.
 """
 
 from __future__ import annotations
@@ -12,28 +18,59 @@ import jax
 import numpy as np
 
 from magicpose_jax.convert.diffusers import load_unet, save_unet
-from magicpose_jax.convert.flax_checkpoint import is_flax_unet, load_flax_unet, save_flax_unet
-from magicpose_jax.models.unet import UNetConfig
+from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_unet, save_flax_unet
+from magicpose_jax.convert.stable_diffusion import (
+    load_stable_diffusion,
+    save_flax_pipeline,
+    save_ldm_checkpoint,
+    save_stable_diffusion,
+)
 
-FORMATS = ("flax", "diffusers")
-
-
-def read_any_unet(src: str | os.PathLike, variant: str | None = None) -> tuple[UNetConfig, dict]:
-  """Reads a UNet folder in either format (detected from its contents), keeping its dtype."""
-  if is_flax_unet(src):
-    return load_flax_unet(src)
-  return load_unet(src, param_dtype=None, variant=variant)
+FORMATS = ("flax", "diffusers", "ldm")
 
 
-def convert_unet(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
-                 variant: str | None = None, max_shard_bytes: int | None = None) -> None:
-  """Reads the UNet at `src` and writes it to `dst` in format `to`, cast to `dtype` if given."""
+def detect_source(src: str | os.PathLike) -> str:
+  """One of the source kinds in the module docstring; raises naming what was looked for."""
+  src = os.fspath(src)
+  if os.path.isfile(src):
+    return "sd-ldm"
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"source not found: {src}")
+  if is_flax_model(src):
+    return "unet-flax"
+  if is_flax_model(os.path.join(src, "unet")):
+    return "sd-flax"
+  if os.path.isfile(os.path.join(src, "model_index.json")):
+    return "sd-diffusers"
+  if os.path.isfile(os.path.join(src, "config.json")):
+    return "unet-diffusers"
+  raise ValueError(f"{src}: not a model folder (no model_index.json, config.json, or unet/params)")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
+            variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False) -> str:
+  """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind."""
   if to not in FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {FORMATS}")
-  config, params = read_any_unet(src, variant)
-  if dtype is not None:
-    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+  kind = detect_source(src)
+  cast = (lambda p: jax.tree.map(lambda x: np.asarray(x).astype(dtype), p)) if dtype is not None else (lambda p: p)
+  if kind.startswith("unet-"):
+    if to == "ldm":
+      raise ValueError(f"{src}: a lone UNet has no single-file layout; convert a whole SD pipeline for --to ldm")
+    config, params = load_flax_unet(src) if kind == "unet-flax" else load_unet(src, param_dtype=None,
+                                                                                variant=variant)
+    params = cast(params)
+    if to == "flax":
+      save_flax_unet(config, params, dst)
+    else:
+      save_unet(config, params, dst, max_shard_bytes=max_shard_bytes)
+    return kind
+  configs, params = load_stable_diffusion(src, param_dtype=None, variant=variant, ema=ema)
+  params = cast(params)
   if to == "flax":
-    save_flax_unet(config, params, dst)
+    save_flax_pipeline(configs, params, dst)
+  elif to == "diffusers":
+    save_stable_diffusion(configs, params, dst)
   else:
-    save_unet(config, params, dst, max_shard_bytes=max_shard_bytes)
+    save_ldm_checkpoint(configs, params, dst)
+  return kind

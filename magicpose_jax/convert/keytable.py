@@ -112,6 +112,11 @@ class KeyTable:
       entries.append(Entry(path, key, shape, layout))
     return cls(entries, name)
 
+  def with_prefix(self, prefix: str, name: str | None = None) -> KeyTable:
+    """The same table with `prefix` before every PyTorch key (e.g. a component inside a single file)."""
+    return KeyTable([dataclasses.replace(e, torch_key=prefix + e.torch_key) for e in self.entries],
+                    name or f"{self.name} ({prefix}*)")
+
   def to_flax(self, state_dict: Mapping[str, Any], dtype: Any = None, source: str = "") -> dict:
     """PyTorch-layout arrays (numpy) keyed by PyTorch names -> nested Flax params.
 

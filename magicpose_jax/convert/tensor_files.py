@@ -27,7 +27,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.endswith(".index.json"):
     return _read_sharded(path)
   if path.endswith(".safetensors"):
-    return safetensors.numpy.load_file(path)
+    try:
+      return safetensors.numpy.load_file(path)
+    except Exception as e:  # SafetensorError and friends: a truncated or foreign file
+      raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
   if path.endswith(PICKLE_SUFFIXES):
     return _read_pickle(path)
   raise ValueError(f"{path}: unknown weights format (expected .safetensors, .safetensors.index.json "
@@ -54,7 +57,11 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
   import torch  # noqa: PLC0415  (only pickles need torch)
 
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for corrupt archives
+    raise ValueError(f"{path}: cannot be read as a tensor-only torch checkpoint (weights_only=True refuses "
+                     f"pickled objects; {type(e).__name__}: {str(e).splitlines()[0]})") from None
   if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
     obj = obj["state_dict"]  # Lightning / LDM checkpoints
   if not isinstance(obj, Mapping):

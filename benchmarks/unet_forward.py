@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -21,25 +20,24 @@ def main() -> None:
   parser.add_argument("--variant", default="sd15", help="UNet variant from magicpose_jax.models.unet.VARIANTS")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--size", type=int, default=64, help="latent height = width")
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--backend", default="xla", help="our attention backend")
+  parser.add_argument("--iters", type=int, default=5, help="timed runs of each, alternating")
+  parser.add_argument("--backend", default="auto", help="our attention backend (see models/attention.py)")
   args = parser.parse_args()
 
-  # Both frameworks get the same intra-op thread count; set before either is imported.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
+  # Same threads for both: XLA's CPU client uses every core, so PyTorch gets cpu_count() too.
+  threads = os.cpu_count()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
+  from timing import alternate  # noqa: PLC0415
 
   from magicpose_jax.convert.diffusers import unet_key_table  # noqa: PLC0415
   from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415
 
-  torch.set_num_threads(args.threads)
+  torch.set_num_threads(threads)
   config = VARIANTS[args.variant].replace(attention_backend=args.backend)
   torch.manual_seed(0)
   tmodel = TorchUNet(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}).eval()
@@ -63,21 +61,11 @@ def main() -> None:
     with torch.inference_mode():
       return tmodel(x_t, t_t, c_t).sample
 
-  def timed(fn):
-    fn()  # warm-up
-    times = []
-    for _ in range(args.iters):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-  # Interleave nothing: each framework runs alone, one after the other, on the same threads.
-  jax_s, torch_s = timed(run_jax), timed(run_torch)
+  jax_s, torch_s = alternate(run_jax, run_torch, args.iters)
   err = np.abs(np.asarray(run_jax()) - run_torch().numpy().transpose(0, 2, 3, 1)).max()
 
   print(f"UNet forward: variant={args.variant} batch={args.batch} latents={args.size}x{args.size} fp32, "
-        f"threads={args.threads} (cpu_count={os.cpu_count()}), jax {jax.__version__}, torch {torch.__version__}")
+        f"threads={threads} (both), jax {jax.__version__}, torch {torch.__version__}")
   print(f"  ours (jit, {args.backend:>11}) : {jax_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
   print(f"  diffusers (PyTorch)     : {torch_s * 1e3:9.1f} ms")
   print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (goal <= 1.00)")

@@ -6,8 +6,9 @@ Every backend takes queries `[B, Nq, H, D]` and keys/values `[B, Nk, H, D]` with
 
 Backends:
   * `xla`: two einsums with the softmax in float32; runs everywhere, any shape.
-  * `xla_chunked`: `xla` over query chunks whose logits fit in `CHUNK_LOGITS_BYTES`
-    (a sequential loop: much faster on CPUs at SD's 4096-token layers, less memory).
+  * `xla_chunked`: `xla` one (batch, head) and query chunk at a time, logits within
+    `CHUNK_LOGITS_BYTES` (a sequential loop: much faster on CPUs at SD's 4096-token
+    layers, and far less memory).
   * `auto`: `xla_chunked` on CPU, `dot_product` on GPU, `xla` elsewhere.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
@@ -59,45 +60,71 @@ def available_backends() -> tuple[str, ...]:
   return tuple(_BACKENDS)
 
 
+def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`[G, Nq, D]`, `[G, Nk, D]`, `[G, Nk, D]` -> `[G, Nq, D]`; `q` already scaled by 1/sqrt(D)."""
+  logits = jnp.einsum("gqd,gkd->gqk", q, k).astype(jnp.float32)  # [G, Nq, Nk]
+  # Softmax statistics in float32 (bf16 logits over 8k keys lose the small probabilities).
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised, in [0, 1]
+  denom = jnp.sum(weights, axis=-1, keepdims=True)  # [G, Nq, 1]
+  # Normalising after the second matmul touches [Nq, D] values instead of [Nq, Nk].
+  out = jnp.einsum("gqk,gkd->gqd", weights.astype(v.dtype), v)  # [G, Nq, D]
+  return (out / denom.astype(out.dtype)).astype(v.dtype)
+
+
+def _to_groups(x: jax.Array) -> jax.Array:
+  b, n, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # [B*H, N, D]
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Reference attention: `[B,Nq,H,D]`, `[B,Nk,H,D]`, `[B,Nk,H,D]` -> `[B,Nq,H,D]`."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)  # [B, H, Nq, Nk]
-  # Softmax statistics in float32 (bf16 logits over 8k keys lose the small probabilities).
-  logits = logits.astype(jnp.float32)
-  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised, in [0, 1]
-  denom = jnp.sum(weights, axis=-1)  # [B, H, Nq]
-  # Normalising after the second matmul touches [Nq, D] instead of [Nq, Nk] values.
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)  # [B, Nq, H, D]
-  return (out / jnp.transpose(denom, (0, 2, 1))[..., None].astype(out.dtype)).astype(v.dtype)
+  b, nq, h, d = q.shape
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+  out = _grouped_attention(_to_groups(q), _to_groups(k), _to_groups(v))  # [B*H, Nq, D]
+  return out.reshape(b, h, nq, d).transpose(0, 2, 1, 3)
 
 
 # Largest float32 logits block the chunked backend materialises at once. On CPUs a
 # [B, H, Nq, Nk] block of hundreds of MB costs more in fresh-page faults and cache
-# misses than in arithmetic; ~16 MiB blocks measured 2-3x faster at SD's 4096 tokens.
-CHUNK_LOGITS_BYTES = 16 * 2**20
+# misses than in arithmetic; one head and ~8 MiB of logits at a time measured 4x
+# faster than one block at SD's 4096-token layers (benchmarks/unet_forward.py).
+CHUNK_LOGITS_BYTES = 8 * 2**20
 
 
-def query_chunk_size(batch: int, heads: int, nq: int, nk: int, max_bytes: int = CHUNK_LOGITS_BYTES) -> int:
-  """The largest divisor of `nq` whose `[B, H, chunk, Nk]` float32 logits fit in `max_bytes` (>= 1)."""
-  per_query = batch * heads * nk * 4
+def query_chunk_size(nq: int, nk: int, max_bytes: int = CHUNK_LOGITS_BYTES) -> int:
+  """The largest divisor of `nq` whose `[chunk, Nk]` float32 logits fit in `max_bytes` (>= 1)."""
   best = 1
   for c in range(1, nq + 1):
-    if nq % c == 0 and c * per_query <= max_bytes:
+    if nq % c == 0 and c * nk * 4 <= max_bytes:
       best = c
   return best
 
 
 def chunked_xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           max_bytes: int = CHUNK_LOGITS_BYTES) -> jax.Array:
-  """`xla_attention` over query chunks (a sequential `lax.map`); identical per query. Shapes as `attend`."""
+  """`xla_attention` one (batch, head) and query chunk at a time (a sequential `lax.map`).
+
+  Identical per query to `xla_attention`; shapes as `attend`.
+  """
   b, nq, h, d = q.shape
-  chunk = query_chunk_size(b, h, nq, k.shape[1], max_bytes)
-  if chunk == nq:
+  nk = k.shape[1]
+  if b * h * nq * nk * 4 <= max_bytes:
     return xla_attention(q, k, v)
-  chunks = q.reshape(b, nq // chunk, chunk, h, d).swapaxes(0, 1)  # [n_chunks, B, chunk, H, D]
-  out = jax.lax.map(lambda qc: xla_attention(qc, k, v), chunks)  # [n_chunks, B, chunk, H, D]
-  return out.swapaxes(0, 1).reshape(b, nq, h, d)
+  chunk = query_chunk_size(nq, nk, max_bytes)
+  n_chunks, groups = nq // chunk, b * h
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+  queries = _to_groups(q).reshape(groups * n_chunks, 1, chunk, d)  # [G*n_chunks, 1, chunk, D]
+  keys, values = _to_groups(k), _to_groups(v)  # [G, Nk, D]
+  owner = jnp.repeat(jnp.arange(groups), n_chunks)  # the (batch, head) group of each chunk
+
+  def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+    qc, g = args
+    kg = jax.lax.dynamic_slice_in_dim(keys, g, 1)  # [1, Nk, D]
+    vg = jax.lax.dynamic_slice_in_dim(values, g, 1)
+    return _grouped_attention(qc, kg, vg)  # [1, chunk, D]
+
+  out = jax.lax.map(one_chunk, (queries, owner))  # [G*n_chunks, 1, chunk, D]
+  return out.reshape(b, h, nq, d).transpose(0, 2, 1, 3)
 
 
 def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

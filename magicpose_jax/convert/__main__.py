@@ -5,6 +5,8 @@ detected from the path (see `magicpose_jax.convert.formats`):
   diffusers  diffusers folders (a UNet's, or a pipeline's with model_index.json)
   flax       ours: config.json + orbax params/ per model (see convert.flax_checkpoint)
   ldm        an original SD single file (.safetensors written; .ckpt/.pth read too)
+SD 2.x single files do not say what their UNet predicts: pass --prediction-type
+v_prediction (SD 2.x 768-v) or epsilon (512-base) when reading one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import jax.numpy as jnp
 
 from magicpose_jax.convert.formats import FORMATS, convert
+from magicpose_jax.diffusion.schedules import PREDICTION_TYPES
 
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -31,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--max-shard-gb", type=float, default=None,
                       help="diffusers UNet output: shard safetensors above this size")
   parser.add_argument("--ema", action="store_true", help="LDM single-file source: take the EMA UNet weights")
+  parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                      help="LDM single-file source: what the UNet predicts (required for SD 2.x files: "
+                           "v_prediction for 768-v, epsilon for 512-base)")
   args = parser.parse_args(argv)
   try:
     kind = convert(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
-                   int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema)
+                   int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema, args.prediction_type)
   except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2

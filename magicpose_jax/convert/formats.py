@@ -5,7 +5,8 @@ Sources, detected from the path:
   unet-flax         our UNet folder (config.json + orbax params/)
   sd-diffusers      a diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, ...)
   sd-flax           our pipeline folder (unet/, vae/, text_encoder/ with orbax params/, scheduler/, tokenizer/)
-  sd-ldm            an original single file (.safetensors / .ckpt / .pth with model.diffusion_model.*)
+  sd-ldm            an original single file (.safetensors / .ckpt / .pth with model.diffusion_model.*);
+                    SD 2.x files need `prediction_type` ("v_prediction" for 768-v, "epsilon" for 512-base)
 Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD.
 """
 
@@ -48,11 +49,17 @@ def detect_source(src: str | os.PathLike) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
-            variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False) -> str:
-  """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind."""
+            variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False,
+            prediction_type: str | None = None) -> str:
+  """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
+
+  `prediction_type` is for single-file sources (see `load_stable_diffusion`); SD 2.x files need it.
+  """
   if to not in FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {FORMATS}")
   kind = detect_source(src)
+  if prediction_type is not None and kind != "sd-ldm":
+    raise ValueError(f"{src}: prediction_type applies to LDM single files only (this is {kind})")
   cast = (lambda p: jax.tree.map(lambda x: np.asarray(x).astype(dtype), p)) if dtype is not None else (lambda p: p)
   if kind.startswith("unet-"):
     if to == "ldm":
@@ -65,7 +72,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
     else:
       save_unet(config, params, dst, max_shard_bytes=max_shard_bytes)
     return kind
-  configs, params = load_stable_diffusion(src, param_dtype=None, variant=variant, ema=ema)
+  configs, params = load_stable_diffusion(src, param_dtype=None, variant=variant, ema=ema,
+                                          prediction_type=prediction_type)
   params = cast(params)
   if to == "flax":
     save_flax_pipeline(configs, params, dst)

@@ -129,7 +129,7 @@ class KeyTable:
     bad_shape = [f"{k}: got {tuple(v.shape)}, expected {self.by_torch[k].torch_shape}"
                  for k, v in state_dict.items()
                  if k in self.by_torch and tuple(v.shape) != self.by_torch[k].torch_shape]
-    _raise_if(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape)
+    raise_mismatch(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape)
     params: dict = {}
     for e in self.entries:
       x = _to_flax_layout(np.asarray(state_dict[e.torch_key]), e.layout)
@@ -145,7 +145,7 @@ class KeyTable:
     unexpected = ["/".join(p) for p in flat if p not in self.by_flax]
     bad_shape = [f"{'/'.join(p)}: got {tuple(v.shape)}, expected {self.by_flax[p].flax_shape}"
                  for p, v in flat.items() if p in self.by_flax and tuple(v.shape) != self.by_flax[p].flax_shape]
-    _raise_if(f"{self.name}: params do not match the model", missing, unexpected, bad_shape)
+    raise_mismatch(f"{self.name}: params do not match the model", missing, unexpected, bad_shape)
     out = {}
     for e in self.entries:
       x = _to_torch_layout(np.asarray(flat[e.flax_path]), e.layout)
@@ -173,7 +173,7 @@ def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
   return x
 
 
-def _raise_if(title: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
+def raise_mismatch(title: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
   if not (missing or unexpected or bad_shape):
     return
   lines = [title + ":"]

@@ -2,6 +2,7 @@
 
     configs, params = load_stable_diffusion("stable-diffusion-v1-5")             # diffusers folder
     configs, params = load_stable_diffusion("v1-5-pruned-emaonly.safetensors")   # LDM single file (.ckpt too)
+    configs, params = load_stable_diffusion("v2-1_768-ema-pruned.safetensors", prediction_type="v_prediction")
 
 `params` is `{"unet": ..., "vae": ..., "text_encoder": ...}` (host numpy trees);
 `configs` an `SDConfigs`. The reverse: `save_stable_diffusion(configs, params, folder)`
@@ -9,9 +10,17 @@
 `save_flax_pipeline(configs, params, folder)` (ours: orbax params per component; read
 back by `load_stable_diffusion` too).
 
-LDM single files carry no config: the architecture is read from the tensors (SD 1.x:
-`cond_stage_model.transformer.*` CLIP ViT-L; SD 2.x's OpenCLIP text encoder
-`cond_stage_model.model.*` is not supported yet and is refused with that reason).
+LDM single files carry no config: the architecture is read from the tensors.
+  * SD 1.x: `cond_stage_model.transformer.*` (OpenAI CLIP ViT-L) -> `SD15`.
+  * SD 2.x: `cond_stage_model.model.*` (OpenCLIP ViT-H, `convert.ldm.ldm_open_clip_key_table`),
+    a UNet with linear `proj_in` (2-D weights) and cross-attention width 1024 ->
+    `sd2_configs(prediction_type)`. These files do not say whether the UNet predicts v
+    (SD 2.x 768-v) or epsilon (512-base), so `prediction_type` must be given. (diffusers
+    guesses "epsilon" iff a `.ckpt`'s top-level `global_step` is 875000, else "v_prediction":
+    its own comment calls that brittle, safetensors files have no `global_step`, and a 2.1-base
+    file would come out wrong, so we do not reproduce it.) The tensors of OpenCLIP's last layer,
+    `text_projection` and `logit_scale`, which SD does not use, come back as `params["extras"]`
+    and are written back by `save_ldm_checkpoint` (see `convert.ldm.open_clip_extra_shapes`).
 Besides the weights, those files hold DDPM schedule buffers and possibly EMA
 weights: both are recognised and never silently dropped (EMA weights are used with
 `ema=True`; any other unknown tensor is an error).
@@ -23,6 +32,8 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,8 +43,19 @@ import numpy as np
 from magicpose_jax.convert.clip import clip_key_table, load_text_encoder, save_text_encoder
 from magicpose_jax.convert.diffusers import load_unet, save_unet
 from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_params, save_flax_model
-from magicpose_jax.convert.keytable import ConversionError
-from magicpose_jax.convert.ldm import LDM_UNET_PREFIX, LDM_VAE_PREFIX, ldm_unet_key_table, ldm_vae_key_table
+from magicpose_jax.convert.keytable import ConversionError, KeyTable
+from magicpose_jax.convert.ldm import (
+    LDM_OPEN_CLIP_PREFIX,
+    LDM_UNET_PREFIX,
+    LDM_VAE_PREFIX,
+    FusedKeyTable,
+    check_open_clip_extras,
+    ldm_open_clip_key_table,
+    ldm_unet_key_table,
+    ldm_vae_key_table,
+    open_clip_extra_shapes,
+    uses_open_clip,
+)
 from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
 from magicpose_jax.convert.vae import load_vae, save_vae
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
@@ -50,6 +72,10 @@ _SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alp
 _IGNORED_LDM_KEYS = (*_SCHEDULE_BUFFERS, "model_ema.decay", "model_ema.num_updates",
                      LDM_CLIP_PREFIX + "text_model.embeddings.position_ids")
 COMPONENTS = ("unet", "vae", "text_encoder")
+# `params["extras"]`: file tensors no component has params for (SD 2.x; see `convert.ldm.open_clip_extra_shapes`).
+EXTRAS = "extras"
+# Where `save_flax_pipeline` keeps them (PyTorch names and layout).
+EXTRAS_FILE = "ldm_extras.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +92,48 @@ class SDConfigs:
 SD15 = SDConfigs(VARIANTS["sd15"], VAE_VARIANTS["sd15"], CLIP_VARIANTS["sd15"], SD15_SCHEDULE)
 
 
+def sd2_configs(prediction_type: str) -> SDConfigs:
+  """SD 2.x (diffusers' stable-diffusion-2-1 sizes): "v_prediction" for the 768-v models, "epsilon" for 512-base.
+
+  The schedule is SD 1.x's (scaled_linear 0.00085 -> 0.012, 1000 steps, steps_offset 1,
+  set_alpha_to_one and clip_sample off) with that prediction type.
+  """
+  return SDConfigs(VARIANTS["sd21"], VAE_VARIANTS["sd15"], CLIP_VARIANTS["sd21"],
+                   SD15_SCHEDULE.replace(prediction_type=prediction_type))
+
+
 def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float32, variant: str | None = None,
-                          ema: bool = False, configs: SDConfigs | None = None) -> tuple[SDConfigs, dict]:
+                          ema: bool = False, configs: SDConfigs | None = None,
+                          prediction_type: str | None = None) -> tuple[SDConfigs, dict]:
   """Reads a diffusers pipeline folder or an LDM single file (`.safetensors`, `.ckpt`, `.pth`).
 
   Args:
     path: the folder (with `model_index.json`) or the file.
-    param_dtype: dtype of the returned params; None keeps the file's.
+    param_dtype: dtype of the returned params (extras included); None keeps the file's.
     variant: diffusers weight variant of a folder (e.g. "fp16").
     ema: single files only: use the `model_ema.*` UNet weights instead of `model.diffusion_model.*`.
-    configs: single files only: the architecture (default `SD15`), for non-standard sizes.
+    configs: single files only: the architecture and schedule, for non-standard sizes (default:
+      detected, `SD15` or `sd2_configs(prediction_type)`).
+    prediction_type: single files only: the schedule's prediction type ("epsilon", "v_prediction",
+      "sample"), replacing the default's or `configs`'. Required for SD 2.x files unless `configs`
+      is given: they do not say whether they are 768-v ("v_prediction") or 512-base ("epsilon").
+
+  Returns:
+    `(configs, params)`: params `{"unet", "vae", "text_encoder"}` (nested host numpy trees) and,
+    for an SD 2.x file holding them, `"extras"`: `{PyTorch name: array}` of the text-tower tensors
+    SD does not use (`convert.ldm.open_clip_extra_shapes`), which `save_ldm_checkpoint` writes back.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    if ema or configs is not None:
-      raise ValueError(f"{path}: ema= and configs= apply to LDM single files only")
+    if ema or configs is not None or prediction_type is not None:
+      raise ValueError(f"{path}: ema=, configs= and prediction_type= apply to LDM single files only (a folder's "
+                       f"scheduler/ config holds its prediction type)")
     if is_flax_model(os.path.join(path, "unet")):
       return _load_flax_folder(path, param_dtype)
     return _load_folder(path, param_dtype, variant)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Stable Diffusion checkpoint not found: {path}")
-  return _load_single_file(path, param_dtype, ema, configs or SD15)
+  return _load_single_file(path, param_dtype, ema, configs, prediction_type)
 
 
 def _load_folder(path: str, param_dtype: Any, variant: str | None) -> tuple[SDConfigs, dict]:
@@ -112,6 +159,8 @@ def _load_flax_folder(path: str, param_dtype: Any) -> tuple[SDConfigs, dict]:
                       CLIPTextConfig.from_transformers(os.path.join(path, "text_encoder")),
                       ScheduleConfig.from_diffusers(os.path.join(path, "scheduler")), _tokenizer_dir(path))
   params = {name: load_flax_params(os.path.join(path, name)) for name in COMPONENTS}
+  if os.path.isfile(os.path.join(path, EXTRAS_FILE)):
+    params[EXTRAS] = read_state_dict(os.path.join(path, EXTRAS_FILE))
   if param_dtype is not None:
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), params)
   return configs, params
@@ -119,12 +168,18 @@ def _load_flax_folder(path: str, param_dtype: Any) -> tuple[SDConfigs, dict]:
 
 def save_flax_pipeline(configs: SDConfigs, params: dict, folder: str | os.PathLike) -> None:
   """Our format for a whole SD: `unet/`, `vae/`, `text_encoder/` as `save_flax_model` folders,
-  plus diffusers' `scheduler/` and `tokenizer/` files."""
+  plus diffusers' `scheduler/` and `tokenizer/` files, and `params["extras"]` (if any) as
+  `ldm_extras.safetensors`, so an SD 2.x single file converted to ours and back loses nothing."""
   folder = os.fspath(folder)
+  extras = params.get(EXTRAS)
+  if extras:
+    _check_extras(configs, extras)
   save_flax_model(configs.unet.to_diffusers(), params["unet"], os.path.join(folder, "unet"))
   save_flax_model(configs.vae.to_diffusers(), params["vae"], os.path.join(folder, "vae"))
   save_flax_model(configs.text_encoder.to_transformers(), params["text_encoder"],
                   os.path.join(folder, "text_encoder"))
+  if extras:
+    write_safetensors(jax.device_get(extras), folder, EXTRAS_FILE[: -len(".safetensors")])
   _write_scheduler_and_tokenizer(configs, folder)
 
 
@@ -136,11 +191,36 @@ def _write_scheduler_and_tokenizer(configs: SDConfigs, folder: str) -> None:
     shutil.copytree(configs.tokenizer, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
 
 
-def ldm_tables(configs: SDConfigs) -> dict:
-  """The single-file key table of each component."""
+def ldm_tables(configs: SDConfigs) -> dict[str, KeyTable | FusedKeyTable]:
+  """The single-file key table of each component; the text encoder's layout follows its config
+  (`convert.ldm.uses_open_clip`: SD 2.x's OpenCLIP, else SD 1.x's transformers CLIP)."""
+  text = (ldm_open_clip_key_table(configs.text_encoder, LDM_OPEN_CLIP_PREFIX) if uses_open_clip(configs.text_encoder)
+          else clip_key_table(configs.text_encoder).with_prefix(LDM_CLIP_PREFIX))
   return {"unet": ldm_unet_key_table(configs.unet, LDM_UNET_PREFIX),
-          "vae": ldm_vae_key_table(configs.vae, LDM_VAE_PREFIX),
-          "text_encoder": clip_key_table(configs.text_encoder).with_prefix(LDM_CLIP_PREFIX)}
+          "vae": ldm_vae_key_table(configs.vae, LDM_VAE_PREFIX), "text_encoder": text}
+
+
+def _torch_keys(table: KeyTable | FusedKeyTable) -> Mapping[str, Any]:
+  return table.torch_shapes if isinstance(table, FusedKeyTable) else table.by_torch
+
+
+def _check_extras(configs: SDConfigs, extras: dict, source: str = "params['extras']") -> None:
+  if not uses_open_clip(configs.text_encoder):
+    raise ValueError(f"{source}: {len(extras)} extra tensors, but only SD 2.x (OpenCLIP) single files have any "
+                     f"(this text encoder is hidden_act={configs.text_encoder.hidden_act!r}, SD 1.x's layout)")
+  check_open_clip_extras(extras, configs.text_encoder, source)
+
+
+def _sd2_configs_for(sd: dict, path: str, prediction_type: str) -> SDConfigs:
+  """`sd2_configs(prediction_type)` after checking the UNet is SD 2.x's (linear proj_in, cross-attention 1024)."""
+  unet = {k: v for k, v in sd.items() if k.startswith(LDM_UNET_PREFIX)}
+  proj_in = sorted({v.ndim for k, v in unet.items() if k.endswith(".proj_in.weight")})
+  cross = sorted({v.shape[-1] for k, v in unet.items() if k.endswith(".attn2.to_k.weight")})
+  if proj_in != [2] or cross != [1024]:
+    raise ValueError(f"{path}: an OpenCLIP text encoder (SD 2.x), but not SD 2.x's UNet: proj_in weights of rank "
+                     f"{proj_in} (SD 2.x: [2], linear) and cross-attention widths {cross} (SD 2.x: [1024]); "
+                     f"pass configs= for other architectures")
+  return sd2_configs(prediction_type)
 
 
 def _ema_key(ldm_key: str) -> str:
@@ -148,13 +228,24 @@ def _ema_key(ldm_key: str) -> str:
   return "model_ema." + ldm_key[len("model."):].replace(".", "")
 
 
-def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs) -> tuple[SDConfigs, dict]:
+def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs | None,
+                      prediction_type: str | None) -> tuple[SDConfigs, dict]:
   sd = read_state_dict(path)
-  if any(k.startswith("cond_stage_model.model.") for k in sd):
-    raise ValueError(f"{path}: an SD 2.x single file (OpenCLIP text encoder, cond_stage_model.model.*) is not "
-                     f"supported yet; convert it to a diffusers folder first (diffusers' from_single_file)")
+  open_clip = any(k.startswith(LDM_OPEN_CLIP_PREFIX) for k in sd)
+  if open_clip and configs is None and prediction_type is None:
+    raise ValueError(f"{path}: an SD 2.x single file (OpenCLIP text encoder, {LDM_OPEN_CLIP_PREFIX}*) does not say "
+                     f"what its UNet predicts: pass prediction_type=\"v_prediction\" for SD 2.x 768-v models or "
+                     f"\"epsilon\" for 512-base ones (CLI: --prediction-type)")
   if not any(k.startswith(LDM_UNET_PREFIX) for k in sd):
     raise ValueError(f"{path}: no {LDM_UNET_PREFIX}* tensors: not a Stable Diffusion single file")
+  if configs is None:
+    configs = _sd2_configs_for(sd, path, prediction_type) if open_clip else SD15
+  if prediction_type is not None:
+    configs = dataclasses.replace(configs, scheduler=configs.scheduler.replace(prediction_type=prediction_type))
+  if open_clip != uses_open_clip(configs.text_encoder):
+    held = f"SD 2.x's OpenCLIP ({LDM_OPEN_CLIP_PREFIX}*)" if open_clip else f"SD 1.x's CLIP ({LDM_CLIP_PREFIX}*)"
+    raise ValueError(f"{path}: the file holds {held} text encoder, but configs.text_encoder has hidden_act="
+                     f"{configs.text_encoder.hidden_act!r} (SD 1.x: 'quick_gelu', SD 2.x's OpenCLIP: 'gelu')")
   # transformers < 4.31 saved the CLIP text model without its `text_model.` level.
   sd = {(LDM_CLIP_PREFIX + "text_model." + k[len(LDM_CLIP_PREFIX):]
          if k.startswith(LDM_CLIP_PREFIX) and not k.startswith(LDM_CLIP_PREFIX + "text_model.") else k): v
@@ -168,10 +259,12 @@ def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs
     sd = {ema_keys.get(k, k): v for k, v in sd.items() if not k.startswith(LDM_UNET_PREFIX)}
   else:
     sd = {k: v for k, v in sd.items() if k not in ema_keys}
-  groups: dict[str, dict] = {name: {} for name in COMPONENTS}
+  owners = {k: name for name, table in tables.items() for k in _torch_keys(table)}
+  extra_names = open_clip_extra_shapes(configs.text_encoder, LDM_OPEN_CLIP_PREFIX) if open_clip else {}
+  groups: dict[str, dict] = {name: {} for name in (*COMPONENTS, EXTRAS)}
   unknown = []
   for key, value in sd.items():
-    owner = next((name for name, table in tables.items() if key in table.by_torch), None)
+    owner = owners.get(key) or (EXTRAS if key in extra_names else None)
     if owner is not None:
       groups[owner][key] = value
     elif key not in _IGNORED_LDM_KEYS:
@@ -180,11 +273,21 @@ def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs
     raise ConversionError(f"{path}: unexpected tensors ({len(unknown)}):\n" + "\n".join(f"    {k}" for k in unknown))
   dtype = np.dtype(param_dtype) if param_dtype is not None else None
   params = {name: tables[name].to_flax(groups[name], dtype=dtype, source=path) for name in COMPONENTS}
+  if groups[EXTRAS]:
+    check_open_clip_extras(groups[EXTRAS], configs.text_encoder, path, LDM_OPEN_CLIP_PREFIX)
+    params[EXTRAS] = {k: np.asarray(v).astype(dtype) if dtype is not None else v for k, v in groups[EXTRAS].items()}
   return configs, params
 
 
 def save_ldm_checkpoint(configs: SDConfigs, params: dict, path: str | os.PathLike, dtype: Any = None) -> None:
-  """Writes an original-layout single `.safetensors` file (UNet, VAE, CLIP text; no schedule buffers)."""
+  """Writes an original-layout single `.safetensors` file (UNet, VAE, text encoder; no schedule buffers).
+
+  The text encoder's layout follows `configs.text_encoder`: SD 1.x's `cond_stage_model.transformer.*`,
+  or, for an OpenCLIP config (`hidden_act="gelu"`, SD 2.x), `cond_stage_model.model.*` plus
+  `params["extras"]` as given (checked against `convert.ldm.open_clip_extra_shapes`). Without extras
+  an SD 2.x file lacks OpenCLIP's last layer, `text_projection` and `logit_scale`, none of which SD
+  reads (diffusers' `from_single_file` and our reader take it as is).
+  """
   path = os.fspath(path)
   if not path.endswith(".safetensors"):
     raise ValueError(f"{path}: single files are written as .safetensors")
@@ -193,13 +296,26 @@ def save_ldm_checkpoint(configs: SDConfigs, params: dict, path: str | os.PathLik
   tensors = {}
   for name in COMPONENTS:
     tensors.update(tables[name].to_torch(jax.device_get(params[name]), dtype=cast))
-  folder, stem = os.path.split(os.path.abspath(path))
-  write_safetensors(tensors, folder, stem[: -len(".safetensors")])
+  extras = params.get(EXTRAS)
+  if extras:
+    _check_extras(configs, extras)
+    tensors.update({k: np.asarray(v).astype(cast) if cast is not None else np.asarray(v)
+                    for k, v in jax.device_get(extras).items()})
+  folder, name = os.path.split(os.path.abspath(path))
+  write_safetensors(tensors, folder, name[: -len(".safetensors")])
 
 
 def save_stable_diffusion(configs: SDConfigs, params: dict, folder: str | os.PathLike, dtype: Any = None) -> None:
-  """Writes a diffusers pipeline folder (`model_index.json`, unet/, vae/, text_encoder/, scheduler/, tokenizer/)."""
+  """Writes a diffusers pipeline folder (`model_index.json`, unet/, vae/, text_encoder/, scheduler/, tokenizer/).
+
+  `params["extras"]` (SD 2.x's unused text-tower tensors) have no place in this layout (diffusers'
+  own converter drops them too): they are not written, with a warning naming how many.
+  """
   folder = os.fspath(folder)
+  if params.get(EXTRAS):
+    warnings.warn(f"{folder}: the diffusers layout has no place for the {len(params[EXTRAS])} extra tensors of the "
+                  f"SD 2.x file (OpenCLIP's last layer, text_projection, logit_scale; unused by SD); not written. "
+                  f"save_ldm_checkpoint or save_flax_pipeline keep them.", stacklevel=2)
   os.makedirs(folder, exist_ok=True)
   save_unet(configs.unet, params["unet"], os.path.join(folder, "unet"), dtype)
   save_vae(configs.vae, params["vae"], os.path.join(folder, "vae"), dtype)

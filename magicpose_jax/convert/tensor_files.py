@@ -90,7 +90,8 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLi
   """Writes `<stem>.safetensors`, or shards plus `<stem>.safetensors.index.json`. Returns file names."""
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
-  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  # np.require, not np.ascontiguousarray: the latter turns 0-d tensors (e.g. logit_scale) into 1-d.
+  tensors = {k: np.require(v, requirements="C") for k, v in tensors.items()}
   total = sum(v.nbytes for v in tensors.values())
   if max_shard_bytes is None or total <= max_shard_bytes:
     name = f"{stem}.safetensors"

@@ -115,3 +115,23 @@ def test_wrong_number_of_states_is_an_error():
   with pytest.raises(ValueError, match=f"expected {config.num_reference_states} arrays"):
     jax.eval_shape(lambda p: model.apply({"params": p}, sample, t, context,
                                          reference_states=[np.zeros((2, 4, 32))] * 3), params)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_reference_mask_drops_the_reference_per_row(remat):
+  """Guidance batches rows with and without reference: masked rows must equal the plain UNet."""
+  config = CONFIGS["sd1"].replace(remat_policy=remat)
+  model = UNet2DConditionModel(config)
+  sample, t, context = _inputs(config, seed=13)
+  reference, _, _ = _inputs(config, seed=14)
+  params = jax.jit(model.init)(jax.random.key(13), sample, t, context)["params"]
+  app_params = jax.jit(model.init)(jax.random.key(14), sample, t, context)["params"]
+  apply = jax.jit(model.apply, static_argnames="return_reference_states")
+  _, states = apply({"params": app_params}, reference, t, context, return_reference_states=True)
+  with_ref = apply({"params": params}, sample, t, context, reference_states=states)
+  plain = apply({"params": params}, sample, t, context)
+  mixed = apply({"params": params}, sample, t, context, reference_states=states,
+                reference_mask=np.array([True, False]))
+  assert np.abs(np.asarray(with_ref[1]) - np.asarray(plain[1])).max() > 100 * ATOL  # the reference matters
+  np.testing.assert_allclose(np.asarray(mixed[0]), np.asarray(with_ref[0]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(mixed[1]), np.asarray(plain[1]), atol=1e-5)

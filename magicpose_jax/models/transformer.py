@@ -48,8 +48,8 @@ class GEGLU(nn.Module):
 class BasicTransformerBlock(nn.Module):
   """Self-attention, cross-attention and GEGLU FF, each pre-LayerNorm with a residual.
 
-  `x [B, N, C]`, `context [B, L, D]`, `reference [B, R, C] | None` ->
-  `(out [B, N, C], norm1(x) [B, N, C])`.
+  `x [B, N, C]`, `context [B, L, D]`, `reference [B, R, C] | None`, `reference_mask [B] bool | None`
+  (False rows ignore their reference) -> `(out [B, N, C], norm1(x) [B, N, C])`.
   """
 
   heads: int
@@ -59,13 +59,21 @@ class BasicTransformerBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array,
-               reference: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, context: jax.Array, reference: jax.Array | None = None,
+               reference_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     attn = lambda name: Attention(self.heads, self.head_dim, self.backend, self.dtype,
                                   self.param_dtype, name=name)
     normed = norm("norm1")(x)
+    if reference is not None and reference_mask is not None:
+      # Rows without a reference attend over [h; h], which is exactly attention over h (every key
+      # and value duplicated leaves the softmax average unchanged): classifier-free guidance can batch
+      # "with reference" and "without" rows in one call, with no attention mask for any backend.
+      if reference.shape != normed.shape:
+        raise ValueError(f"reference_mask needs reference states shaped like the block's own tokens "
+                         f"{normed.shape}, got {reference.shape}")
+      reference = jnp.where(reference_mask[:, None, None], reference.astype(normed.dtype), normed)
     x = x + attn("attn1")(normed, extra_kv=reference)
     x = x + attn("attn2")(norm("norm2")(x), context)
     x = x + FeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(norm("norm3")(x))
@@ -88,8 +96,8 @@ class Transformer2DModel(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array,
-               references: Sequence[jax.Array] | None = None) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, x: jax.Array, context: jax.Array, references: Sequence[jax.Array] | None = None,
+               reference_mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     b, hgt, wid, c = x.shape
     inner = self.heads * self.head_dim
     if self.use_linear_projection:
@@ -104,7 +112,8 @@ class Transformer2DModel(nn.Module):
     for i in range(self.num_layers):
       ref = None if references is None else references[i]
       h, normed = BasicTransformerBlock(self.heads, self.head_dim, self.backend, self.dtype,
-                                        self.param_dtype, name=f"transformer_blocks_{i}")(h, context, ref)
+                                        self.param_dtype, name=f"transformer_blocks_{i}")(h, context, ref,
+                                                                                          reference_mask)
       states.append(normed)
     h = proj("proj_out", c)(h.reshape(b, hgt, wid, inner))  # [B, H, W, C]
     return h + x, states

@@ -235,7 +235,8 @@ class UNet2DConditionModel(nn.Module):
                down_block_additional_residuals: Sequence[jax.Array] | None = None,
                mid_block_additional_residual: jax.Array | None = None,
                reference_states: Sequence[jax.Array] | None = None,
-               return_reference_states: bool = False) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+               return_reference_states: bool = False,
+               reference_mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
     """Predicts noise (or v) for `sample`.
 
     Args:
@@ -247,6 +248,9 @@ class UNet2DConditionModel(nn.Module):
       mid_block_additional_residual: `[B, H/2^k, W/2^k, C_last]` added to the mid output.
       reference_states: `num_reference_states` arrays `[B, R_i, C_i]` or None (plain SD).
       return_reference_states: also return this UNet's own per-block `norm1` states.
+      reference_mask: `[B]` bool; rows where it is False ignore their reference states (exactly, up to
+        float rounding), so guided sampling batches conditional and unconditional rows in one call.
+        Needs each reference state shaped like the block's own tokens (same latent size).
 
     Returns:
       `[B, H, W, out_channels]`, and the list of normed states if asked.
@@ -268,7 +272,7 @@ class UNet2DConditionModel(nn.Module):
               backend=cfg.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype)
     down_cls = _remat(DownBlock2D, cfg.remat_policy)
     mid_cls = _remat(MidBlock2DCrossAttn, cfg.remat_policy)
-    up_cls = _remat(UpBlock2D, cfg.remat_policy, static_argnums=(6,))  # upsample_size is a shape
+    up_cls = _remat(UpBlock2D, cfg.remat_policy, static_argnums=(7,))  # upsample_size is a shape
     n_levels = len(cfg.block_out_channels)
     context = encoder_hidden_states.astype(self.dtype)
 
@@ -294,7 +298,7 @@ class UNet2DConditionModel(nn.Module):
                        add_downsample=i < n_levels - 1, downsample_padding=cfg.downsample_padding,
                        name=f"down_blocks_{i}", **kw)
       h, block_skips, s = block(h, temb, context, take_refs(cfg.layers[i] * cfg.transformer_layers[i]
-                                                            if heads else 0))
+                                                            if heads else 0), reference_mask)
       skips += block_skips
       states += s
 
@@ -303,7 +307,7 @@ class UNet2DConditionModel(nn.Module):
 
     mid = mid_cls(cfg.block_out_channels[-1], 1, cfg.heads[-1], cfg.transformer_layers[-1],
                   output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **kw)
-    h, s = mid(h, temb, context, take_refs(cfg.transformer_layers[-1]))
+    h, s = mid(h, temb, context, take_refs(cfg.transformer_layers[-1]), reference_mask)
     states += s
     if mid_block_additional_residual is not None:
       h = h + mid_block_additional_residual.astype(h.dtype)
@@ -320,7 +324,7 @@ class UNet2DConditionModel(nn.Module):
       block = up_cls(rev_channels[i], n, heads, cfg.transformer_layers[level], add_upsample=not is_last,
                      name=f"up_blocks_{i}", **kw)
       h, s = block(h, tuple(block_skips), temb, context,
-                   take_refs(n * cfg.transformer_layers[level] if heads else 0), size)
+                   take_refs(n * cfg.transformer_layers[level] if heads else 0), reference_mask, size)
       states += s
 
     # The output head runs in float32 (bf16 here costs visible sample quality).

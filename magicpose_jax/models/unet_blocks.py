@@ -55,13 +55,14 @@ class DownBlock2D(_BlockBase):
   downsample_padding: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
-               references: References = None) -> tuple[jax.Array, tuple[jax.Array, ...], list[jax.Array]]:
+  def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, references: References = None,
+               reference_mask: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, ...], list[jax.Array]]:
     skips, states = [], []
     for i in range(self.num_layers):
       x = self.resnet(f"resnets_{i}")(x, temb)
       if self.heads:
-        x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers))
+        x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers),
+                                                            reference_mask)
         states += s
       skips.append(x)
     if self.add_downsample:
@@ -77,12 +78,13 @@ class MidBlock2DCrossAttn(_BlockBase):
   output_scale_factor: float = 1.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
-               references: References = None) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array, references: References = None,
+               reference_mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     states = []
     x = self.resnet("resnets_0", self.output_scale_factor)(x, temb)
     for i in range(self.num_layers):
-      x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers))
+      x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers),
+                                                            reference_mask)
       states += s
       x = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(x, temb)
     return x, states
@@ -99,7 +101,7 @@ class UpBlock2D(_BlockBase):
 
   @nn.compact
   def __call__(self, x: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, context: jax.Array,
-               references: References = None,
+               references: References = None, reference_mask: jax.Array | None = None,
                upsample_size: tuple[int, int] | None = None) -> tuple[jax.Array, list[jax.Array]]:
     if len(skips) != self.num_layers:
       raise ValueError(f"{self.name}: expected {self.num_layers} skip tensors, got {len(skips)}")
@@ -108,7 +110,8 @@ class UpBlock2D(_BlockBase):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)  # [B, H, W, C + C_skip]
       x = self.resnet(f"resnets_{i}")(x, temb)
       if self.heads:
-        x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers))
+        x, s = self.transformer(f"attentions_{i}")(x, context, _slice(references, i, self.transformer_layers),
+                                                            reference_mask)
         states += s
     if self.add_upsample:
       x = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x, upsample_size)

@@ -210,7 +210,7 @@ VARIANTS: dict[str, UNetConfig] = {
 }
 
 
-def _remat(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+def remat_block(cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
   """Wraps a block class in `nn.remat` (argnum 0 is `self`); `none` leaves it as is."""
   if policy == "none":
     return cls
@@ -270,9 +270,9 @@ class UNet2DConditionModel(nn.Module):
                        f"got {len(down_block_additional_residuals)}")
     kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
               backend=cfg.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype)
-    down_cls = _remat(DownBlock2D, cfg.remat_policy)
-    mid_cls = _remat(MidBlock2DCrossAttn, cfg.remat_policy)
-    up_cls = _remat(UpBlock2D, cfg.remat_policy, static_argnums=(7,))  # upsample_size is a shape
+    down_cls = remat_block(DownBlock2D, cfg.remat_policy)
+    mid_cls = remat_block(MidBlock2DCrossAttn, cfg.remat_policy)
+    up_cls = remat_block(UpBlock2D, cfg.remat_policy, static_argnums=(7,))  # upsample_size is a shape
     n_levels = len(cfg.block_out_channels)
     context = encoder_hidden_states.astype(self.dtype)
 

@@ -14,7 +14,6 @@ reads both spellings.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magicpose_jax.convert.keytable import KeyTable
-from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
+from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
 from magicpose_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from magicpose_jax.models.config_files import read_config_dict
 
@@ -128,9 +127,6 @@ def save_text_encoder(config: CLIPTextConfig, params: Mapping[str, Any], folder:
   Returns:
     The names of the files written.
   """
-  params = jax.device_get(params)
-  tensors = clip_key_table(config).to_torch(params, dtype=np.dtype(dtype) if dtype is not None else None)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_transformers(), f, indent=2)
-  return ["config.json"] + write_safetensors(tensors, folder, WEIGHTS_STEM, max_shard_bytes)
+  tensors = clip_key_table(config).to_torch(jax.device_get(params),
+                                      dtype=np.dtype(dtype) if dtype is not None else None)
+  return write_model_folder(config.to_transformers(), tensors, folder, WEIGHTS_STEM, max_shard_bytes)

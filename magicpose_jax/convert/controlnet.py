@@ -15,7 +15,6 @@ encoder's convs; the odd indices are its SiLUs). ControlNet 1.1 files
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 from magicpose_jax.convert.diffusers import WEIGHTS_STEM, find_weights
 from magicpose_jax.convert.keytable import ConversionError, KeyTable
 from magicpose_jax.convert.ldm import _renamer, ldm_unet_module_map
-from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
+from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
 from magicpose_jax.models.controlnet import ControlNetConfig, abstract_controlnet_params
 
 LDM_CONTROLNET_PREFIX = "control_model."  # ControlNet 1.0/1.1 files (and diffusers' single-file loader)
@@ -102,12 +101,9 @@ def save_controlnet(config: ControlNetConfig, params: dict, folder: str | os.Pat
   Returns:
     The names of the files written.
   """
-  params = jax.device_get(params)
-  tensors = controlnet_key_table(config).to_torch(params, dtype=np.dtype(dtype) if dtype is not None else None)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_diffusers(), f, indent=2)
-  return ["config.json"] + write_safetensors(tensors, folder, WEIGHTS_STEM, max_shard_bytes)
+  tensors = controlnet_key_table(config).to_torch(jax.device_get(params),
+                                      dtype=np.dtype(dtype) if dtype is not None else None)
+  return write_model_folder(config.to_diffusers(), tensors, folder, WEIGHTS_STEM, max_shard_bytes)
 
 
 def load_ldm_controlnet(path: str | os.PathLike, config: ControlNetConfig, prefix: str = LDM_CONTROLNET_PREFIX,

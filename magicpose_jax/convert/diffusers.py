@@ -10,7 +10,6 @@ unexpected keys.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magicpose_jax.convert.keytable import KeyTable
-from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
+from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
 from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -89,9 +88,6 @@ def save_unet(config: UNetConfig, params: dict, folder: str | os.PathLike, dtype
   Returns:
     The names of the files written.
   """
-  params = jax.device_get(params)
-  tensors = unet_key_table(config).to_torch(params, dtype=np.dtype(dtype) if dtype is not None else None)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_diffusers(), f, indent=2)
-  return ["config.json"] + write_safetensors(tensors, folder, WEIGHTS_STEM, max_shard_bytes)
+  tensors = unet_key_table(config).to_torch(jax.device_get(params),
+                                      dtype=np.dtype(dtype) if dtype is not None else None)
+  return write_model_folder(config.to_diffusers(), tensors, folder, WEIGHTS_STEM, max_shard_bytes)

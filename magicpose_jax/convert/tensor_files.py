@@ -115,3 +115,13 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str | os.PathLi
   with open(os.path.join(folder, f"{stem}.safetensors.index.json"), "w") as f:
     json.dump(index, f, indent=2)
   return names + [f"{stem}.safetensors.index.json"]
+
+
+def write_model_folder(config: Mapping, tensors: Mapping[str, np.ndarray], folder: str | os.PathLike, stem: str,
+                       max_shard_bytes: int | None = None) -> list[str]:
+  """A Hugging Face-style model folder: `config.json` plus `<stem>.safetensors` (or shards). Returns file names."""
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(dict(config), f, indent=2)
+  return ["config.json", *write_safetensors(tensors, folder, stem, max_shard_bytes)]

@@ -13,7 +13,6 @@ mid-block attention `query/key/value/proj_attn` instead of `to_q/to_k/to_v/to_ou
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import numpy as np
 
 from magicpose_jax.convert.diffusers import WEIGHTS_STEM, find_weights
 from magicpose_jax.convert.keytable import KeyTable
-from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
+from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
 from magicpose_jax.models.vae import AutoencoderKL, VAEConfig
 
 # diffusers' deprecated attention-block names -> current ones (`_fix_state_dict_keys_on_load`).
@@ -99,9 +98,6 @@ def save_vae(config: VAEConfig, params: dict, folder: str | os.PathLike, dtype: 
   Returns:
     The names of the files written.
   """
-  params = jax.device_get(params)
-  tensors = vae_key_table(config).to_torch(params, dtype=np.dtype(dtype) if dtype is not None else None)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_diffusers(), f, indent=2)
-  return ["config.json"] + write_safetensors(tensors, folder, WEIGHTS_STEM, max_shard_bytes)
+  tensors = vae_key_table(config).to_torch(jax.device_get(params),
+                                      dtype=np.dtype(dtype) if dtype is not None else None)
+  return write_model_folder(config.to_diffusers(), tensors, folder, WEIGHTS_STEM, max_shard_bytes)

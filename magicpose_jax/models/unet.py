@@ -236,7 +236,8 @@ class UNet2DConditionModel(nn.Module):
                mid_block_additional_residual: jax.Array | None = None,
                reference_states: Sequence[jax.Array] | None = None,
                return_reference_states: bool = False,
-               reference_mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+               reference_mask: jax.Array | None = None,
+               compute_output: bool = True) -> jax.Array | tuple[jax.Array | None, list[jax.Array]]:
     """Predicts noise (or v) for `sample`.
 
     Args:
@@ -251,6 +252,8 @@ class UNet2DConditionModel(nn.Module):
       reference_mask: `[B]` bool; rows where it is False ignore their reference states (exactly, up to
         float rounding), so guided sampling batches conditional and unconditional rows in one call.
         Needs each reference state shaped like the block's own tokens (same latent size).
+      compute_output: False skips `conv_norm_out`/`conv_out` (returns None in their place): an
+        appearance net only hands over its states (its params still hold the output head).
 
     Returns:
       `[B, H, W, out_channels]`, and the list of normed states if asked.
@@ -327,6 +330,10 @@ class UNet2DConditionModel(nn.Module):
                    take_refs(n * cfg.transformer_layers[level] if heads else 0), reference_mask, size)
       states += s
 
+    if not compute_output:
+      if not return_reference_states:
+        raise ValueError("compute_output=False only makes sense with return_reference_states=True")
+      return None, states
     # The output head runs in float32 (bf16 here costs visible sample quality).
     h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name="conv_norm_out")(h.astype(jnp.float32))

@@ -65,11 +65,11 @@ from magicpose_jax.models.vae import VAE_VARIANTS, VAEConfig
 
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 # The DDPM buffers of LatentDiffusion (`ldm/models/diffusion/ddpm.py`): derived from the schedule.
-_SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                      "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                      "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                      "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
-_IGNORED_LDM_KEYS = (*_SCHEDULE_BUFFERS, "model_ema.decay", "model_ema.num_updates",
+_IGNORED_LDM_KEYS = (*SCHEDULE_BUFFERS, "model_ema.decay", "model_ema.num_updates",
                      LDM_CLIP_PREFIX + "text_model.embeddings.position_ids")
 COMPONENTS = ("unet", "vae", "text_encoder")
 # `params["extras"]`: file tensors no component has params for (SD 2.x; see `convert.ldm.open_clip_extra_shapes`).
@@ -200,7 +200,7 @@ def ldm_tables(configs: SDConfigs) -> dict[str, KeyTable | FusedKeyTable]:
           "vae": ldm_vae_key_table(configs.vae, LDM_VAE_PREFIX), "text_encoder": text}
 
 
-def _torch_keys(table: KeyTable | FusedKeyTable) -> Mapping[str, Any]:
+def torch_keys(table: KeyTable | FusedKeyTable) -> Mapping[str, Any]:
   return table.torch_shapes if isinstance(table, FusedKeyTable) else table.by_torch
 
 
@@ -259,7 +259,7 @@ def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs
     sd = {ema_keys.get(k, k): v for k, v in sd.items() if not k.startswith(LDM_UNET_PREFIX)}
   else:
     sd = {k: v for k, v in sd.items() if k not in ema_keys}
-  owners = {k: name for name, table in tables.items() for k in _torch_keys(table)}
+  owners = {k: name for name, table in tables.items() for k in torch_keys(table)}
   extra_names = open_clip_extra_shapes(configs.text_encoder, LDM_OPEN_CLIP_PREFIX) if open_clip else {}
   groups: dict[str, dict] = {name: {} for name in (*COMPONENTS, EXTRAS)}
   unknown = []

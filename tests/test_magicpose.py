@@ -103,3 +103,17 @@ def test_missing_inputs_are_named(torch_nets, inputs):
     MagicPose(CONFIG).apply(params, z_t, t, text, None, pose_image)
   with pytest.raises(ValueError, match="no pose controller"):
     _ = MagicPose(MagicPoseConfig(CONFIG.unet, None)).pose_net
+
+
+def test_pose_init_modes(torch_nets):
+  _, params = torch_nets
+  key = jax.random.key(1)
+  from_sd = init_params(CONFIG, params["unet"], key, params["appearance"], pose_init="sd")
+  from_app = init_params(CONFIG, params["unet"], key, params["appearance"])
+  np.testing.assert_array_equal(from_sd["pose"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
+  np.testing.assert_array_equal(from_app["pose"]["conv_in"]["kernel"], params["appearance"]["conv_in"]["kernel"])
+  released = init_params(CONFIG, params["unet"], key, pose_params=params["pose"], pose_init="controlnet")
+  for a, b in zip(jax.tree.leaves(released["pose"]), jax.tree.leaves(params["pose"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="pose_params are given exactly when"):
+    init_params(CONFIG, params["unet"], key, pose_init="controlnet")

@@ -46,15 +46,29 @@ class MagicPoseConfig:
 
 
 def init_params(config: MagicPoseConfig, unet_params: Params, key: jax.Array,
-                appearance_params: Params | None = None) -> Params:
-  """MagicPose params from SD's UNet: appearance = a copy of SD (or `appearance_params`), pose from the
-  appearance net's encoder + mid (the paper's `pose_init="appearance"`), zero convs at zero."""
+                appearance_params: Params | None = None, pose_params: Params | None = None,
+                pose_init: str = "appearance") -> Params:
+  """MagicPose params from SD's UNet.
+
+  The appearance net is a copy of SD's UNet (or of `appearance_params`, e.g. a stage-1 result). The pose
+  net follows `pose_init`: "appearance" (the paper: the appearance net's encoder + mid, zero convs at
+  zero), "sd" (the same from SD's UNet), or "controlnet" (the release: `pose_params`, e.g. ControlNet 1.1
+  OpenPose loaded with `convert.controlnet.load_ldm_controlnet`).
+  """
+  if pose_init not in ("appearance", "sd", "controlnet"):
+    raise ValueError(f"pose_init={pose_init!r}; expected 'appearance', 'sd' or 'controlnet'")
+  if (pose_init == "controlnet") != (pose_params is not None):
+    raise ValueError("pose_params are given exactly when pose_init='controlnet'")
   params: Params = {"unet": unet_params}
   if config.use_appearance:
     source = appearance_params if appearance_params is not None else unet_params
     params["appearance"] = jax.tree.map(jnp.array, source)  # new buffers: training donates them
   if config.pose is not None:
-    params["pose"] = controlnet_params_from_unet(params.get("appearance", unet_params), config.pose, key)
+    if pose_init == "controlnet":
+      params["pose"] = jax.tree.map(jnp.array, pose_params)
+    else:
+      source = params["appearance"] if pose_init == "appearance" and config.use_appearance else unet_params
+      params["pose"] = controlnet_params_from_unet(source, config.pose, key)
   return params
 
 

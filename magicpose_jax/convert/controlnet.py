@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicpose_jax.convert.diffusers import WEIGHTS_STEM, find_weights
+from magicpose_jax.convert.diffusers import WEIGHTS_STEM, load_weights
 from magicpose_jax.convert.keytable import ConversionError, KeyTable
 from magicpose_jax.convert.ldm import _renamer, ldm_unet_module_map
 from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
@@ -87,9 +87,7 @@ def load_controlnet(folder: str | os.PathLike, param_dtype: Any = jnp.float32, v
     ConversionError: listing every missing, unexpected and mis-shaped tensor.
   """
   config = ControlNetConfig.from_diffusers(folder, **config_overrides)
-  path = find_weights(folder, variant=variant)
-  params = controlnet_key_table(config).to_flax(read_state_dict(path), dtype=param_dtype, source=path)
-  return config, params
+  return config, load_weights(folder, controlnet_key_table(config), param_dtype, variant)
 
 
 def save_controlnet(config: ControlNetConfig, params: dict, folder: str | os.PathLike, dtype: Any = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,6 +57,20 @@ def find_weights(folder: str | os.PathLike, stem: str = WEIGHTS_STEM, variant: s
   raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(candidates)})")
 
 
+def load_weights(folder: str | os.PathLike, table: KeyTable, param_dtype: Any = jnp.float32,
+                 variant: str | None = None,
+                 preprocess: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> dict:
+  """The params of a diffusers model folder's weights file, strictly through `table`.
+
+  `preprocess` rewrites the state dict first (legacy names); errors name the file read.
+  """
+  path = find_weights(folder, variant=variant)
+  state_dict = read_state_dict(path)
+  if preprocess is not None:
+    state_dict = preprocess(state_dict)
+  return table.to_flax(state_dict, dtype=param_dtype, source=path)
+
+
 def load_unet(folder: str | os.PathLike, param_dtype: Any = jnp.float32,
               variant: str | None = None, **config_overrides: Any) -> tuple[UNetConfig, dict]:
   """Reads a diffusers UNet folder.
@@ -74,9 +89,7 @@ def load_unet(folder: str | os.PathLike, param_dtype: Any = jnp.float32,
     ConversionError: listing every missing, unexpected and mis-shaped tensor.
   """
   config = UNetConfig.from_diffusers(folder, **config_overrides)
-  path = find_weights(folder, variant=variant)
-  params = unet_key_table(config).to_flax(read_state_dict(path), dtype=param_dtype, source=path)
-  return config, params
+  return config, load_weights(folder, unet_key_table(config), param_dtype, variant)
 
 
 def save_unet(config: UNetConfig, params: dict, folder: str | os.PathLike, dtype: Any = None,

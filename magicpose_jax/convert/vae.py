@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicpose_jax.convert.diffusers import WEIGHTS_STEM, find_weights
+from magicpose_jax.convert.diffusers import WEIGHTS_STEM, load_weights
 from magicpose_jax.convert.keytable import KeyTable
-from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
+from magicpose_jax.convert.tensor_files import write_model_folder
 from magicpose_jax.models.vae import AutoencoderKL, VAEConfig
 
 # diffusers' deprecated attention-block names -> current ones (`_fix_state_dict_keys_on_load`).
@@ -83,10 +83,7 @@ def load_vae(folder: str | os.PathLike, param_dtype: Any = jnp.float32, variant:
     ConversionError: listing every missing, unexpected and mis-shaped tensor.
   """
   config = VAEConfig.from_diffusers(folder, **config_overrides)
-  path = find_weights(folder, variant=variant)
-  state_dict = upgrade_legacy_vae_keys(read_state_dict(path))
-  params = vae_key_table(config).to_flax(state_dict, dtype=param_dtype, source=path)
-  return config, params
+  return config, load_weights(folder, vae_key_table(config), param_dtype, variant, upgrade_legacy_vae_keys)
 
 
 def save_vae(config: VAEConfig, params: dict, folder: str | os.PathLike, dtype: Any = None,

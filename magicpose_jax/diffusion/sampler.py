@@ -140,16 +140,20 @@ def sample_video(model: MagicPose, params: Params, schedule: Schedule, schedule_
   """
   frames = poses.shape[0]
   text1 = text[:1]
-  run = jax.jit(sample, static_argnums=(0, 3, 4))
   cached = None
   if cache and model.config.use_appearance:
     times, _ = step_times(schedule_config, config.num_steps)
-    cached = jax.jit(precompute_reference_states, static_argnums=(0,))(model, params, z_ref, text1, times)
+    cached = _precompute_jit(model, params, z_ref, text1, times)
   out = []
   for start in range(0, frames, batch_frames):
     n = min(batch_frames, frames - start)
     noise = jnp.broadcast_to(x_T[:1], (n, *x_T.shape[1:])) if x_T.shape[0] == 1 else x_T[start:start + n]
     chunk_key = None if key is None else jax.random.fold_in(key, start)
-    out.append(run(model, params, schedule, schedule_config, config, noise, jnp.broadcast_to(text1, (n,
+    out.append(_sample_jit(model, params, schedule, schedule_config, config, noise, jnp.broadcast_to(text1, (n,
                    *text1.shape[1:])), z_ref, poses[start:start + n], chunk_key, cached))
   return jnp.concatenate(out)
+
+
+# Module-level so every call of `sample_video` shares one compilation cache.
+_sample_jit = jax.jit(sample, static_argnums=(0, 3, 4))
+_precompute_jit = jax.jit(precompute_reference_states, static_argnums=(0,))

@@ -1,0 +1,1 @@
+"""Datasets: frame sources (synthetic figures, TikTok-style folders), pairs, augmentation, grain pipelines."""

@@ -1,0 +1,183 @@
+"""The synthetic figure generator: determinism, distinct identities, exact part masks, keypoints on their parts,
+image sizes, and expressions that show."""
+
+
+import numpy as np
+import pytest
+
+from magicpose_jax.data import synthetic
+from magicpose_jax.data.synthetic import EXPRESSION_NAMES, PART_FLIP, PART_NAMES, SyntheticConfig, SyntheticSource
+from magicpose_jax.pose.keypoints import FACE_FLIP
+from magicpose_jax.pose.render import render
+
+LABEL = {name: i for i, name in enumerate(PART_NAMES)}
+# Body keypoints -> the parts they belong to (the joint between two parts may show either).
+OWN_PARTS = {
+  0: ("head",), 1: ("torso", "head"), 14: ("head",), 15: ("head",), 16: ("head",), 17: ("head",),
+  2: ("torso", "right_arm"), 3: ("right_arm",), 4: ("right_arm", "right_hand"),
+  5: ("torso", "left_arm"), 6: ("left_arm",), 7: ("left_arm", "left_hand"),
+  8: ("torso", "right_leg"), 9: ("right_leg",), 10: ("right_leg",),
+  11: ("torso", "left_leg"), 12: ("left_leg",), 13: ("left_leg",),
+}
+
+
+def _pixel_labels(mask, xy):
+  ij = np.round(xy).astype(int)
+  return mask[ij[..., 1], ij[..., 0]]
+
+
+def _clear_caches():
+  synthetic._identity.cache_clear()
+  synthetic._background.cache_clear()
+
+
+def test_same_seed_same_bytes_and_order_independence():
+  config = SyntheticConfig(image_size=96, num_identities=8, frames_per_identity=4, seed=3)
+  first = SyntheticSource(config).frame(5, 2)
+  _clear_caches()
+  source = SyntheticSource(config)
+  for v in range(3):  # other frames first: no hidden state may leak between frames
+    source.frame(v, 1)
+  second = source.frame(5, 2)
+  for key in ("image", "pose_image", "part_mask", "expression"):
+    assert first[key].tobytes() == second[key].tobytes(), key
+  assert first["pose"] == second["pose"]
+  assert (first["video"], first["frame"], first["identity"]) == ("identity_00005", "00002", 5)
+  # Identity i does not depend on how many identities or frames the dataset has.
+  bigger = SyntheticSource(SyntheticConfig(image_size=96, num_identities=64, frames_per_identity=32, seed=3))
+  assert bigger.frame(5, 2)["image"].tobytes() == first["image"].tobytes()
+  other_seed = SyntheticSource(SyntheticConfig(image_size=96, num_identities=8, frames_per_identity=4, seed=4))
+  assert other_seed.frame(5, 2)["image"].tobytes() != first["image"].tobytes()
+
+
+def test_identities_differ_in_colour():
+  source = SyntheticSource(SyntheticConfig(image_size=64, num_identities=16))
+  means = []
+  for v in range(16):
+    frames = [source.frame(v, f) for f in range(2)]
+    torso = np.concatenate([d["image"][d["part_mask"] == LABEL["torso"]] for d in frames]).astype(np.float64)
+    means.append(torso.mean(0))
+  means = np.array(means)
+  dist = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(16, 1)]
+  # Mean torso colours (RGB, 0..255) more than 30 apart for at least 90 % of the identity pairs.
+  assert np.mean(dist > 30) >= 0.9, np.sort(dist)[:10]
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_frame_contract_and_sizes(size):
+  source = SyntheticSource(SyntheticConfig(image_size=size, num_identities=4, frames_per_identity=3))
+  assert source.num_videos == 4 and source.num_frames(0) == 3
+  d = source.frame(3, 2)
+  assert d["image"].shape == (size, size, 3) and d["image"].dtype == np.uint8
+  assert d["pose_image"].shape == (size, size, 3) and d["pose_image"].dtype == np.uint8
+  assert d["part_mask"].shape == (size, size) and d["part_mask"].dtype == np.uint8
+  assert d["expression"].shape == (3,) and d["expression"].dtype == np.float32 and len(EXPRESSION_NAMES) == 3
+  np.testing.assert_array_equal(d["pose_image"], render(d["pose"], size, size))
+  assert set(np.unique(d["part_mask"])) <= set(range(len(PART_NAMES)))
+  with pytest.raises(IndexError, match="video 4 out of range"):
+    source.frame(4, 0)
+  with pytest.raises(IndexError, match="frame 3 out of range"):
+    source.frame(0, 3)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="image_size: expected 64..512, got 32"):
+    SyntheticConfig(image_size=32)
+  with pytest.raises(ValueError, match="num_identities"):
+    SyntheticConfig(num_identities=0)
+  with pytest.raises(ValueError, match="seed: expected a non-negative integer"):
+    SyntheticConfig(seed=-1)
+
+
+def test_part_masks_are_exact():
+  seed, size = 0, 128
+  source = SyntheticSource(SyntheticConfig(image_size=size, num_identities=6, frames_per_identity=4, seed=seed))
+  for v in range(6):
+    background = synthetic._background(seed, v, size)  # the identity's empty scene
+    for f in range(4):
+      d = source.frame(v, f)
+      mask, image = d["part_mask"], d["image"]
+      bg = mask == LABEL["background"]
+      np.testing.assert_array_equal(image[bg], background[bg])  # background label: the scene, untouched
+      changed = np.any(image != background, axis=-1)
+      assert changed[~bg].mean() > 0.97  # figure labels: the figure's own colours (rarely the scene's by chance)
+      for part in ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg"):
+        assert (mask == LABEL[part]).any(), (v, f, part)
+      # The figure fills a good part of the frame (64x64 images must keep the identity).
+      rows = np.flatnonzero((~bg).any(1))
+      assert rows[-1] - rows[0] > 0.5 * size
+
+
+def test_keypoints_inside_image_and_on_their_parts():
+  size = 128
+  source = SyntheticSource(SyntheticConfig(image_size=size, num_identities=8, frames_per_identity=5))
+  own_hits, total = 0, 0
+  hand_hits, hand_total = 0, 0
+  for v in range(8):
+    for f in range(5):
+      d = source.frame(v, f)
+      pose, mask = d["pose"], d["part_mask"]
+      for kp in (pose.body, pose.hands.reshape(-1, 3), pose.face):
+        seen = kp[kp[:, 2] > 0]
+        assert (seen[:, :2] >= 0).all() and (seen[:, :2] <= size - 1).all()
+      assert (pose.body[:, 2] == 1).all() and (pose.hands[..., 2] == 1).all()
+      # The head is drawn last: face landmarks and head keypoints are always visible on it.
+      face = pose.face[pose.face[:, 2] > 0]
+      assert (_pixel_labels(mask, face[:, :2]) == LABEL["head"]).all(), (v, f)
+      labels = _pixel_labels(mask, pose.body[:, :2])
+      assert (labels != 0).all(), (v, f)
+      for j, parts in OWN_PARTS.items():
+        own_hits += labels[j] in [LABEL[p] for p in parts]
+        total += 1
+      for h, side in enumerate(("left", "right")):
+        hand_labels = _pixel_labels(mask, pose.hands[h, :, :2])
+        assert (hand_labels != 0).all(), (v, f, side)
+        hand_hits += int((hand_labels == LABEL[f"{side}_hand"]).sum())
+        hand_total += 21
+  for j in (0, 14, 15, 16, 17):
+    assert OWN_PARTS[j] == ("head",)
+  assert own_hits / total >= 0.9, own_hits / total  # the rest: joints hidden behind another part
+  assert hand_hits / hand_total >= 0.85, hand_hits / hand_total
+
+
+def _with_expression(monkeypatch, expression):
+  original = synthetic._sample_params
+
+  def patched(seed, index, frame):
+    params = original(seed, index, frame)
+    params["expression"] = np.array(expression, np.float32)
+    return params
+
+  monkeypatch.setattr(synthetic, "_sample_params", patched)
+
+
+def test_expressions_change_the_face(monkeypatch):
+  source = SyntheticSource(SyntheticConfig(image_size=256, num_identities=3, frames_per_identity=2))
+  frames = {}
+  for name, expression in {"neutral": (0, 0, 0), "mouth": (1, 0, 0), "eyes": (0, 1, 0), "tilt": (0, 0, 1)}.items():
+    _with_expression(monkeypatch, expression)
+    frames[name] = source.frame(1, 1)
+    monkeypatch.undo()
+  neutral = frames["neutral"]
+  head = neutral["part_mask"] == LABEL["head"]
+  for name in ("mouth", "eyes"):
+    d = frames[name]
+    diff = np.any(d["image"] != neutral["image"], axis=-1)
+    assert diff[head].sum() >= 20, name  # the face changed, visibly at 256x256
+    assert not diff[~head].any(), name  # and nothing but the face
+    np.testing.assert_array_equal(d["expression"], {"mouth": [1, 0, 0], "eyes": [0, 1, 0]}[name])
+  mouth_drop = frames["mouth"]["pose"].face[57, 1] - neutral["pose"].face[57, 1]
+  assert mouth_drop > 0.2 * (neutral["pose"].face[8, 1] - neutral["pose"].face[27, 1])  # lower lip moves down
+  assert (frames["eyes"]["pose"].face[68:, 2] == 0).all() and (neutral["pose"].face[68:, 2] == 1).all()
+  # Tilt rotates the face: the eye line is no longer level.
+  eyes = frames["tilt"]["pose"].face[[36, 45]]
+  assert abs(np.degrees(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))) > 8
+
+
+def test_face_layout_is_mirror_symmetric():
+  # The neutral template mirrored with the iBUG left/right permutation is itself: the landmark order is right.
+  base = synthetic._FACE_BASE
+  mirrored = base[FACE_FLIP] * [-1, 1]
+  np.testing.assert_allclose(mirrored, base, atol=1e-9)
+  assert [PART_NAMES[i] for i in PART_FLIP[[3, 5, 7]]] == ["right_arm", "right_hand", "right_leg"]
+

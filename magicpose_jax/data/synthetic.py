@@ -508,6 +508,32 @@ class SyntheticSource:
     if not 0 <= video < self.config.num_identities:
       raise IndexError(f"SyntheticSource: video {video} out of range [0, {self.config.num_identities})")
 
+  def palette(self, video: int) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """The colours person `video` is drawn with, for metrics that read parts back from images by colour.
+
+    Returns:
+      part name (every one of `PART_NAMES`) -> {colour name -> RGB}. Colour names: "skin", "hair", "eye_white",
+      "eye_dark", "brow", "lips", "mouth" (head; the neck is "skin" of the head), "shirt", "pattern" (the shirt's
+      pattern; absent for plain shirts), "pants", "shoes"; sleeveless arms and bare shins show "skin". The
+      background has "background" and "background_2": its texture mixes these two (a gradient takes every mix in
+      between, rounded down). Every figure pixel of `frame(video, f)["image"]` has exactly one colour of its part.
+    """
+    self._check_video(video)
+    ident = _identity(self.config.seed, video)
+    rgb = lambda m: tuple(int(c) for c in ident.colors[_M[m], 0])
+    skin = rgb("skin_head")
+    out: dict[str, dict[str, tuple[int, int, int]]] = {name: {} for name in PART_NAMES}
+    for material, part, key in _MATERIALS:
+      color = rgb(material)
+      name = key
+      if key in ("upper_arm", "forearm", "shin"):  # sleeves and shorts: named by what shows
+        name = "skin" if color == skin else ("pants" if key == "shin" else "shirt")
+      out[part][name] = color
+    if ident.pattern != "plain":
+      out["torso"]["pattern"] = tuple(int(c) for c in ident.pattern_color)
+    out["background"]["background_2"] = tuple(int(c) for c in ident.background_colors[1])
+    return out
+
   def frame(self, video: int, frame: int) -> dict:
     self._check_video(video)
     if not 0 <= frame < self.config.frames_per_identity:

@@ -1,0 +1,81 @@
+"""`python -m magicpose_jax.train --config configs/stage1.py [--config.KEY=VALUE ...] [--workdir DIR]`.
+
+Run the same command on every host of a multi-host job (with `--multihost`, or the coordinator
+flags on GPU clusters without SLURM); re-running it on the same workdir resumes. `--config stage1.py`
+also finds `configs/stage1.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py training config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, tb/, metrics.jsonl); default "
+                               "outputs/<config name>.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU "
+                               "pods, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (GPU clusters without "
+                                   "SLURM); implies --multihost.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address: processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
+
+
+def resolve_config_arg(argv: list[str], configs_dir: str = CONFIGS_DIR) -> list[str]:
+  """`--config stage1.py` / `--config=stage1` -> `configs/stage1.py` when the path itself does not exist."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg == "--config" and i + 1 < len(out):
+      out[i + 1] = _resolve(out[i + 1], configs_dir)
+    elif arg.startswith("--config="):
+      out[i] = "--config=" + _resolve(arg.split("=", 1)[1], configs_dir)
+  return out
+
+
+def _resolve(value: str, configs_dir: str) -> str:
+  path, sep, arg = value.partition(":")  # config_flags' "file.py:argument" form
+  if os.path.exists(path):
+    return value
+  for candidate in (os.path.join(configs_dir, path), os.path.join(configs_dir, path + ".py")):
+    if os.path.exists(candidate):
+      return candidate + sep + arg
+  return value  # config_flags reports the missing file
+
+
+def init_distributed() -> None:
+  import jax  # noqa: PLC0415 (after flag parsing, before any device use)
+
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required (e.g. --config configs/demo.py)")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  logging.getLogger("magicpose_jax").setLevel(logging.INFO)
+  init_distributed()
+  from magicpose_jax.train.loop import train  # noqa: PLC0415 (imports jax after distributed init)
+
+  workdir = _WORKDIR.value or os.path.join("outputs", os.path.splitext(os.path.basename(
+      flags.FLAGS["config"].config_filename))[0])
+  train(config, workdir)
+
+
+if __name__ == "__main__":
+  sys.argv = resolve_config_arg(sys.argv)
+  app.run(main)

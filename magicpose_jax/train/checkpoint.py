@@ -1,0 +1,124 @@
+"""Orbax checkpoints of a training run: `WORKDIR/checkpoints/<step>/{state, data, meta}`.
+
+* `state`: the `TrainState` (trainable params, optimizer state, EMA, step, RNG, non-finite count),
+  sharded arrays written by every host (async: training goes on while it is written).
+* `data`: each process's grain iterator state (`process_<i>-of-<n>.json`).
+* `meta`: the run's config, the frozen base's source and content hash, and the trainable tree's
+  shapes, so a resume or an `init_from` can refuse a different base or model shape with a clear
+  message before touching the arrays.
+
+The frozen base is not re-saved (it can be GBs); it is reloaded from its source and must hash the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from magicpose_jax.train.optimizer import path_str
+from magicpose_jax.train.stages import latest_checkpoint_dir
+
+Params = dict[str, Any]
+
+
+def tree_hash(tree: Any) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes (order-independent of dict insertion)."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda pl: path_str(pl[0])):
+    a = np.asarray(leaf)
+    h.update(f"{path_str(path)}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def shapes(tree: Any) -> dict[str, list[int]]:
+  return {path_str(p): list(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+class Checkpointer:
+  """Keep-last-K async orbax checkpoints of one run."""
+
+  def __init__(self, workdir: str, keep: int, base_source: str, base_hash: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.base_source, self.base_hash, self.config = base_source, base_hash, config
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: Any, data_iter: Any, force: bool = False) -> bool:
+    step = int(jax.device_get(state.step))
+    meta = {"config": json.loads(self.config.to_json_best_effort()), "base_source": self.base_source,
+            "base_hash": self.base_hash, "step": step, "trainable_shapes": shapes(state.params)}
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
+    """The state at `step` (placed per `abstract_state`'s shardings); restores `data_iter` in place."""
+    meta = self.read_meta(step)
+    where = os.path.join(self.directory, str(step))
+    if meta["base_hash"] != self.base_hash:
+      raise ValueError(f"{where}: this run's frozen base was {meta['base_source']!r} "
+                       f"(sha256 {meta['base_hash'][:12]}), but the base now is {self.base_source!r} "
+                       f"(sha256 {self.base_hash[:12]}); resume with the "
+                       f"same config.base / init_from, or use a new --workdir")
+    check_shapes(meta["trainable_shapes"], shapes(abstract_state.params), where)
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], where: str) -> None:
+  """A clear error when a checkpoint's trainable tree is not this model's."""
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  mismatched = sorted(k for k in set(saved) & set(expected) if list(saved[k]) != list(expected[k]))
+  if missing or unexpected or mismatched:
+    lines = [f"{where}: the checkpoint is of another model shape than this config builds"]
+    for name, keys in (("missing", missing), ("unexpected", unexpected)):
+      if keys:
+        lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    for k in mismatched[:8]:
+      lines.append(f"  {k}: checkpoint {tuple(saved[k])} vs model {tuple(expected[k])}")
+    raise ValueError("\n".join(lines))
+
+
+def read_run(path: str) -> tuple[ml_collections.ConfigDict, Params]:
+  """A finished or running training run's config and trainable params (host numpy), for `init_from`."""
+  step_dir = latest_checkpoint_dir(path)
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{step_dir}: no meta/metadata (not a magicpose_jax training checkpoint?)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  params = jax.tree.map(np.asarray, restored["params"])
+  check_shapes(meta["trainable_shapes"], shapes(params), step_dir)
+  return ml_collections.ConfigDict(meta["config"]), params

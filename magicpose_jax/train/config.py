@@ -1,0 +1,91 @@
+"""The training config: every field, its default and what it means.
+
+`configs/*.py` start from `default_config()` and change values; the command line overrides any
+field (`--config.optimizer.lr=3e-5`). The dict is locked, so a misspelt key is an error, not a
+silently ignored setting. A stage is data here (`stage` + `optimizer.param_groups`), not code.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from magicpose_jax.data.pipeline import default_data_config
+
+STAGES = ("base", "stage1", "stage2")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All training fields with their defaults (paper stage 1 at SD 1.5 size, except the mesh)."""
+  c = ml_collections.ConfigDict()
+  # What trains. "base": the main UNet alone, plain SD training (the demo pre-trains its tiny SD this way).
+  # "stage1": the Appearance Controller, main UNet frozen, no pose net. "stage2": appearance + pose nets.
+  c.stage = "stage1"
+  c.total_steps = 10_000  # optimizer updates (one update = one global batch, whatever grad_accum_steps is)
+  c.global_batch_size = 192  # examples per update over all hosts and devices
+  c.grad_accum_steps = 1  # micro-batches per update (global_batch_size must divide by it)
+  c.seed = 0  # params init, noise/t draws, data order
+  c.checkpoint_every = 500  # steps between orbax saves (also saved at the end and on SIGTERM)
+  c.keep_checkpoints = 3  # keep-last-K
+  c.log_every = 50  # steps between metrics.jsonl / TensorBoard scalars
+  c.sample_every = 0  # steps between TensorBoard sample grids (0: never)
+  c.sample_steps = 20  # DDIM steps for those grids
+  c.max_nonfinite_steps = 10  # consecutive NaN/inf losses (updates skipped) before training stops
+  # A previous run's workdir (or its checkpoints/ folder) whose trained params seed this one: stage 1 from a
+  # "base" run takes its UNet as the frozen base; stage 2 from a stage-1 run takes its appearance net (and its
+  # base, unless `base.path` is set). Empty: stage 2 starts its appearance net from the base UNet.
+  c.init_from = ""
+  c.dtype = "bfloat16"  # compute dtype; params stay float32 masters, conv_out and the loss run in float32
+  c.frozen_dtype = "float32"  # storage dtype of the frozen base (bfloat16 halves its memory)
+  # Per UNet block rematerialisation: "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable".
+  c.remat_policy = "none"
+  c.attention_backend = "auto"  # models.attention backends: auto, xla, xla_chunked, dot_product, cudnn
+
+  # The frozen base (main UNet, VAE, CLIP text encoder).
+  c.base = ml_collections.ConfigDict()
+  # Pretrained SD: a diffusers pipeline folder, an LDM single file (.safetensors/.ckpt), our flax pipeline
+  # folder, or a workdir of a "base" run. Empty: random init from `seed` at the `model` sizes (tests, demo).
+  c.base.path = ""
+
+  # Architectures, used when `base.path` is empty (otherwise they come from the checkpoint).
+  c.model = ml_collections.ConfigDict()
+  c.model.unet = "sd15"  # models.unet.VARIANTS name
+  c.model.vae = "sd15"  # models.vae.VAE_VARIANTS name
+  c.model.text_encoder = "sd15"  # models.clip.CLIP_VARIANTS name
+  c.model.sample_size = 64  # latent side the UNet is configured for (SD 1.5: 64 = 512 px)
+  # The pose net's hint encoder widths; it downsamples by 2**(len-1), which must equal the VAE's factor.
+  c.model.hint_channels = (16, 32, 96, 256)
+  c.model.pose_init = "appearance"  # "appearance" (paper), "sd" (copy of the base UNet)
+  c.model.use_appearance = True  # False: the paper's "no appearance controller" ablation (stage 2)
+  c.model.use_pose = True  # False: the "no pose controller" ablation (stage 2)
+  c.model.prediction_type = "epsilon"  # training target: "epsilon" or "v_prediction"
+
+  # Condition dropout for classifier-free guidance (release: 0 for both).
+  c.drop = ml_collections.ConfigDict()
+  c.drop.reference = 0.0  # probability a row trains without reference states
+  c.drop.pose = 0.0  # probability a row trains without pose residuals
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4  # peak learning rate (paper; the release uses 1e-5)
+  c.optimizer.schedule = "constant"  # after warm-up: "constant" or "cosine" (to 0 at total_steps)
+  c.optimizer.warmup_steps = 0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay (release: 0)
+  c.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+  # (path regex, lr multiplier) over the trainable tree's "/"-joined paths, first match wins; multiplier 0 freezes
+  # the group (optax.set_to_zero, no optimizer state). Example: (("pose/controlnet_cond_embedding/.*", 0.0),)
+  c.optimizer.param_groups = ()
+  c.ema_decay = 0.0  # EMA of the trainable params (0: none)
+
+  # Device mesh: axis -> size, -1 fills with the remaining devices. Params are FSDP-sharded over "fsdp",
+  # the batch over data x fsdp.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.min_size = 2**16  # params with fewer elements stay replicated
+
+  c.data = default_data_config()
+  return c

@@ -1,0 +1,260 @@
+"""The training run: set up the stage on a mesh, resume if the workdir has a checkpoint, step, log, save.
+
+    train(config, workdir)   # what `python -m magicpose_jax.train` calls on every host
+
+A crash loses at most the steps since the last checkpoint; SIGTERM finishes the current step,
+saves and returns normally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from magicpose_jax.convert.diffusers import abstract_unet_params
+from magicpose_jax.convert.vae import abstract_vae_params
+from magicpose_jax.data.pipeline import train_dataset
+from magicpose_jax.diffusion.schedules import make_schedule
+from magicpose_jax.models.controlnet import abstract_controlnet_params
+from magicpose_jax.train import checkpoint as ckpt
+from magicpose_jax.train import sharding, stages
+from magicpose_jax.train.metrics_log import MetricsLog
+from magicpose_jax.train.optimizer import make_optimizer
+from magicpose_jax.train.preemption import PreemptionFlag
+from magicpose_jax.train.step import TrainState, init_state, train_step
+
+log = logging.getLogger(__name__)
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Run:
+  """A set-up run: what `train` steps, exposed so tests and benchmarks can drive the same pieces."""
+
+  config: ml_collections.ConfigDict
+  nets: stages.Networks
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  frozen: Params
+  step_fn: Any  # jitted (state, frozen, batch) -> (state, metrics)
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  base_source: str
+  base_hash: str
+  lr_fn: Any
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+  """Host numpy -> global arrays with `shardings` (every host holds the full host copy: params are small
+  enough per host; each device keeps only its shard)."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                      tree, shardings)
+
+
+def _jit_step(config: ml_collections.ConfigDict, nets: stages.Networks, trainable: Params, frozen: Params,
+              mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Optimizer, shardings and the jitted step for trainable/frozen trees (arrays or ShapeDtypeStructs)."""
+  tx, lr_fn = make_optimizer(config.optimizer, config.total_steps, trainable)
+  init = functools.partial(init_state, tx=tx, seed=config.seed, ema=config.ema_decay > 0)
+  abstract = jax.eval_shape(init, trainable)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding.min_size)
+  frozen_sh = sharding.tree_shardings(frozen, mesh, config.sharding.min_size)
+  step = functools.partial(train_step, nets=nets, schedule=make_schedule(nets.schedule), tx=tx, lr_fn=lr_fn,
+                           grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+                           drop_reference=config.drop.reference, drop_pose=config.drop.pose)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  return {"init": init, "abstract": abstract, "state_sh": state_sh, "frozen_sh": frozen_sh, "batch_sh": batch_sh,
+          "step_fn": step_fn, "lr_fn": lr_fn}
+
+
+def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Run:
+  """Builds the networks, base, initial state and the jitted step for `config` (no data, no checkpoint)."""
+  stages.check_stage(config)
+  init = None
+  if config.init_from:
+    run_config, init = ckpt.read_run(config.init_from)
+    log.info("init_from %s (a %s run): trainable subtrees %s", config.init_from, run_config.stage, sorted(init))
+  sd, base, base_source = stages.load_base(config, ckpt.read_run)
+  nets = stages.networks(config, sd)
+  trainable, frozen = stages.initial_params(config, nets, sd, base, init)
+  del base
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.global_batch_size, config.grad_accum_steps, mesh, jax.process_count())
+  base_hash = ckpt.tree_hash(frozen)
+  parts = _jit_step(config, nets, trainable, frozen, mesh)
+  params_sh = sharding.tree_shardings(trainable, mesh, config.sharding.min_size)
+  frozen = _place(frozen, parts["frozen_sh"])
+  state = jax.jit(parts["init"], out_shardings=parts["state_sh"], donate_argnums=0)(_place(trainable, params_sh))
+  return Run(config, nets, mesh, state, frozen, parts["step_fn"], parts["state_sh"], parts["batch_sh"], base_source,
+             base_hash, parts["lr_fn"])
+
+
+def abstract_setup(config: ml_collections.ConfigDict,
+                   devices: list[jax.Device] | None = None) -> tuple[Any, tuple[Any, Any, dict[str, Any]]]:
+  """The jitted step and abstract (shape, dtype, sharding) arguments, with no array materialised.
+
+  For compiling full-size steps on simulated devices (`benchmarks/memory_plan.py`): `step_fn.lower(*args)
+  .compile().memory_analysis()`. Uses the `config.model` architectures (random-init sizes).
+  """
+  stage = stages.check_stage(config)
+  sd = stages.variant_configs(config)
+  nets = stages.networks(config, sd)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.global_batch_size, config.grad_accum_steps, mesh, 1)
+  frozen_dtype = jnp.dtype(config.frozen_dtype)
+  unet = abstract_unet_params(sd.unet)
+  cast = lambda tree, dt: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
+  text = jax.ShapeDtypeStruct((1, sd.text_encoder.max_position_embeddings, sd.text_encoder.hidden_size),
+                              jnp.float32)
+  frozen = {"vae": cast(abstract_vae_params(sd.vae), frozen_dtype), "text": text}
+  if stage == "base":
+    trainable = {"unet": cast(unet, jnp.float32)}
+  else:
+    frozen["unet"] = cast(unet, frozen_dtype)
+    trainable = {}
+    if nets.model.config.use_appearance:
+      trainable["appearance"] = cast(unet, jnp.float32)
+    if nets.model.config.pose is not None:
+      trainable["pose"] = cast(abstract_controlnet_params(nets.model.config.pose), jnp.float32)
+  parts = _jit_step(config, nets, trainable, frozen, mesh)
+  with_sh = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  px = sd.unet.sample_size * sd.vae.downsample_factor
+  image = jax.ShapeDtypeStruct((config.global_batch_size, px, px, 3), jnp.uint8, sharding=parts["batch_sh"])
+  batch = {k: image for k in ("reference", "target", "pose")}
+  return parts["step_fn"], (with_sh(parts["abstract"], parts["state_sh"]), with_sh(frozen, parts["frozen_sh"]), batch)
+
+
+def abstract_state(run: Run) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), run.state, run.state_shardings)
+
+
+def compile_step(run: Run, batch: dict[str, jax.Array]) -> Any:
+  """Lowers and compiles the step for this batch's shapes, once; logs the compile time."""
+  t0 = time.perf_counter()
+  compiled = run.step_fn.lower(abstract_state(run), run.frozen, batch).compile()
+  log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+  return compiled
+
+
+BATCH_KEYS = ("reference", "target", "pose", "reference_latent", "target_latent")
+
+
+def _next_batch(it: Iterator[dict], run: Run) -> dict[str, jax.Array]:
+  """The next global batch on the mesh (the model's inputs only; ids stay on the host)."""
+  local = next(it)
+  return sharding.global_batch({k: v for k, v in local.items() if k in BATCH_KEYS}, run.batch_sharding)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None) -> dict:
+  """Trains to `config.total_steps` in `workdir` (resuming from its newest checkpoint). Returns the last metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  run = setup(config, devices)
+  dataset = train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(dataset)
+  checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints, run.base_source, run.base_hash, config)
+  start = checkpointer.latest_step()
+  if start is not None:
+    run.state = checkpointer.restore(start, abstract_state(run), data_iter)
+    log.info("resumed from %s at step %d", checkpointer.directory, start)
+  start = int(start or 0)
+  logger = MetricsLog(workdir, config.total_steps, start)
+  preempt = PreemptionFlag()
+  last: dict = {}
+  try:
+    if start >= config.total_steps:
+      logger.message(f"nothing to do: {workdir} is at step {start} >= total_steps={config.total_steps}")
+      return last
+    batch = _next_batch(data_iter, run)
+    step_fn = compile_step(run, batch)
+    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start)
+  finally:
+    checkpointer.close()
+    logger.close()
+    preempt.restore()
+  return last
+
+
+def _loop(run: Run, step_fn: Any, batch: dict, data_iter: Iterator[dict], checkpointer: ckpt.Checkpointer,
+          logger: MetricsLog, preempt: PreemptionFlag, start: int) -> dict:
+  config = run.config
+  window: list[dict] = []  # fetched per-step metrics since the last log line
+  streak = [0]  # consecutive non-finite steps
+  t_window = [time.perf_counter()]
+  last: dict = {}
+
+  def record(m: dict, force: bool) -> None:
+    nonlocal last
+    window.append(m)
+    if m["step"] % config.log_every == 0 or force:
+      last = _log(run, logger, window, time.perf_counter() - t_window[0])
+      window.clear()
+      t_window[0] = time.perf_counter()
+
+  pending = None  # the previous step's metrics: fetched one step late so the device queue stays full
+  step = start
+  while step < config.total_steps:
+    run.state, metrics = step_fn(run.state, run.frozen, batch)
+    step += 1
+    stop = preempt.should_stop()
+    final = stop or step == config.total_steps
+    save = final or step % config.checkpoint_every == 0
+    if not save:
+      batch = _next_batch(data_iter, run)  # overlaps with the step running on the devices
+    if pending is not None:
+      record(_fetch(pending, streak, config.max_nonfinite_steps), False)
+    pending = (step, metrics)
+    if save:
+      record(_fetch(pending, streak, config.max_nonfinite_steps), final)
+      pending = None
+      # The data iterator is saved before the next batch is drawn: a resume starts with batch step + 1.
+      checkpointer.save(run.state, data_iter, force=final)
+      if not final:
+        batch = _next_batch(data_iter, run)
+    logger.step(1)
+    if stop:
+      checkpointer.wait()
+      logger.message(f"preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume")
+      break
+  return last
+
+
+def _fetch(pending: tuple[int, dict], streak: list[int], limit: int) -> dict:
+  """The step's metrics on the host; raises after `limit` consecutive non-finite steps."""
+  step, metrics = pending
+  m = {"step": step, **{k: np.asarray(jax.device_get(v)).item() for k, v in metrics.items()}}
+  streak[0] = 0 if m["finite"] else streak[0] + 1
+  if 0 < limit <= streak[0]:
+    raise FloatingPointError(
+        f"{limit} consecutive steps had a non-finite loss or gradient (their updates were skipped) up to step "
+        f"{step}; lower config.optimizer.lr, check the data, or resume from the last checkpoint")
+  return m
+
+
+def _log(run: Run, logger: MetricsLog, window: list[dict], seconds: float) -> dict:
+  """One metrics line for the steps in `window`: mean loss/grad norm over its finite steps, throughput."""
+  dt = max(seconds, 1e-9)
+  finite = [m for m in window if m["finite"]]
+  values = {"loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
+            "lr": window[-1]["lr"], "skipped": float(len(window) - len(finite)),
+            "steps_per_s": len(window) / dt, "images_per_s": len(window) * run.config.global_batch_size / dt}
+  logger.scalars(window[-1]["step"], values)
+  return {"step": window[-1]["step"], **values}
+
+
+def as_host(tree: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+

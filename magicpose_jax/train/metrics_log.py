@@ -1,0 +1,78 @@
+"""Where training numbers go: a progress bar, `metrics.jsonl` and TensorBoard (`tb/`), all in the workdir.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step (`step`, `loss`, `lr`,
+`grad_norm`, `steps_per_s`, `images_per_s`, `skipped`); on resume the lines after the restored step
+are dropped, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops the records of steps after `last_step` (written before a crash, lost with it)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+class MetricsLog:
+  """Progress bar + jsonl + TensorBoard for one run."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    self.bar = None
+    if not self.enabled:
+      return
+    truncate_jsonl(self.jsonl, start_step)
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, process 0 only)
+
+    self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+  def step(self, n: int = 1, loss: float | None = None) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+      if loss is not None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in values.items():
+      self.writer.add_scalar(f"train/{k}", float(v), step)
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record.get('images_per_s', 0):.1f}",
+                           refresh=False)
+
+  def images(self, step: int, name: str, grid: np.ndarray) -> None:
+    """`grid [H, W, 3]` uint8."""
+    if self.enabled:
+      self.writer.add_image(name, grid, step, dataformats="HWC")
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      (self.bar.write if self.bar is not None else print)(text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()

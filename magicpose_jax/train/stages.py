@@ -1,0 +1,228 @@
+"""What a training stage is made of: the networks, the frozen base, and the initial trainable tree.
+
+    stage    trainable                      frozen
+    base     {"unet"}                       {"vae", "text"}          plain SD training (demo pre-training)
+    stage1   {"appearance"}                 {"unet", "vae", "text"}  Appearance Controller
+    stage2   {"appearance", "pose"}         {"unet", "vae", "text"}  + Pose Controller
+
+`frozen["text"]` is the empty prompt's CLIP embedding `[1, L, D]`: MagicPose always trains with the
+empty prompt (MAGICPOSE.md, "Training"), so the text encoder runs once at setup, not per step.
+The frozen tree is an input of the step that is never differentiated; only `trainable` has
+gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from magicpose_jax.convert.clip import abstract_text_encoder_params
+from magicpose_jax.convert.diffusers import abstract_unet_params
+from magicpose_jax.convert.stable_diffusion import SDConfigs, load_stable_diffusion
+from magicpose_jax.convert.vae import abstract_vae_params
+from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
+from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, encode_text
+from magicpose_jax.models.controlnet import ControlNetConfig
+from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
+from magicpose_jax.models.random_init import random_params
+from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.tokenizer import CLIPTokenizer
+from magicpose_jax.train.config import STAGES
+
+Params = dict[str, Any]
+TRAINABLE = {"base": ("unet",), "stage1": ("appearance",), "stage2": ("appearance", "pose")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The static half of a run: architectures and modules (hashable, so jit can close over it)."""
+
+  stage: str
+  model: MagicPose
+  vae: AutoencoderKL
+  schedule: ScheduleConfig
+
+  @property
+  def unet(self) -> UNet2DConditionModel:
+    return self.model.unet
+
+  @property
+  def latent_factor(self) -> int:
+    return self.vae.config.downsample_factor
+
+
+def check_stage(config: ml_collections.ConfigDict) -> str:
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r}; expected one of {STAGES}")
+  return config.stage
+
+
+def _dtype(name: str, field: str) -> Any:
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"config.{field}={name!r} is not a dtype (e.g. 'float32', 'bfloat16')") from e
+
+
+def variant_configs(config: ml_collections.ConfigDict) -> SDConfigs:
+  """The architectures named by `config.model` (for a random-init base)."""
+  m = config.model
+  for field, table in (("unet", VARIANTS), ("vae", VAE_VARIANTS), ("text_encoder", CLIP_VARIANTS)):
+    if m[field] not in table:
+      raise ValueError(f"config.model.{field}={m[field]!r}; expected one of {sorted(table)}")
+  unet = VARIANTS[m.unet]
+  unet = dataclasses.replace(unet, sample_size=m.sample_size)
+  return SDConfigs(unet, VAE_VARIANTS[m.vae], CLIP_VARIANTS[m.text_encoder], SD15_SCHEDULE)
+
+
+def networks(config: ml_collections.ConfigDict, sd: SDConfigs) -> Networks:
+  """Modules for `config.stage` over the base architectures `sd`."""
+  stage = check_stage(config)
+  m = config.model
+  unet = dataclasses.replace(sd.unet, remat_policy=config.remat_policy, attention_backend=config.attention_backend)
+  if stage == "base":
+    mp = MagicPoseConfig(unet, None, use_appearance=False)
+  else:
+    with_pose = stage == "stage2" and m.use_pose
+    use_appearance = stage == "stage1" or m.use_appearance
+    pose = ControlNetConfig.from_unet(unet, conditioning_embedding_out_channels=tuple(m.hint_channels)) \
+        if with_pose else None
+    if pose is not None and pose.downsample_factor != sd.vae.downsample_factor:
+      raise ValueError(f"config.model.hint_channels={tuple(m.hint_channels)} downsample by "
+                       f"{pose.downsample_factor}, but the VAE downsamples by {sd.vae.downsample_factor}: the pose "
+                       f"image must map onto the latent")
+    mp = MagicPoseConfig(unet, pose, use_appearance)
+  dtype = _dtype(config.dtype, "dtype")
+  if m.prediction_type not in ("epsilon", "v_prediction"):
+    raise ValueError(f"config.model.prediction_type={m.prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+  return Networks(stage, MagicPose(mp, dtype=dtype), AutoencoderKL(sd.vae, dtype=dtype),
+                  sd.scheduler.replace(prediction_type=m.prediction_type))
+
+
+def empty_prompt_ids(text_config: Any, tokenizer_dir: str | None) -> np.ndarray:
+  """`[1, L]` ids of the empty prompt: from the checkpoint's tokenizer, else BOS, EOS and padding.
+
+  Without tokenizer files the padding is EOS for OpenAI CLIP (SD 1.x) and 0 for OpenCLIP (SD 2.x, whose
+  tokenizer pads with "!", id 0), which is what their tokenizers produce for "".
+  """
+  length = text_config.max_position_embeddings
+  if tokenizer_dir:
+    return np.asarray(CLIPTokenizer.from_folder(tokenizer_dir)([""], max_length=length), np.int32).reshape(1, -1)
+  bos, eos = text_config.bos_token_id, text_config.eos_token_id
+  pad = 0 if text_config.hidden_act == "gelu" else eos
+  ids = np.full((1, length), pad, np.int32)
+  ids[0, :2] = (bos, eos)
+  return ids
+
+
+def text_context(sd: SDConfigs, text_params: Params) -> np.ndarray:
+  """The empty prompt's CLIP states `[1, L, D]` float32 (SD 2.x reads the penultimate layer)."""
+  layer = "last" if sd.text_encoder.hidden_act == "quick_gelu" or sd.text_encoder.num_hidden_layers == 23 \
+      else "penultimate"
+  ids = empty_prompt_ids(sd.text_encoder, sd.tokenizer)
+  return np.asarray(encode_text(CLIPTextModel(sd.text_encoder), text_params, jnp.asarray(ids), layer), np.float32)
+
+
+def random_base(sd: SDConfigs, seed: int) -> Params:
+  """A random-init SD `{"unet", "vae", "text_encoder"}` (tests and the demo, which trains its own base)."""
+  abstract = {"unet": abstract_unet_params(sd.unet), "vae": abstract_vae_params(sd.vae),
+              "text_encoder": abstract_text_encoder_params(sd.text_encoder)}
+  return random_params(abstract, seed)
+
+
+def latest_checkpoint_dir(path: str) -> str:
+  """A workdir, its `checkpoints/` folder or one step folder -> the newest step folder."""
+  for root in (os.path.join(path, "checkpoints"), path):
+    steps = [d for d in glob.glob(os.path.join(root, "*")) if os.path.basename(d).isdigit()]
+    if steps:
+      return max(steps, key=lambda d: int(os.path.basename(d)))
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  raise FileNotFoundError(f"{path}: no training checkpoint (expected a workdir with checkpoints/<step>/)")
+
+
+def is_training_run(path: str) -> bool:
+  try:
+    latest_checkpoint_dir(path)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+def _cast(tree: Params, dtype: Any) -> Params:
+  return jax.tree.map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                      else np.asarray(x), tree)
+
+
+def load_base(config: ml_collections.ConfigDict, read_run: Any = None) -> tuple[SDConfigs, Params, str]:
+  """The frozen base as host numpy `{"unet", "vae", "text_encoder"}`, its architectures, and a source label.
+
+  `config.base.path` (or, when empty, an `init_from` that is a "base" run or a run with a base) names it;
+  with neither it is a random init from `config.seed` at the `config.model` sizes. `read_run(path)` reads a
+  training run (`train.checkpoint.read_run`: `(run_config, trainable params)`), passed in to keep this module
+  free of checkpoint code.
+  """
+  path = config.base.path or ""
+  if not path and config.init_from and read_run is not None:
+    run_config, run_params = read_run(config.init_from)
+    if run_config.stage == "base":
+      return _base_from_run(run_config, run_params, config.init_from, read_run)
+    return load_base(run_config, read_run)  # the init run's own base
+  if not path:
+    sd = variant_configs(config)
+    label = f"random:unet={config.model.unet},vae={config.model.vae},text={config.model.text_encoder}," \
+            f"sample_size={config.model.sample_size},seed={config.seed}"
+    return sd, jax.tree.map(np.asarray, random_base(sd, config.seed)), label
+  if read_run is not None and os.path.isdir(path) and is_training_run(path):
+    run_config, run_params = read_run(path)
+    if run_config.stage != "base":
+      raise ValueError(f"config.base.path={path}: a {run_config.stage!r} run; a base must be a 'base' run or an SD "
+                       f"checkpoint")
+    return _base_from_run(run_config, run_params, path, read_run)
+  sd, params = load_stable_diffusion(path, param_dtype=None)
+  params.pop("extras", None)
+  return sd, params, os.path.abspath(path)
+
+
+def _base_from_run(run_config: ml_collections.ConfigDict, run_params: Params, path: str,
+                   read_run: Any) -> tuple[SDConfigs, Params, str]:
+  sd, params, label = load_base(run_config, read_run)
+  return sd, {**params, "unet": run_params["unet"]}, f"run:{os.path.abspath(path)} (trained UNet over {label})"
+
+
+def initial_params(config: ml_collections.ConfigDict, nets: Networks, sd: SDConfigs, base: Params,
+                   init: Params | None = None) -> tuple[Params, Params]:
+  """`(trainable, frozen)` host trees for the stage. `init`: trainable subtrees of an `init_from` run.
+
+  Stage 2's appearance net comes from `init["appearance"]` (a stage-1 run) or else from the base UNet;
+  its pose net follows `config.model.pose_init` over that appearance net.
+  """
+  stage = nets.stage
+  init = init or {}
+  frozen: Params = {"vae": _cast(base["vae"], _dtype(config.frozen_dtype, "frozen_dtype")),
+                    "text": text_context(sd, base["text_encoder"])}
+  if stage == "base":
+    trainable = {"unet": init.get("unet", base["unet"])}
+    return jax.tree.map(np.asarray, trainable), frozen
+  frozen["unet"] = _cast(base["unet"], _dtype(config.frozen_dtype, "frozen_dtype"))
+  mp = nets.model.config
+  key = jax.random.key(config.seed + 1)
+  pose_init = config.model.pose_init
+  if pose_init not in ("appearance", "sd"):
+    raise ValueError(f"config.model.pose_init={pose_init!r}; training supports 'appearance' and 'sd' (a ControlNet "
+                     f"checkpoint becomes the pose net via init_from a converted run)")
+  if not mp.use_appearance and pose_init == "appearance":
+    pose_init = "sd"
+  params = init_params(mp, base["unet"], key, appearance_params=init.get("appearance"), pose_init=pose_init)
+  if "pose" in init and mp.pose is not None:
+    params["pose"] = init["pose"]  # continuing a stage-2 run
+  trainable = {k: params[k] for k in TRAINABLE[stage] if k in params}
+  return jax.tree.map(np.asarray, trainable), frozen

@@ -1,0 +1,143 @@
+"""The training step: VAE latents, noise at a random t, the stage's denoiser, MSE, AdamW.
+
+    state, metrics = train_step(state, frozen, batch)   # jit with the static Networks closed over
+
+`frozen` (main UNet, VAE, the empty prompt's text states) is an input that is never differentiated.
+Gradients exist only for `state.params` (the trainable tree). A non-finite loss or gradient skips
+the update (params, optimizer state and EMA unchanged) and counts it in `state.nonfinite`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from magicpose_jax.diffusion.schedules import Schedule, add_noise, training_target
+from magicpose_jax.models.vae import DiagonalGaussian, scale_latents
+from magicpose_jax.train.stages import Networks
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the frozen base and the data iterator.
+
+  Attributes:
+    step: optimizer updates done (int32 scalar).
+    params: the trainable tree (float32 masters).
+    opt_state: optax state for `params` only.
+    ema: EMA of `params` (an empty dict when `ema_decay` is 0).
+    rng: the step key (`jax.random.key_data` form, uint32 `[2]`, so it checkpoints as an array).
+    nonfinite: consecutive skipped (non-finite) steps.
+  """
+
+  step: jax.Array
+  params: Params
+  opt_state: Any
+  ema: Params
+  rng: jax.Array
+  nonfinite: jax.Array
+
+
+def init_state(params: Params, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema=jax.tree.map(jnp.array, params) if ema else {},
+                    rng=jax.random.key_data(jax.random.key(seed)), nonfinite=jnp.zeros((), jnp.int32))
+
+
+def _images(x: jax.Array) -> jax.Array:
+  """uint8 `[B, H, W, 3]` -> float32 in [-1, 1]."""
+  return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def latents(nets: Networks, vae_params: Params, batch: Mapping[str, jax.Array], name: str,
+            key: jax.Array) -> jax.Array:
+  """The scaled latent `[B, h, w, 4]` of `batch[name]` (pixels) or `batch[name + "_latent"]` (cached moments).
+
+  Like LDM's `get_first_stage_encoding`, a sample of the posterior, not its mean.
+  """
+  if name + "_latent" in batch:
+    dist = DiagonalGaussian.from_moments(batch[name + "_latent"].astype(jnp.float32))
+  else:
+    dist = nets.vae.apply({"params": vae_params}, _images(batch[name]), method="encode")
+  z = dist.sample(key).astype(jnp.float32)
+  return jax.lax.stop_gradient(scale_latents(z, nets.vae.config))
+
+
+def predict(nets: Networks, params: Params, z_t: jax.Array, t: jax.Array, text: jax.Array, z_ref: jax.Array | None,
+            pose: jax.Array | None, use_reference: jax.Array | None, use_pose: jax.Array | None) -> jax.Array:
+  """The stage's model output for `z_t`; `params` holds every network (frozen and trainable)."""
+  if nets.stage == "base":
+    return nets.unet.apply({"params": params["unet"]}, z_t, t, text)
+  pose_image = None if pose is None else pose.astype(jnp.float32) / 255.0
+  return nets.model.apply(params, z_t, t, text, z_ref, pose_image, use_reference=use_reference, use_pose=use_pose)
+
+
+def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], key: jax.Array, nets: Networks,
+            schedule: Schedule, drop_reference: float, drop_pose: float) -> jax.Array:
+  """Mean squared error of the prediction (ε or v per the schedule) over a batch, in float32."""
+  k_z, k_ref, k_noise, k_t, k_drop_r, k_drop_p = jax.random.split(key, 6)
+  z0 = latents(nets, frozen["vae"], batch, "target", k_z)
+  b = z0.shape[0]
+  noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+  t = jax.random.randint(k_t, (b,), 0, nets.schedule.num_train_timesteps)
+  z_t = add_noise(schedule, z0, noise, t)
+  text = jnp.broadcast_to(frozen["text"], (b, *frozen["text"].shape[1:]))
+  params = {**{k: v for k, v in frozen.items() if k in ("unet",)}, **trainable}
+  z_ref = latents(nets, frozen["vae"], batch, "reference", k_ref) if nets.model.config.use_appearance \
+      and nets.stage != "base" else None
+  use_reference = jax.random.uniform(k_drop_r, (b,)) >= drop_reference if drop_reference > 0 else None
+  use_pose = jax.random.uniform(k_drop_p, (b,)) >= drop_pose if drop_pose > 0 else None
+  pose = batch.get("pose") if nets.model.config.pose is not None else None
+  pred = predict(nets, params, z_t, t, text, z_ref, pose, use_reference, use_pose)
+  target = training_target(nets.schedule, schedule, z0, noise, t)
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+
+def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """`[B, ...]` -> `[n, B/n, ...]`, row i of micro-batch j being row j*B/n + i (contiguous chunks)."""
+  return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+def train_step(state: TrainState, frozen: Params, batch: Mapping[str, jax.Array], *, nets: Networks,
+               schedule: Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum_steps: int = 1,
+               ema_decay: float = 0.0, drop_reference: float = 0.0,
+               drop_pose: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update over the global batch (`grad_accum_steps` micro-batches scanned)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.value_and_grad(loss_fn)
+  args = (nets, schedule, drop_reference, drop_pose)
+  if grad_accum_steps == 1:
+    loss, grads = grad_fn(state.params, frozen, batch, key, *args)
+  else:
+    micro = _split_micro(batch, grad_accum_steps)
+
+    def body(carry, xs):
+      loss_sum, grad_sum = carry
+      i, mb = xs
+      loss, grads = grad_fn(state.params, frozen, mb, jax.random.fold_in(key, i), *args)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(grad_accum_steps), micro))
+    loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  ema = state.ema
+  if ema_decay > 0:
+    ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params), ema)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                            nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step), "finite": finite}
+  return new_state, metrics

@@ -1,0 +1,114 @@
+"""Training runs through the CLI: resume after SIGKILL is bit-exact, SIGTERM saves and exits 0, stage 1 -> stage 2,
+and a workdir of another model or base is refused."""
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+import train_cli
+from test_train_step import flat, tiny
+
+from magicpose_jax.train import checkpoint as ckpt
+from magicpose_jax.train import loop
+
+K = 3  # checkpoint interval; the straight run does 2K steps
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train_cli.run(workdir, cache, total_steps=2 * K, checkpoint_every=K, log_every=1)
+  return workdir
+
+
+def wait_for(predicate, timeout=300.0, proc=None):
+  t0 = time.time()
+  while not predicate():
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stderr.read()[-4000:]}")
+    if time.time() - t0 > timeout:
+      raise TimeoutError
+    time.sleep(0.02)
+
+
+def test_straight_run_writes_checkpoints_and_metrics(straight):
+  assert train_cli.steps_saved(straight) == [K, 2 * K]
+  records = train_cli.metrics(straight)
+  assert [r["step"] for r in records] == list(range(1, 2 * K + 1))
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["lr"] > 0 for r in records)
+  assert os.listdir(os.path.join(straight, "tb"))
+
+
+def test_resume_after_sigkill_is_bit_exact(straight, cache, tmp_path):
+  workdir = str(tmp_path / "killed")
+  # Same run but "endless": killed right after its first checkpoint (at step K) is complete.
+  proc = train_cli.start(workdir, cache, total_steps=1000, checkpoint_every=K, log_every=1)
+  try:
+    wait_for(lambda: K in train_cli.steps_saved(workdir), proc=proc)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  saved = train_cli.steps_saved(workdir)
+  assert proc.returncode == -signal.SIGKILL and saved and max(saved) < 1000
+  train_cli.run(workdir, cache, total_steps=2 * K, checkpoint_every=K, log_every=1)
+  ours, theirs = train_cli.metrics(workdir), train_cli.metrics(straight)
+  assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+  assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]  # bit-exact loss curve
+  _, a = ckpt.read_run(workdir)
+  _, b = ckpt.read_run(straight)
+  fa, fb = flat(a), flat(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_sigterm_saves_and_exits_zero(cache, tmp_path):
+  workdir = str(tmp_path / "preempted")
+  proc = train_cli.start(workdir, cache, total_steps=1000, checkpoint_every=1000, log_every=1)
+  try:
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(train_cli.metrics(workdir)) >= 2,
+             proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, proc.stderr.read()[-4000:]
+  saved = train_cli.steps_saved(workdir)
+  last = train_cli.metrics(workdir)[-1]["step"]
+  assert saved == [last] and 2 <= last < 1000
+  run_config, params = ckpt.read_run(workdir)  # complete and readable
+  assert run_config.total_steps == 1000 and "appearance" in params
+
+
+def test_stage2_starts_from_the_stage1_run(straight):
+  _, stage1 = ckpt.read_run(straight)
+  run = loop.setup(tiny(stage="stage2", init_from=straight))
+  params = flat(run.state.params)
+  appearance = flat({"appearance": stage1["appearance"]})
+  for k, v in appearance.items():
+    np.testing.assert_array_equal(params[k], v, err_msg=k)
+  # pose_init="appearance": the pose net's encoder is the (stage-1 trained) appearance encoder; zero convs at 0.
+  for name in ("conv_in/kernel", "time_embedding/linear_1/kernel", "down_blocks_0/resnets_0/conv1/kernel"):
+    np.testing.assert_array_equal(params[f"pose/{name}"], appearance[f"appearance/{name}"], err_msg=name)
+  zero = [k for k in params if k.startswith("pose/controlnet_down_blocks_") or k.startswith("pose/controlnet_mid")]
+  assert zero and all(not np.any(params[k]) for k in zero)
+  # The frozen base is the stage-1 run's own.
+  meta = ckpt.Checkpointer(straight, 3, "", "", tiny()).read_meta(2 * K)
+  assert run.base_hash == meta["base_hash"] and run.base_source == meta["base_source"]
+
+
+def test_resuming_another_model_or_base_is_refused(straight):
+  with pytest.raises(ValueError, match="another model shape.*\n.*missing .*pose/"):
+    loop.train(tiny(stage="stage2", total_steps=2 * K + 1), straight)
+  with pytest.raises(ValueError, match="frozen base was 'random:.*seed=0.*but the base now is 'random:.*seed=1"):
+    loop.train(tiny(seed=1, total_steps=2 * K + 1), straight)
+  assert jax.device_count() >= 1

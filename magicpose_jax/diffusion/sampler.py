@@ -71,7 +71,6 @@ def guided_eps(model: MagicPose, params: Params, z: jax.Array, t: jax.Array, tex
   textb = jnp.concatenate([text] * branches)
   ones, zeros = jnp.ones((b,), bool), jnp.zeros((b,), bool)
   use_ref = jnp.concatenate([ones, zeros] if branches == 2 else [ones, ones, zeros])
-  jnp.concatenate([ones, zeros] if branches == 2 else [ones, zeros, zeros])
   statesb = None if states is None else [jnp.concatenate([s] * branches) for s in states]
   residuals = None
   if model.config.pose is not None:

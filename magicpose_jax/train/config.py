@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 50  # steps between metrics.jsonl / TensorBoard scalars
   c.sample_every = 0  # steps between TensorBoard sample grids (0: never)
   c.sample_steps = 20  # DDIM steps for those grids
+  c.sample_guidance = 7.0  # classifier-free guidance scale for those grids
   c.max_nonfinite_steps = 10  # consecutive NaN/inf losses (updates skipped) before training stops
   # A previous run's workdir (or its checkpoints/ folder) whose trained params seed this one: stage 1 from a
   # "base" run takes its UNet as the frozen base; stage 2 from a stage-1 run takes its appearance net (and its

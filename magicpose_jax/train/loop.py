@@ -27,7 +27,7 @@ from magicpose_jax.data.pipeline import train_dataset
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.models.controlnet import abstract_controlnet_params
 from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import sharding, stages
+from magicpose_jax.train import samples, sharding, stages
 from magicpose_jax.train.metrics_log import MetricsLog
 from magicpose_jax.train.optimizer import make_optimizer
 from magicpose_jax.train.preemption import PreemptionFlag
@@ -177,9 +177,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
     if start >= config.total_steps:
       logger.message(f"nothing to do: {workdir} is at step {start} >= total_steps={config.total_steps}")
       return last
-    batch = _next_batch(data_iter, run)
+    local = next(data_iter)
+    batch = sharding.global_batch({k: v for k, v in local.items() if k in BATCH_KEYS}, run.batch_sharding)
     step_fn = compile_step(run, batch)
-    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start)
+    grids = _grid_writer(run, local, logger)
+    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids)
   finally:
     checkpointer.close()
     logger.close()
@@ -187,8 +189,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
   return last
 
 
+def _grid_writer(run: Run, local: dict, logger: MetricsLog) -> Any:
+  """`write(step)`: a TensorBoard sample grid of this process's first examples (None when `sample_every` is 0)."""
+  config = run.config
+  if config.sample_every <= 0 or "reference" not in local:  # latent records hold no pixels to show
+    return None
+  n = min(4, len(local["reference"]))
+  reference, pose, target = (np.asarray(local[k][:n]) for k in ("reference", "pose", "target"))
+  generate = samples.make_sampler(run.nets, config.sample_steps, config.sample_guidance, run.mesh)
+  key = jax.random.key(config.seed + 7)
+
+  def write(step: int) -> None:
+    params = run.state.ema if config.ema_decay > 0 else run.state.params
+    images = generate(params, run.frozen, reference, pose, key)
+    logger.images(step, "samples/reference_pose_generated_target",
+                  samples.grid([reference, pose, np.asarray(images.addressable_data(0)), target]))
+
+  return write
+
+
 def _loop(run: Run, step_fn: Any, batch: dict, data_iter: Iterator[dict], checkpointer: ckpt.Checkpointer,
-          logger: MetricsLog, preempt: PreemptionFlag, start: int) -> dict:
+          logger: MetricsLog, preempt: PreemptionFlag, start: int, grids: Any = None) -> dict:
   config = run.config
   window: list[dict] = []  # fetched per-step metrics since the last log line
   streak = [0]  # consecutive non-finite steps
@@ -223,6 +244,8 @@ def _loop(run: Run, step_fn: Any, batch: dict, data_iter: Iterator[dict], checkp
       checkpointer.save(run.state, data_iter, force=final)
       if not final:
         batch = _next_batch(data_iter, run)
+    if grids is not None and step % config.sample_every == 0:
+      grids(step)
     logger.step(1)
     if stop:
       checkpointer.wait()

@@ -1,9 +1,14 @@
 """The demo's training config: tiny networks on 64 px synthetic figures, minutes on a 2-core CPU.
 
-    python -m magicpose_jax.train --config demo.py --config.stage=base     # the tiny "SD" the demo freezes
-    python -m magicpose_jax.train --config demo.py --config.init_from=outputs/demo_base   # stage 1, ...
+`python -m magicpose_jax.demo` runs every stage with this config (setting `stage`, `total_steps`, `base.path`,
+`init_from` per phase). Its base is a tiny SD whose VAE the demo trains first (factor 4: 64 px -> 16 x 16 latents)
+and writes to outputs/demo/base_sd, so by hand, after one demo run:
 
-`python -m magicpose_jax.demo` runs all stages with this config.
+    python -m magicpose_jax.train --config configs/demo.py --config.stage=base \
+        --config.base.path=outputs/demo/base_sd --workdir /tmp/base
+    python -m magicpose_jax.train --config configs/demo.py --config.base.path=/tmp/base --workdir /tmp/stage1
+    python -m magicpose_jax.train --config configs/demo.py --config.stage=stage2 --config.init_from=/tmp/stage1 \
+        --workdir /tmp/stage2
 """
 
 from magicpose_jax.train.config import default_config
@@ -17,11 +22,12 @@ def get_config():
   c.checkpoint_every = 100
   c.log_every = 10
   c.dtype = "float32"  # bf16 is slower than f32 on CPUs
+  # Used without base.path only (a random base); the demo's base_sd folder carries its own architectures.
   c.model.unet = "tiny"
   c.model.vae = "tiny"
   c.model.text_encoder = "tiny"
-  c.model.sample_size = 32  # 64 px images through the tiny VAE (factor 2)
-  c.model.hint_channels = (16, 32)
+  c.model.sample_size = 16  # 64 px images through the demo's factor-4 VAE (train/autoencoder.py DEMO_VAE)
+  c.model.hint_channels = (16, 32, 64)  # downsamples by 4, like DEMO_VAE
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 20
   c.sharding.min_size = 1024
@@ -30,5 +36,5 @@ def get_config():
   c.data.synthetic.image_size = 64
   c.data.synthetic.num_identities = 48
   c.data.synthetic.frames_per_identity = 32
-  c.data.synthetic.holdout_identities = 8  # held-out figures the demo animates
+  c.data.synthetic.holdout_identities = 8  # held-out figures the demo evaluates and animates
   return c

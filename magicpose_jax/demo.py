@@ -1,82 +1,348 @@
-"""`python -m magicpose_jax.demo [--out DIR]`: the end-to-end example (also `make demo`).
+"""`python -m magicpose_jax.demo [--out DIR] [--fresh] [--micro]`: MagicPose end to end on a CPU (`make demo`).
 
-Until the full demo lands (train both stages on synthetic figures, then animate),
-this runs the pieces that exist on a tiny SD-shaped UNet pair:
-  1. exports the main UNet to a diffusers folder and reads it back (strict converter);
-  2. runs an "appearance" UNet on a reference latent to collect its per-block
-     reference states, then the main UNet reading them (MagicPose's hook);
-  3. if the PyTorch reference is installed, checks the main UNet against diffusers.
-It writes DIR/summary.json.
+Phases (each cached in DIR; a second run skips finished ones unless --fresh):
+
+  1. vae        a tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) trained on the training figures
+                (`train/autoencoder.py`), written with a random tiny UNet + text encoder as an SD pipeline folder;
+  2. base       the tiny UNet trained as plain (empty-prompt) SD on the figures: the "pretrained SD" MagicPose
+                freezes;
+  3. stage1     the Appearance Controller over the frozen base (`train.loop.train`, configs/demo.py);
+  4. stage2     appearance + Pose Controller, from stage 1;
+  5. ablations  "no appearance" (pose net + base, stage 2 from the base) and "no pose" (appearance only), at the
+                budget below (see `Budget`);
+  6. evaluate   held-out identities (never trained on) retargeted to new poses and expressions, scored against
+                ground truth (`eval/retarget.py`); retarget.png, animation.gif, metrics.json and a table.
+
+Outputs in DIR: retarget.png, animation.gif (+ .mp4 if imageio-ffmpeg is installed), metrics.json, tb/ (TensorBoard:
+`tensorboard --logdir DIR/tb`), runs/<phase>/ (training workdirs), vae/, base_sd/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import itertools
 import json
 import os
+import shutil
 import time
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+import tqdm
 
-from magicpose_jax.convert.diffusers import load_unet, save_unet
-from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
+from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.eval import retarget as rt
+from magicpose_jax.models.clip import CLIP_VARIANTS
+from magicpose_jax.models.unet import VARIANTS
+from magicpose_jax.pose.keypoints import Pose
+from magicpose_jax.pose.render import render
+from magicpose_jax.train import autoencoder, loop, stages
+from magicpose_jax.viz import image_grid, save_animation, save_png
+
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
-def run(out: str) -> dict:
-  config = VARIANTS["tiny"]
-  model = UNet2DConditionModel(config)
-  rng = np.random.default_rng(0)
-  z_t = rng.standard_normal((1, 16, 16, 4), dtype=np.float32)
-  z_ref = rng.standard_normal((1, 16, 16, 4), dtype=np.float32)
-  text = rng.standard_normal((1, 77, config.cross_attention_dim), dtype=np.float32)
-  t = np.array([500.0], np.float32)
-  init = jax.jit(model.init)
-  main_params = init(jax.random.key(0), z_t, t, text)["params"]
-  appearance_params = init(jax.random.key(1), z_t, t, text)["params"]
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How much each phase does. `no_pose_steps=0`: the "no pose" ablation is the stage-1 model itself (appearance
+  only, trained `stage1_steps`); otherwise stage 2 with `use_pose=False` continues it for that many steps."""
 
-  folder = os.path.join(out, "unet_diffusers")
-  files = save_unet(config, main_params, folder)
-  config2, loaded = load_unet(folder)
-  exact = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(main_params), strict=True))
+  vae_steps: int = 300
+  vae_images: int = 1280  # training figures rendered for the VAE
+  base_steps: int = 400
+  stage1_steps: int = 250
+  stage2_steps: int = 250
+  no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
+  no_pose_steps: int = 0
+  batch_size: int = 8
+  sample_steps: int = 20  # DDIM steps
+  guidance: float = 2.0
+  holdout_identities: int = 8  # evaluated identities
+  poses_per_identity: int = 4
+  animation_keyframes: int = 4  # frames of the animated identity the motion passes through
+  animation_inbetweens: int = 6  # interpolated poses from one keyframe to the next
 
-  apply = jax.jit(model.apply, static_argnames="return_reference_states")
-  start = time.perf_counter()
-  _, states = apply({"params": appearance_params}, z_ref, t, text, return_reference_states=True)
-  eps_plain = apply({"params": loaded}, z_t, t, text)
-  eps_ref = apply({"params": loaded}, z_t, t, text, reference_states=states)
-  elapsed = time.perf_counter() - start
-  summary = {
-      "unet": "tiny", "params": int(sum(x.size for x in jax.tree.leaves(main_params))),
-      "files_written": files, "config_round_trip": config2 == config, "weights_round_trip_exact": exact,
-      "reference_states": [list(s.shape) for s in states],
-      "reference_effect_mean_abs": float(np.abs(np.asarray(eps_ref - eps_plain)).mean()),
-      "seconds_incl_compile": round(elapsed, 2),
-  }
+
+DEMO = Budget()
+# The smoke test's size: every phase and output, a few steps each.
+MICRO = Budget(vae_steps=4, vae_images=32, base_steps=2, stage1_steps=2, stage2_steps=2, no_appearance_steps=1,
+               batch_size=2, sample_steps=2, holdout_identities=2, poses_per_identity=2, animation_keyframes=2,
+               animation_inbetweens=2)
+
+
+def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/demo.py by default)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: the demo's training config is missing (run from a checkout of magicpose_jax)")
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _phase_done(workdir: str, steps: int) -> bool:
+  """A run is finished when its newest checkpoint is at `steps` (the train loop would only resume/skip)."""
   try:
-    import torch  # noqa: PLC0415
-    from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
-
-    tmodel = TorchUNet.from_pretrained(folder).eval()
-    with torch.no_grad():
-      ref = tmodel(torch.from_numpy(z_t.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
-                   torch.from_numpy(text)).sample.numpy().transpose(0, 2, 3, 1)
-    summary["max_abs_error_vs_diffusers"] = float(np.abs(np.asarray(eps_plain) - ref).max())
-  except ImportError:
-    summary["max_abs_error_vs_diffusers"] = "PyTorch reference not installed"
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
+    return int(os.path.basename(stages.latest_checkpoint_dir(workdir))) >= steps
+  except (FileNotFoundError, ValueError):
+    return False
 
 
-def main() -> None:
+class Demo:
+  """The phases over one output folder; `run()` does them all."""
+
+  def __init__(self, out: str, budget: Budget = DEMO, config: ml_collections.ConfigDict | None = None,
+               fresh: bool = False):
+    self.out = os.path.abspath(out)
+    self.budget = budget
+    self.config = config if config is not None else load_config()
+    self.timings: dict[str, float] = {}
+    self.cached: list[str] = []
+    if fresh:
+      for name in ("vae", "base_sd", "runs", "tb"):
+        shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+    os.makedirs(os.path.join(self.out, "tb"), exist_ok=True)
+
+  # -- paths and configs ---------------------------------------------------------------------------------------
+
+  def path(self, *names: str) -> str:
+    return os.path.join(self.out, *names)
+
+  def run_config(self, stage: str, steps: int, **model: Any) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(self.config.to_dict())
+    c.stage = stage
+    c.total_steps = steps
+    c.global_batch_size = self.budget.batch_size
+    c.checkpoint_every = max(steps, 1)
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(steps // 5, 0))
+    for k, v in model.items():
+      c.model[k] = v
+    return c
+
+  def _header(self, index: int, name: str, text: str) -> None:
+    print(f"\n[{index}/6] {name}: {text}", flush=True)
+
+  # -- phases --------------------------------------------------------------------------------------------------
+
+  def train_vae(self) -> None:
+    self._header(1, "vae", f"tiny VAE, {self.budget.vae_steps} steps on {self.budget.vae_images} training figures")
+    folder, pipeline = self.path("vae"), self.path("base_sd")
+    marker = os.path.join(pipeline, "demo_base.json")
+    if autoencoder.is_saved_autoencoder(folder) and os.path.isfile(marker):
+      self.cached.append("vae")
+      print(f"cached: {folder}")
+      return
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(pipeline, ignore_errors=True)
+    data = self.config.data
+    source = SyntheticSource(SyntheticConfig(image_size=data.synthetic.image_size,
+                                             num_identities=data.synthetic.num_identities,
+                                             frames_per_identity=data.synthetic.frames_per_identity,
+                                             seed=data.synthetic.seed))
+    train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
+    flat = np.random.default_rng(0).permutation(train_ids * data.synthetic.frames_per_identity)
+    flat = flat[: self.budget.vae_images]
+    images = np.stack([source.frame(int(i) // data.synthetic.frames_per_identity,
+                                    int(i) % data.synthetic.frames_per_identity)["image"]
+                       for i in tqdm.tqdm(flat, desc="render", unit="img", dynamic_ncols=True)])
+    bar = tqdm.tqdm(total=self.budget.vae_steps, desc="vae", unit="step", dynamic_ncols=True)
+
+    def progress(step: int, report: dict) -> None:
+      bar.update(1)
+      if report:
+        bar.set_postfix(l1=f"{report['l1']:.4f}", kl=f"{report['kl']:.2f}", refresh=False)
+
+    training = autoencoder.AutoencoderTraining(steps=self.budget.vae_steps)
+    vae_config, params, metrics = autoencoder.train_autoencoder(autoencoder.DEMO_VAE, images, training, progress)
+    bar.close()
+    autoencoder.save_autoencoder(folder, vae_config, params, metrics)
+    latent = data.image_size // vae_config.downsample_factor
+    unet = VARIANTS[self.config.model.unet].replace(sample_size=latent)
+    autoencoder.write_base_pipeline(pipeline, vae_config, params, unet, CLIP_VARIANTS[self.config.model.text_encoder],
+                                    seed=self.config.seed)
+    with open(marker, "w") as f:
+      json.dump({"vae": folder, "scaling_factor": vae_config.scaling_factor, **metrics}, f, indent=2)
+    print(f"VAE: l1 {metrics.get('l1', float('nan')):.4f} (pixels in [-1, 1]), scaling_factor "
+          f"{vae_config.scaling_factor:.3f}; SD pipeline folder {pipeline}")
+
+  def train_run(self, index: int, name: str, config: ml_collections.ConfigDict, text: str) -> None:
+    """One `train.loop.train` run in runs/<name> (TensorBoard under tb/<name>), skipped when finished."""
+    workdir = self.path("runs", name)
+    self._header(index, name, f"{text} ({config.total_steps} steps, batch {config.global_batch_size})")
+    os.makedirs(workdir, exist_ok=True)
+    link = self.path("tb", name)
+    if not os.path.lexists(link):
+      try:
+        os.symlink(os.path.join("..", "runs", name, "tb"), link)
+      except OSError:
+        pass  # no symlinks here: the logs stay in runs/<name>/tb
+    if _phase_done(workdir, config.total_steps):
+      self.cached.append(name)
+      print(f"cached: {workdir}")
+      return
+    loop.train(config, workdir)
+
+  def train_all(self) -> None:
+    b = self.budget
+    base_sd = self.path("base_sd")
+    c = self.run_config("base", b.base_steps)
+    c.base.path = base_sd
+    self.train_run(2, "base", c, "tiny UNet trained as plain SD on the figures (then frozen)")
+    c = self.run_config("stage1", b.stage1_steps)
+    c.base.path = self.path("runs", "base")
+    self.train_run(3, "stage1", c, "Appearance Controller over the frozen base")
+    c = self.run_config("stage2", b.stage2_steps)
+    c.init_from = self.path("runs", "stage1")
+    self.train_run(4, "stage2", c, "Appearance + Pose Controller, from stage 1")
+    c = self.run_config("stage2", b.no_appearance_steps, use_appearance=False)
+    c.base.path = self.path("runs", "base")
+    self.train_run(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller")
+    if b.no_pose_steps > 0:
+      c = self.run_config("stage2", b.no_pose_steps, use_pose=False)
+      c.init_from = self.path("runs", "stage1")
+      self.train_run(5, "no_pose", c, "ablation: Appearance Controller only, stage 2 without the pose net")
+
+  def variants(self) -> dict[str, str]:
+    """Evaluated model -> its run."""
+    b = self.budget
+    return {"full": self.path("runs", "stage2"), "no_appearance": self.path("runs", "no_appearance"),
+            "no_pose": self.path("runs", "no_pose" if b.no_pose_steps > 0 else "stage1")}
+
+  def evaluate(self) -> dict:
+    b = self.budget
+    self._header(6, "evaluate", f"{b.holdout_identities} held-out identities x {b.poses_per_identity} new poses, "
+                 f"DDIM {b.sample_steps} steps, guidance {b.guidance}")
+    sampler = SamplerConfig(num_steps=b.sample_steps, guidance=b.guidance)
+    pairs = rt.holdout_pairs(self.config.data, b.poses_per_identity, b.holdout_identities)
+    source = rt.synthetic_source(self.config.data)
+    results, summaries = {}, {}
+    bar = tqdm.tqdm(total=len(pairs) * 3, desc="retarget", unit="identity", dynamic_ncols=True)
+    full = None
+    for name, workdir in self.variants().items():
+      model = rt.load_trained(workdir)
+      results[name] = rt.retarget(model, source, pairs, sampler, progress=bar.update)
+      summaries[name] = rt.summary(results[name].metrics)
+      if name == "full":
+        full = model
+    bar.close()
+    animation = self.animate(full, source, sampler)
+    self.write_grid(results, summaries)
+    return {"summaries": summaries, "results": results, "animation": animation}
+
+  def animate(self, model: rt.TrainedModel, source: SyntheticSource, sampler: SamplerConfig) -> list[str]:
+    b = self.budget
+    identity = self.config.data.synthetic.num_identities - 1  # a held-out figure
+    keyframes = [source.frame(identity, f) for f in range(1, b.animation_keyframes + 1)]
+    poses = interpolate_poses([f["pose"] for f in keyframes], b.animation_inbetweens)
+    size = source.config.image_size
+    pose_images = np.stack([render(p, size, size) for p in poses])
+    reference = source.frame(identity, 0)["image"]
+    bar = tqdm.tqdm(total=1, desc="animate", unit="video", dynamic_ncols=True)
+    frames = rt.animate(model, reference, pose_images, sampler, seed=identity, batch_frames=b.poses_per_identity)
+    bar.update(1)
+    bar.close()
+    panels = [np.concatenate([reference, p, f], axis=1) for p, f in zip(pose_images, frames, strict=True)]
+    panels = [np.repeat(np.repeat(p, 3, 0), 3, 1) for p in panels]
+    return save_animation(panels, self.path("animation.gif"), fps=8)
+
+  def write_grid(self, results: dict[str, rt.RetargetResult], summaries: dict[str, dict[str, float]]) -> None:
+    rows, labels = [], []
+    names = list(results)
+    for i, row in enumerate(results["full"].rows):
+      identity, reference, poses, generated, truth = row
+      k = i % len(poses)  # walk through the poses so the grid shows several
+      cells = [reference, poses[k], generated[k], truth[k]]
+      cells += [results[n].rows[i][3][k] for n in names if n != "full"]
+      rows.append(cells)
+      labels.append(f"id {identity}")
+    titles = ["reference", "target pose", "generated", "ground truth"] + [n.replace("_", "-") for n in names
+                                                                           if n != "full"]
+    caption = [f"{n}: " + "  ".join(f"{title} {summaries[n][key]:.3f}" for key, title, _ in rt.SUMMARY_KEYS)
+               for n in names]
+    save_png(image_grid(rows, column_titles=titles, row_labels=labels, caption=caption), self.path("retarget.png"))
+
+  def run(self) -> dict:
+    """All phases; returns (and writes) metrics.json's content."""
+    t0 = time.perf_counter()
+    for name, phase in (("vae", self.train_vae), ("training", self.train_all)):
+      start = time.perf_counter()
+      phase()
+      self.timings[name] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    evaluation = self.evaluate()
+    self.timings["evaluate"] = round(time.perf_counter() - start, 1)
+    self.timings["total"] = round(time.perf_counter() - t0, 1)
+    s = evaluation["summaries"]
+    claims = {
+        "identity: full < no_appearance": s["full"]["identity_error"] < s["no_appearance"]["identity_error"],
+        "pose: full > no_pose (mIoU)": s["full"]["mean_iou"] > s["no_pose"]["mean_iou"],
+    }
+    b = self.budget
+    report = {
+        "models": {n: {**s[n], "part_iou": r.metrics["part_iou"], "region_error": r.metrics["region_error"],
+                       "num_images": r.metrics["num_images"]} for n, r in evaluation["results"].items()},
+        "runs": self.variants(),
+        "ablations": f"trained in this demo: no_appearance {b.no_appearance_steps} steps of stage 2 from the base; "
+                     + ("no_pose = the stage-1 model (appearance only, " + f"{b.stage1_steps} steps)"
+                        if b.no_pose_steps == 0 else f"no_pose {b.no_pose_steps} steps of stage 2 without pose"),
+        "claims": claims, "budget": dataclasses.asdict(b), "seconds": self.timings, "cached_phases": self.cached,
+        "outputs": {"grid": self.path("retarget.png"), "animation": evaluation["animation"]},
+        "jax_backend": jax.default_backend(),
+    }
+    with open(self.path("metrics.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    return report
+
+
+def interpolate_poses(keyframes: list[Pose], inbetweens: int) -> list[Pose]:
+  """Linear motion through `keyframes` (and back to the first), `inbetweens` poses per segment: the face landmarks
+  move too, so mouth opening, eye closure and head tilt change smoothly. A keypoint missing at either end of a
+  segment is missing in between."""
+  poses = []
+  cycle = [*keyframes, keyframes[0]] if len(keyframes) > 1 else keyframes
+  for a, b in itertools.pairwise(cycle):
+    for i in range(inbetweens):
+      w = i / inbetweens
+      poses.append(Pose(_mix(a.body, b.body, w), _mix(a.hands, b.hands, w), _mix(a.face, b.face, w)))
+  return poses or list(keyframes)
+
+
+def _mix(x: np.ndarray, y: np.ndarray, w: float) -> np.ndarray:
+  """Keypoints [..., 3] (x, y, confidence): positions blended, the lower confidence kept."""
+  return np.concatenate([(1 - w) * x[..., :2] + w * y[..., :2], np.minimum(x[..., 2:], y[..., 2:])],
+                        -1).astype(np.float32)
+
+
+def print_report(report: dict) -> None:
+  print("\nHeld-out identities retargeted to new poses (mean over images; * = best):")
+  print(rt.metrics_table({n: {k: m[k] for k, _, _ in rt.SUMMARY_KEYS} for n, m in report["models"].items()}))
+  print(f"ablations: {report['ablations']}")
+  for claim, holds in report["claims"].items():
+    print(f"  {'holds' if holds else 'DOES NOT HOLD'}: {claim}")
+  print("seconds per phase: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())
+        + (f" (cached: {', '.join(report['cached_phases'])})" if report["cached_phases"] else ""))
+  print(f"outputs: {report['outputs']['grid']}, {', '.join(report['outputs']['animation'])}")
+
+
+def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="outputs/demo")
-  args = parser.parse_args()
+  parser.add_argument("--out", default="outputs/demo", help="output folder (phases are cached here)")
+  parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
+  parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
+  parser.add_argument("--config", default=CONFIG_FILE, help="training config file (default configs/demo.py)")
+  args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  for key, value in run(args.out).items():
-    print(f"{key:>28}: {value}")
-  print(f"wrote {os.path.join(args.out, 'summary.json')}")
+  # A compilation cache in the output folder: a second run (or the next phase of the same shape) compiles less.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  report = Demo(args.out, MICRO if args.micro else DEMO, load_config(args.config), fresh=args.fresh).run()
+  print_report(report)
+  return report
 
 
 if __name__ == "__main__":

@@ -125,3 +125,22 @@ def test_tiny_base_overfits_a_fixed_small_set(tmp_path):
   assert len(losses) == 6
   assert losses[0] > 0.7, losses
   assert np.mean(losses[-2:]) < 0.35, losses
+
+
+def test_cached_latent_moments_are_sampled_like_the_vae_posterior():
+  """Batches from `preprocess --vae` records carry latent moments (mean ++ logvar); the step samples them."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from magicpose_jax.train import stages  # noqa: PLC0415
+  from magicpose_jax.train.step import latents  # noqa: PLC0415
+
+  config = tiny()
+  nets = stages.networks(config, stages.variant_configs(config))
+  rng = np.random.default_rng(0)
+  mean = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+  logvar = rng.uniform(-4, 0, (2, 4, 4, 4)).astype(np.float32)
+  key = jax.random.key(3)
+  z = latents(nets, {}, {"target_latent": jnp.concatenate([mean, logvar], -1)}, "target", key)
+  eps = jax.random.normal(key, mean.shape, jnp.float32)  # DiagonalGaussian.sample's draw
+  expected = (mean + np.exp(0.5 * logvar) * np.asarray(eps)) * nets.vae.config.scaling_factor
+  np.testing.assert_allclose(np.asarray(z), expected, rtol=1e-6, atol=1e-6)

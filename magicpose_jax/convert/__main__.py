@@ -1,10 +1,15 @@
-"""`python -m magicpose_jax.convert --src PATH --dst PATH --to {flax,diffusers,ldm}`.
+"""`python -m magicpose_jax.convert --src PATH --dst PATH --to {flax,diffusers,ldm,magicpose}`.
 
-Converts a UNet folder or a whole Stable Diffusion checkpoint; the source kind is
+Converts a UNet folder, a whole Stable Diffusion checkpoint, or a MagicPose model (a
+training workdir, one step's checkpoint folder, or an export folder); the source kind is
 detected from the path (see `magicpose_jax.convert.formats`):
-  diffusers  diffusers folders (a UNet's, or a pipeline's with model_index.json)
+  diffusers  diffusers folders (a UNet's, or a pipeline's with model_index.json); from a
+             MagicPose model: unet/, appearance_unet/, pose_controlnet/, vae/, text_encoder/,
+             tokenizer/, scheduler/ and magicpose.json (see convert.training_run)
   flax       ours: config.json + orbax params/ per model (see convert.flax_checkpoint)
   ldm        an original SD single file (.safetensors written; .ckpt/.pth read too)
+  magicpose  the released MagicPose single file (.safetensors), from a MagicPose model
+A training run's raw params are exported unless --ema is given (then its EMA weights).
 SD 2.x single files do not say what their UNet predicts: pass --prediction-type
 v_prediction (SD 2.x 768-v) or epsilon (512-base) when reading one.
 """
@@ -26,14 +31,17 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="source folder or single file")
-  parser.add_argument("--dst", required=True, help="destination folder (a .safetensors file for --to ldm)")
+  parser.add_argument("--dst", required=True,
+                      help="destination folder (a .safetensors file for --to ldm and --to magicpose)")
   parser.add_argument("--to", required=True, choices=FORMATS, help="destination format")
   parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
                       help="cast the weights (default: keep the source dtype)")
   parser.add_argument("--variant", default=None, help="diffusers weight variant to read, e.g. fp16")
   parser.add_argument("--max-shard-gb", type=float, default=None,
                       help="diffusers UNet output: shard safetensors above this size")
-  parser.add_argument("--ema", action="store_true", help="LDM single-file source: take the EMA UNet weights")
+  parser.add_argument("--ema", action="store_true",
+                      help="take the EMA weights: an LDM single file's EMA UNet, or a training run's EMA of its "
+                           "trained nets (default: the raw params)")
   parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                       help="LDM single-file source: what the UNet predicts (required for SD 2.x files: "
                            "v_prediction for 768-v, epsilon for 512-base)")

@@ -7,11 +7,16 @@ Sources, detected from the path:
   sd-flax           our pipeline folder (unet/, vae/, text_encoder/ with orbax params/, scheduler/, tokenizer/)
   sd-ldm            an original single file (.safetensors / .ckpt / .pth with model.diffusion_model.*);
                     SD 2.x files need `prediction_type` ("v_prediction" for 768-v, "epsilon" for 512-base)
-Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD.
+  magicpose-run     a training workdir (its newest step), its checkpoints/ folder, or one step's folder
+  magicpose-export  a folder written from one (magicpose.json; diffusers or flax layout)
+Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD; `diffusers`,
+`flax` and `magicpose` (the released single file) for a MagicPose model (`ldm` too for a "base" run).
+See `convert.training_run` for the export folder. `ema=True` takes a run's EMA weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -26,8 +31,18 @@ from magicpose_jax.convert.stable_diffusion import (
     save_ldm_checkpoint,
     save_stable_diffusion,
 )
+from magicpose_jax.convert.training_run import (
+    is_export,
+    load_export,
+    load_run,
+    save_diffusers_export,
+    save_flax_export,
+    save_ldm_file,
+    save_magicpose_file,
+)
+from magicpose_jax.train.stages import is_training_run
 
-FORMATS = ("flax", "diffusers", "ldm")
+FORMATS = ("flax", "diffusers", "ldm", "magicpose")
 
 
 def detect_source(src: str | os.PathLike) -> str:
@@ -37,6 +52,10 @@ def detect_source(src: str | os.PathLike) -> str:
     return "sd-ldm"
   if not os.path.isdir(src):
     raise FileNotFoundError(f"source not found: {src}")
+  if is_export(src):
+    return "magicpose-export"
+  if is_training_run(src):
+    return "magicpose-run"
   if is_flax_model(src):
     return "unet-flax"
   if is_flax_model(os.path.join(src, "unet")):
@@ -45,7 +64,8 @@ def detect_source(src: str | os.PathLike) -> str:
     return "sd-diffusers"
   if os.path.isfile(os.path.join(src, "config.json")):
     return "unet-diffusers"
-  raise ValueError(f"{src}: not a model folder (no model_index.json, config.json, or unet/params)")
+  raise ValueError(f"{src}: not a model folder (no model_index.json, config.json, unet/params, magicpose.json, "
+                   f"or a training run's checkpoints/<step>/)")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
@@ -54,6 +74,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
   """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
 
   `prediction_type` is for single-file sources (see `load_stable_diffusion`); SD 2.x files need it.
+  `ema`: an LDM single file's `model_ema.*` UNet, or a training run's EMA of its trainable params.
   """
   if to not in FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {FORMATS}")
@@ -61,6 +82,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
   if prediction_type is not None and kind != "sd-ldm":
     raise ValueError(f"{src}: prediction_type applies to LDM single files only (this is {kind})")
   cast = (lambda p: jax.tree.map(lambda x: np.asarray(x).astype(dtype), p)) if dtype is not None else (lambda p: p)
+  if kind.startswith("magicpose-"):
+    if variant is not None or max_shard_bytes is not None:
+      raise ValueError(f"{src}: --variant and --max-shard-gb apply to diffusers sources and UNet outputs, not to a "
+                       f"{kind}")
+    _convert_magicpose(src, dst, to, kind, cast, ema)
+    return kind
+  if to == "magicpose":
+    raise ValueError(f"{src}: a {kind} has no MagicPose nets; --to magicpose takes a training run or an export")
   if kind.startswith("unet-"):
     if to == "ldm":
       raise ValueError(f"{src}: a lone UNet has no single-file layout; convert a whole SD pipeline for --to ldm")
@@ -82,3 +111,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
   else:
     save_ldm_checkpoint(configs, params, dst)
   return kind
+
+
+def _convert_magicpose(src: str | os.PathLike, dst: str | os.PathLike, to: str, kind: str, cast: Any,
+                       ema: bool) -> None:
+  if kind == "magicpose-export" and ema:
+    raise ValueError(f"{src}: an export holds one set of weights (its magicpose.json says which); --ema applies "
+                     f"to training runs")
+  model = load_run(src, ema=ema) if kind == "magicpose-run" else load_export(src, param_dtype=None)
+  model = dataclasses.replace(model, params=cast(model.params))
+  if to == "diffusers":
+    save_diffusers_export(model, dst)
+  elif to == "flax":
+    save_flax_export(model, dst)
+  elif to == "magicpose":
+    save_magicpose_file(model, dst)
+  else:
+    save_ldm_file(model, dst)

@@ -1,0 +1,298 @@
+"""A training run -> a MagicPose model (params + configs), and the export folders written from one.
+
+    model = load_run("runs/stage2")              # a workdir (its newest step) or one step's checkpoint folder
+    save_diffusers_export(model, "export/")      # plain diffusers folders, for PyTorch users
+    model = load_export("export/")               # back (also reads `save_flax_export` folders)
+
+A run's checkpoint holds only the trainable tree (`train.checkpoint`); the frozen base (SD UNet, VAE, text
+encoder) is reloaded from the source the run recorded and must hash as it did when the run trained (the check
+`Checkpointer.restore` does on resume), so an export never pairs trained nets with a different base.
+
+Export folder (`--to diffusers`; `--to flax` writes the same tree with our orbax `params/` per model):
+  unet/              the frozen base SD UNet, the main denoiser       `UNet2DConditionModel`
+  appearance_unet/   the Appearance Controller (stages 1 and 2)      `UNet2DConditionModel`
+  pose_controlnet/   the Pose Controller (stage 2)                   `ControlNetModel`
+  vae/, text_encoder/, tokenizer/ (when the base has one), scheduler/ (DDIM with the run's prediction type),
+  model_index.json   so the base also loads as a plain `StableDiffusionPipeline`
+  magicpose.json     `MANIFEST_FIELDS`: which folder is what, the run's stage and step, its base source, whether
+                     the weights are the EMA, and how to build the (empty-prompt) text states.
+An appearance net without an output head (one read from a released MagicPose file) gets the base UNet's head in
+`appearance_unet/` so diffusers loads it; MagicPose never computes that head (`magicpose.json` says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from magicpose_jax.convert.controlnet import load_controlnet, save_controlnet
+from magicpose_jax.convert.diffusers import load_unet, save_unet
+from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_params, load_flax_unet, save_flax_model
+from magicpose_jax.convert.magicpose import APPEARANCE_PREFIX, STAGE1_APPEARANCE_PREFIX, save_magicpose_checkpoint
+from magicpose_jax.convert.stable_diffusion import (
+    COMPONENTS,
+    SDConfigs,
+    load_stable_diffusion,
+    save_flax_pipeline,
+    save_ldm_checkpoint,
+    save_stable_diffusion,
+)
+from magicpose_jax.models.controlnet import ControlNetConfig
+from magicpose_jax.models.magicpose import MagicPoseConfig
+from magicpose_jax.train import checkpoint as ckpt
+from magicpose_jax.train import stages
+
+Params = dict[str, Any]
+MANIFEST = "magicpose.json"
+FORMAT_NAME = "magicpose_jax export"
+APPEARANCE_DIR = "appearance_unet"
+POSE_DIR = "pose_controlnet"
+_OUTPUT_HEAD = ("conv_norm_out", "conv_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A MagicPose model ready to sample or export.
+
+  Attributes:
+    sd: the base architectures; `sd.scheduler` carries the run's prediction type.
+    model: the MagicPose composition (`pose=None` / `use_appearance=False` for stages and ablations without them;
+      a "base" run has neither).
+    params: host numpy trees `{"unet", "vae", "text_encoder", "appearance"?, "pose"?}`.
+    info: provenance written to `magicpose.json`: `stage`, `step`, `base_source`, `weights` ("params" or "ema"),
+      `source` (the run's step folder or the export folder), `text_clip_skip`, `empty_prompt_ids`.
+  """
+
+  sd: SDConfigs
+  model: MagicPoseConfig
+  params: Params
+  info: dict[str, Any]
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    """(H, W) of the images the model makes: the UNet's latent sample size times the VAE's factor."""
+    side = self.sd.unet.sample_size * self.sd.vae.downsample_factor
+    return side, side
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+  return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs.
+
+
+def _restore_trainable(step_dir: str, ema: bool) -> tuple[dict, Params]:
+  """(meta, trainable params or their EMA) of one step folder, shape-checked against the run's record."""
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"{step_dir}: no meta/metadata (not a magicpose_jax training checkpoint?)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  name = "ema" if ema else "params"
+  where = os.path.join(step_dir, "state")
+  # Only the wanted subtree, as host numpy: no optimizer state, and any device topology (a run trained on a pod
+  # exports on a laptop).
+  with ocp.PyTreeCheckpointer() as reader:
+    try:
+      saved = dict(reader.metadata(where).item_metadata)
+    except Exception as e:  # orbax raises several types for a missing or truncated tree
+      raise ValueError(f"{where}: cannot be read as a training state ({type(e).__name__}: {e})") from e
+    if ema and not saved.get("ema"):
+      raise ValueError(f"{step_dir}: the run kept no EMA (config.ema_decay was 0); export without --ema")
+    if name not in saved:
+      raise ValueError(f"{where}: no {name!r} subtree (found {sorted(saved)}): not a training state")
+    target = {name: jax.tree.map(lambda x: np.zeros((), x.dtype), saved[name])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    try:
+      tree = reader.restore(where, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                               partial_restore=True))[name]
+    except Exception as e:
+      raise ValueError(f"{where}: cannot be read as a training state ({type(e).__name__}: {e})") from e
+  params = jax.tree.map(np.asarray, tree)
+  ckpt.check_shapes(meta["trainable_shapes"], ckpt.shapes(params), step_dir)
+  return meta, params
+
+
+def _frozen_tree(run_config: ml_collections.ConfigDict, sd: SDConfigs, base: Params) -> Params:
+  """The frozen tree the run hashed (`stages.initial_params`), for the base check."""
+  dtype = np.dtype(run_config.frozen_dtype)
+  cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(dtype)
+                                   if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), tree)
+  frozen = {"vae": cast(base["vae"]), "text": stages.text_context(sd, base["text_encoder"])}
+  if run_config.stage != "base":
+    frozen["unet"] = cast(base["unet"])
+  return frozen
+
+
+def text_clip_skip(sd: SDConfigs) -> int:
+  """diffusers' `clip_skip` of the text states MagicPose uses (`stages.text_context`): 0 = last layer."""
+  text = sd.text_encoder
+  return 0 if text.hidden_act == "quick_gelu" or text.num_hidden_layers == 23 else 1
+
+
+def load_run(path: str | os.PathLike, ema: bool = False, check_base: bool = True) -> TrainedModel:
+  """A training workdir (its newest step), its `checkpoints/` folder or one step folder -> `TrainedModel`.
+
+  Args:
+    ema: take the run's EMA weights (error if it kept none) instead of its raw params.
+    check_base: rebuild the run's frozen tree and compare its hash with the checkpoint's, so a base
+      checkpoint that changed on disk since training is an error, not a silently different model.
+
+  Raises:
+    FileNotFoundError: no checkpoint there. ValueError: unreadable state, another model shape, a changed base.
+  """
+  step_dir = stages.latest_checkpoint_dir(os.fspath(path))
+  meta, trainable = _restore_trainable(step_dir, ema)
+  run_config = ml_collections.ConfigDict(meta["config"])
+  sd, base, _ = stages.load_base(run_config, ckpt.read_run)
+  nets = stages.networks(run_config, sd)
+  if check_base:
+    found = ckpt.tree_hash(_frozen_tree(run_config, sd, base))
+    if found != meta["base_hash"]:
+      raise ValueError(f"{step_dir}: the run trained over the base {meta['base_source']!r} (sha256 "
+                       f"{meta['base_hash'][:12]}), but that base now hashes {found[:12]}: it changed since "
+                       f"training; restore it (or pass check_base=False to export anyway)")
+  params = {name: base[name] for name in COMPONENTS}
+  params.update(trainable)  # a "base" run's trained UNet replaces the base's
+  mp = nets.model.config
+  model = MagicPoseConfig(sd.unet, mp.pose, mp.use_appearance and "appearance" in params)
+  sd = dataclasses.replace(sd, scheduler=nets.schedule)
+  info = {"stage": run_config.stage, "step": int(meta["step"]), "base_source": meta["base_source"],
+          "weights": "ema" if ema else "params", "source": os.path.abspath(step_dir)}
+  return TrainedModel(sd, model, params, {**info, **_text_info(sd)})
+
+
+def _text_info(sd: SDConfigs) -> dict[str, Any]:
+  ids = stages.empty_prompt_ids(sd.text_encoder, sd.tokenizer)
+  return {"text_clip_skip": text_clip_skip(sd), "empty_prompt_ids": ids[0].tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export folders.
+
+
+def _with_head(appearance: Params, unet: Params) -> tuple[Params, bool]:
+  """The appearance tree with an output head (the base UNet's when it has none) and whether one was added."""
+  if all(k in appearance for k in _OUTPUT_HEAD):
+    return appearance, False
+  return {**appearance, **{k: unet[k] for k in _OUTPUT_HEAD}}, True
+
+
+def _manifest(model: TrainedModel, layout: str, head_added: bool) -> dict[str, Any]:
+  mp = model.model
+  return {
+      "format": FORMAT_NAME, "layout": layout, "version": 1,
+      "components": {"unet": "the frozen base SD UNet (the main denoiser; reference attention reads into it)",
+                     APPEARANCE_DIR: ("the Appearance Controller: run on the clean reference latent; its attn1 "
+                                      "inputs are the reference states" if mp.use_appearance else None),
+                     POSE_DIR: ("the Pose Controller: down/mid residuals for the main UNet from the pose image"
+                                if mp.pose is not None else None),
+                     "vae": "the VAE", "text_encoder": "the CLIP text encoder (MagicPose uses the empty prompt)"},
+      "appearance_unet": APPEARANCE_DIR if mp.use_appearance else None,
+      "pose_controlnet": POSE_DIR if mp.pose is not None else None,
+      "appearance_output_head": "copied from unet/ (never computed by MagicPose)" if head_added else "trained tree's",
+      "image_size": list(model.image_size),
+      "prediction_type": model.sd.scheduler.prediction_type,
+      **model.info,
+  }
+
+
+def _write_manifest(manifest: dict[str, Any], folder: str) -> None:
+  with open(os.path.join(folder, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
+
+
+def _check_empty(folder: str) -> None:
+  if os.path.exists(folder) and os.listdir(folder):
+    raise FileExistsError(f"{folder} is not empty; choose a new destination folder")
+
+
+def _cast(params: Params, dtype: Any) -> Params:
+  return params if dtype is None else jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+
+
+def save_diffusers_export(model: TrainedModel, folder: str | os.PathLike, dtype: Any = None) -> None:
+  """Writes the diffusers export folder (module docstring); `dtype` casts the stored tensors."""
+  folder = os.fspath(folder)
+  _check_empty(folder)
+  p = model.params
+  save_stable_diffusion(model.sd, {k: p[k] for k in COMPONENTS}, folder, dtype)
+  head_added = False
+  if model.model.use_appearance:
+    appearance, head_added = _with_head(p["appearance"], p["unet"])
+    save_unet(model.sd.unet, appearance, os.path.join(folder, APPEARANCE_DIR), dtype)
+  if model.model.pose is not None:
+    save_controlnet(model.model.pose, p["pose"], os.path.join(folder, POSE_DIR), dtype)
+  _write_manifest(_manifest(model, "diffusers", head_added), folder)
+
+
+def save_flax_export(model: TrainedModel, folder: str | os.PathLike, dtype: Any = None) -> None:
+  """The same tree as `save_diffusers_export` with our orbax folders (`convert.flax_checkpoint`)."""
+  folder = os.fspath(folder)
+  _check_empty(folder)
+  p = _cast(model.params, dtype)
+  save_flax_pipeline(model.sd, {k: p[k] for k in COMPONENTS}, folder)
+  head_added = False
+  if model.model.use_appearance:
+    appearance, head_added = _with_head(p["appearance"], p["unet"])
+    save_flax_model(model.sd.unet.to_diffusers(), appearance, os.path.join(folder, APPEARANCE_DIR))
+  if model.model.pose is not None:
+    save_flax_model(model.model.pose.to_diffusers(), p["pose"], os.path.join(folder, POSE_DIR))
+  _write_manifest(_manifest(model, "flax", head_added), folder)
+
+
+def load_export(folder: str | os.PathLike, param_dtype: Any = np.float32) -> TrainedModel:
+  """Reads a folder written by `save_diffusers_export` or `save_flax_export` (layout detected)."""
+  folder = os.fspath(folder)
+  if not is_export(folder):
+    raise FileNotFoundError(f"{folder}: no {MANIFEST} (not a magicpose_jax export folder)")
+  with open(os.path.join(folder, MANIFEST)) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != FORMAT_NAME:
+    raise ValueError(f"{folder}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+  sd, params = load_stable_diffusion(folder, param_dtype=param_dtype)
+  flax_layout = is_flax_model(os.path.join(folder, "unet"))
+  pose = None
+  if manifest.get("appearance_unet"):
+    where = os.path.join(folder, manifest["appearance_unet"])
+    params["appearance"] = load_flax_unet(where)[1] if flax_layout else load_unet(where, param_dtype)[1]
+  if manifest.get("pose_controlnet"):
+    where = os.path.join(folder, manifest["pose_controlnet"])
+    if flax_layout:
+      pose, params["pose"] = ControlNetConfig.from_diffusers(where), load_flax_params(where)
+    else:
+      pose, params["pose"] = load_controlnet(where, param_dtype)
+  if param_dtype is not None:
+    params = _cast(params, param_dtype)
+  info = {k: manifest[k] for k in ("stage", "step", "base_source", "weights", "text_clip_skip", "empty_prompt_ids")
+          if k in manifest}
+  info["source"] = os.path.abspath(folder)
+  return TrainedModel(sd, MagicPoseConfig(sd.unet, pose, "appearance" in params), params, info)
+
+
+def save_magicpose_file(model: TrainedModel, path: str | os.PathLike) -> None:
+  """The released MagicPose single-file layout (`convert.magicpose`); stage-1 runs use `control_model.*`."""
+  if not model.model.use_appearance:
+    raise ValueError(f"{model.info.get('source')}: a {model.info.get('stage')!r} model without an appearance net "
+                     f"has no MagicPose single-file layout; use --to diffusers (or --to ldm for a base run)")
+  prefix = STAGE1_APPEARANCE_PREFIX if model.model.pose is None else APPEARANCE_PREFIX
+  keys = (*COMPONENTS, "appearance", "pose")
+  save_magicpose_checkpoint(model.sd, {k: model.params[k] for k in keys if k in model.params}, path,
+                            pose=model.model.pose, appearance_prefix=prefix)
+
+
+def save_ldm_file(model: TrainedModel, path: str | os.PathLike, dtype: Any = None) -> None:
+  """The SD part as an original single file; only for models without MagicPose nets (a "base" run)."""
+  if model.model.use_appearance or model.model.pose is not None:
+    raise ValueError(f"{model.info.get('source')}: --to ldm would drop the appearance/pose nets of this "
+                     f"{model.info.get('stage')!r} model; use --to magicpose (single file) or --to diffusers")
+  save_ldm_checkpoint(model.sd, {k: model.params[k] for k in COMPONENTS}, path, dtype)

@@ -1,0 +1,293 @@
+"""Animation with a trained MagicPose model: inputs at the model's size, guided DDIM per frame, video files.
+
+    model = load_model("runs/stage2")                       # a training run or an export folder
+    reference = load_reference("me.png", model.image_size)  # uint8 [H, W, 3], centre square resized
+    poses = load_poses("poses/", model.image_size)          # uint8 [F, H, W, 3] pose renders
+    frames = animate(model, reference, poses, AnimateOptions(steps=50))
+    write_frames("out.gif", frames); write_frames("out_side_by_side.gif", side_by_side(reference, poses, frames))
+
+Images are prepared as the training data were (`data.augment`): the largest centred square, resized to the
+model's side (area-averaging when shrinking). OpenPose JSON keypoints follow the same crop of their canvas:
+the `canvas_height`/`canvas_width` the file records, else the reference image's original size (a driving
+video and its reference usually share the frame size; render the poses yourself when they do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magicpose_jax.convert.training_run import TrainedModel, is_export, load_export, load_run
+from magicpose_jax.data.augment import center_box, crop_poses, crop_resize_image
+from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_states, sample, step_times
+from magicpose_jax.diffusion.schedules import make_schedule
+from magicpose_jax.models.magicpose import MagicPose
+from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from magicpose_jax.pose import read_openpose_canvas, read_openpose_json, render
+from magicpose_jax.train import stages
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+OUTPUT_SUFFIXES = (".gif", ".mp4", ".png")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateOptions:
+  """Sampling choices. `per_frame_noise=False` is the release's (one initial noise shared by every frame)."""
+
+  steps: int = 50
+  guidance: float = 7.0
+  seed: int = 0
+  batch_frames: int = 8  # frames denoised together (one device batch, times 2 for guidance)
+  per_frame_noise: bool = False
+  cache: bool = True  # appearance states computed once for all steps (see diffusion.sampler for the memory)
+  dtype: Any = jnp.float32
+
+
+def load_model(path: str | os.PathLike, ema: bool = False) -> TrainedModel:
+  """A training workdir / step folder (its raw params, or EMA with `ema`) or a `convert` export folder."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--checkpoint {path}: no such folder (a training workdir or an export folder)")
+  if is_export(path):
+    if ema:
+      raise ValueError(f"{path}: an export holds one set of weights (its magicpose.json says which); --ema applies "
+                       f"to training runs")
+    model = load_export(path)
+  else:
+    model = load_run(path, ema=ema)
+  if not model.model.use_appearance or model.model.pose is None:
+    missing = "an appearance" if not model.model.use_appearance else "a pose"
+    raise ValueError(f"{path}: a {model.info.get('stage')!r} model without {missing} net cannot animate a reference "
+                     f"with poses; use a stage-2 run")
+  return model
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """uint8 [H, W, 3] RGB; a clear error for a missing or unreadable file."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such image")
+  image = cv2.imread(path, cv2.IMREAD_COLOR)
+  if image is None:
+    raise ValueError(f"{path}: cannot be read as an image (expected one of {', '.join(IMAGE_SUFFIXES)})")
+  return np.ascontiguousarray(image[..., ::-1])
+
+
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """The largest centred square of `image` [H, W, 3], resized to `size` (H, W) (square models only)."""
+  if size[0] != size[1]:
+    raise ValueError(f"model image size {size}: only square models are supported")
+  return crop_resize_image(image, center_box(*image.shape[:2]), size[0])
+
+
+def load_reference(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+  """(uint8 [H, W, 3] at the model's size, the image's original (H, W))."""
+  image = read_image(path)
+  return fit(image, size), image.shape[:2]
+
+
+def _render_json(path: str, size: tuple[int, int], canvas: tuple[int, int]) -> np.ndarray:
+  canvas = read_openpose_canvas(path) or canvas
+  poses = crop_poses(read_openpose_json(path), center_box(*canvas), size[0])
+  return render(poses, *size)
+
+
+def _sorted_files(folder: str, suffixes: Sequence[str]) -> list[str]:
+  return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(tuple(suffixes)))
+
+
+def pose_files(path: str | os.PathLike, pose_model: str | None = None) -> list[str]:
+  """The files `load_poses` reads (cheap: checks the source before a model is loaded).
+
+  A folder gives its OpenPose JSON files (preferred when it has both) or else its pose images, by name.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    jsons = [p for p in _sorted_files(path, (".json",)) if os.path.basename(p) != "extract_report.json"]
+    files = jsons or _sorted_files(path, IMAGE_SUFFIXES)
+    if not files:
+      raise ValueError(f"--poses {path}: no pose images ({', '.join(IMAGE_SUFFIXES)}) or OpenPose .json files")
+    return files
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--poses {path}: no such folder or file")
+  lower = path.lower()
+  if lower.endswith(VIDEO_SUFFIXES):
+    _check_pose_model(path, pose_model)
+  elif not lower.endswith((".json", *IMAGE_SUFFIXES)):
+    raise ValueError(f"--poses {path}: expected a folder, a .json, an image or a video ({', '.join(VIDEO_SUFFIXES)})")
+  return [path]
+
+
+def load_poses(path: str | os.PathLike, size: tuple[int, int], canvas: tuple[int, int] | None = None,
+               pose_model: str | None = None) -> np.ndarray:
+  """Pose renders uint8 `[F, H, W, 3]` at the model's size `(H, W)`.
+
+  Args:
+    path: a folder of OpenPose JSON files (rendered here) or of pose images, one JSON or image file, or a video
+      (needs `pose_model`, a whole-body ONNX model for `pose.extract`).
+    canvas: (H, W) the JSON keypoints are in when a file records no canvas (default: the model size).
+  """
+  files = pose_files(path, pose_model)
+  canvas = canvas or size
+  if files[0].lower().endswith(VIDEO_SUFFIXES):
+    return _video_poses(files[0], size, pose_model)
+  if files[0].lower().endswith(".json"):
+    return np.stack([_render_json(p, size, canvas) for p in files])
+  frames = [read_image(p) for p in files]
+  shapes = sorted({f.shape[:2] for f in frames})
+  if len(shapes) > 1:
+    raise ValueError(f"--poses {os.fspath(path)}: pose images of different sizes {shapes}; one sequence's frames "
+                     f"must share a size")
+  return np.stack([fit(f, size) for f in frames])
+
+
+def _check_pose_model(path: str, pose_model: str | None) -> None:
+  from magicpose_jax.pose import extract  # noqa: PLC0415
+
+  if pose_model is None or importlib.util.find_spec("onnxruntime") is None:
+    why = "a video needs --pose-model" if pose_model is None else "onnxruntime is not installed"
+    raise ValueError(f"--poses {path}: {why}, or extract the poses first with python -m "
+                     f"magicpose_jax.pose.extract and pass the folder.\n{extract.NO_MODEL_MESSAGE}")
+  if not os.path.isfile(pose_model):
+    raise FileNotFoundError(f"--pose-model {pose_model}: no such file")
+
+
+def _video_poses(path: str, size: tuple[int, int], pose_model: str | None) -> np.ndarray:
+  from magicpose_jax.pose import extract  # noqa: PLC0415  (onnxruntime, imported only for videos)
+
+  estimate = extract.WholebodyEstimator(pose_model)
+  out = []
+  for _, frame in extract.iter_frames(path):
+    poses = crop_poses(estimate(frame), center_box(*frame.shape[:2]), size[0])
+    out.append(render(poses, *size))
+  if not out:
+    raise ValueError(f"--poses {path}: the video has no frames")
+  return np.stack(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """What the jitted functions close over (hashable)."""
+
+  model: MagicPose
+  vae: AutoencoderKL
+  sampler: SamplerConfig
+  schedule_config: Any
+
+
+def _encode(static: _Static, vae_params: Any, image: jax.Array) -> jax.Array:
+  x = image.astype(jnp.float32) / 127.5 - 1.0
+  return scale_latents(static.vae.apply({"params": vae_params}, x, method="encode").mode(), static.vae.config)
+
+
+def _decode(static: _Static, vae_params: Any, z: jax.Array) -> jax.Array:
+  x = static.vae.apply({"params": vae_params}, unscale_latents(z, static.vae.config), method="decode")
+  return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def _chunk(static: _Static, params: Any, vae_params: Any, x_T: jax.Array, text: jax.Array, z_ref: jax.Array,
+           poses: jax.Array, cached: Any) -> jax.Array:
+  """uint8 frames `[n, H, W, 3]` for uint8 `poses [n, H, W, 3]`."""
+  schedule = make_schedule(static.schedule_config)
+  pose_image = poses.astype(jnp.float32) / 255.0
+  z = sample(static.model, params, schedule, static.schedule_config, static.sampler, x_T, text, z_ref, pose_image,
+             cached_states=cached)
+  return _decode(static, vae_params, z)
+
+
+_encode_jit = jax.jit(_encode, static_argnums=0)
+_chunk_jit = jax.jit(_chunk, static_argnums=0)
+_states_jit = jax.jit(precompute_reference_states, static_argnums=0)
+
+
+def animate(model: TrainedModel, reference: np.ndarray, poses: np.ndarray, options: AnimateOptions = AnimateOptions(),
+            progress: Callable[[int], None] | None = None) -> np.ndarray:
+  """Generated frames uint8 `[F, H, W, 3]` for `reference [H, W, 3]` and `poses [F, H, W, 3]` (the model's size).
+
+  `progress(n)` is called after each chunk of n frames. Chunks are padded to `batch_frames` so every chunk
+  reuses one compilation.
+  """
+  size = model.image_size
+  if reference.shape != (*size, 3) or poses.shape[1:] != (*size, 3):
+    raise ValueError(f"reference {reference.shape} and poses {poses.shape[1:]} must be the model's size {(*size, 3)} "
+                     f"(load_reference / load_poses prepare them)")
+  if len(poses) == 0:
+    raise ValueError("no poses to animate")
+  mp = MagicPose(model.model, dtype=options.dtype)
+  static = _Static(mp, AutoencoderKL(model.sd.vae, dtype=options.dtype),
+                   SamplerConfig(num_steps=options.steps, guidance=options.guidance), model.sd.scheduler)
+  params = {k: model.params[k] for k in ("unet", "appearance", "pose")}
+  vae = model.params["vae"]
+  text = jnp.asarray(stages.text_context(model.sd, model.params["text_encoder"]))  # [1, L, D]
+  z_ref = _encode_jit(static, vae, jnp.asarray(reference)[None])  # [1, h, w, 4]
+  cached = None
+  if options.cache:
+    cached = _states_jit(mp, params, z_ref, text, step_times(model.sd.scheduler, options.steps)[0])
+  frames, n = len(poses), min(options.batch_frames, len(poses))
+  key = jax.random.key(options.seed)
+  latent = (*z_ref.shape[1:3], model.model.unet.out_channels)
+  noise = jax.random.normal(key, (frames if options.per_frame_noise else 1, *latent), jnp.float32)
+  texts = jnp.broadcast_to(text, (n, *text.shape[1:]))
+  out = []
+  for start in range(0, frames, n):
+    chunk = poses[start:start + n]
+    pad = n - len(chunk)
+    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+    x_T = noise[start:start + n] if options.per_frame_noise else jnp.broadcast_to(noise, (n, *latent))
+    if x_T.shape[0] < n:
+      x_T = jnp.concatenate([x_T, jnp.broadcast_to(x_T[-1:], (pad, *latent))])
+    images = _chunk_jit(static, params, vae, x_T, texts, z_ref, jnp.asarray(chunk), cached)
+    out.append(np.asarray(images)[: n - pad])
+    if progress is not None:
+      progress(n - pad)
+  return np.concatenate(out)
+
+
+def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
+  """uint8 `[F, H, 3W, 3]`: reference | pose | generated, per frame."""
+  refs = np.broadcast_to(reference, frames.shape)
+  return np.concatenate([refs, poses, frames], axis=2)
+
+
+def side_by_side_path(out: str | os.PathLike) -> str:
+  stem, ext = os.path.splitext(os.fspath(out))
+  return f"{stem}_side_by_side{ext}"
+
+
+def check_output(path: str | os.PathLike) -> str:
+  """The output suffix, after checking it is writable here (an mp4 needs imageio with ffmpeg)."""
+  ext = os.path.splitext(os.fspath(path))[1].lower()
+  if ext not in OUTPUT_SUFFIXES:
+    raise ValueError(f"--out {path}: expected a {', '.join(OUTPUT_SUFFIXES)} file")
+  if ext == ".mp4" and (importlib.util.find_spec("imageio") is None
+                        or importlib.util.find_spec("imageio_ffmpeg") is None):
+    raise ValueError(f"--out {path}: writing .mp4 needs imageio and imageio-ffmpeg (pip install imageio "
+                     f"imageio-ffmpeg); or write a .gif (pillow) or a .png strip")
+  return ext
+
+
+def write_frames(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> None:
+  """Writes uint8 `[F, H, W, 3]` as a gif (pillow), an mp4 (imageio-ffmpeg) or a png strip (frames side by side)."""
+  path = os.fspath(path)
+  ext = check_output(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if ext == ".png":
+    cv2.imwrite(path, np.concatenate(list(frames), axis=1)[..., ::-1])
+  elif ext == ".gif":
+    from PIL import Image  # noqa: PLC0415
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+  else:
+    import imageio.v2 as imageio  # noqa: PLC0415  (optional)
+
+    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)

@@ -1,0 +1,168 @@
+"""A tiny VAE trained on synthetic figures, and the SD pipeline folder the demo's base training starts from.
+
+    vae_config, vae_params = train_autoencoder(DEMO_VAE, images, steps=400)
+    write_base_pipeline(folder, vae_config, vae_params, unet_config, text_config, seed=0)
+
+Random VAE weights give latents that mean nothing, so a diffusion model over them cannot learn figures. The demo
+trains the VAE first (pixel L1 + MSE + a small KL to N(0, 1), as LDM's first stage without the GAN and LPIPS
+terms), then sets `scaling_factor` so that the scaled latents have unit standard deviation over the training
+images (what SD's 0.18215 does for its VAE). The trained VAE goes into an SD pipeline folder (random tiny UNet and
+text encoder) that `config.base.path` reads: the base run trains the UNet over it, stages 1 and 2 freeze both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from magicpose_jax.convert.clip import abstract_text_encoder_params
+from magicpose_jax.convert.diffusers import abstract_unet_params
+from magicpose_jax.convert.flax_checkpoint import load_flax_params, save_flax_model
+from magicpose_jax.convert.stable_diffusion import SDConfigs, save_flax_pipeline
+from magicpose_jax.convert.vae import abstract_vae_params
+from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
+from magicpose_jax.models.clip import CLIPTextConfig
+from magicpose_jax.models.random_init import random_params
+from magicpose_jax.models.unet import UNetConfig
+from magicpose_jax.models.vae import AutoencoderKL, VAEConfig
+
+Params = dict[str, Any]
+
+# Downsamples by 4: 64 px figures -> 16 x 16 latents (4x fewer UNet positions than the factor-2 "tiny" VAE, which
+# makes a stage-2 step ~10x faster on a CPU; the figures' flat colours survive the compression).
+# Narrow (8/16/32 channels): a training step of the 64 px VAE costs about what a base UNet step costs.
+DEMO_VAE = VAEConfig(sample_size=64, block_out_channels=(8, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                     up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderTraining:
+  """Attributes:
+    steps: Adam updates.
+    batch_size: images per update.
+    lr: peak learning rate (cosine decay to 10% after a 5% warm-up).
+    kl_weight: weight of the KL term (per latent value) against the per-pixel reconstruction loss.
+    seed: init, batch order and posterior samples.
+  """
+
+  steps: int = 300
+  batch_size: int = 8
+  lr: float = 2e-3
+  kl_weight: float = 1e-4
+  seed: int = 0
+
+
+def _images(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def autoencoder_loss(params: Params, vae: AutoencoderKL, images: jax.Array, key: jax.Array,
+                     kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Reconstruction (L1 + MSE per pixel, [-1, 1] scale) of a posterior sample, plus `kl_weight` x mean KL.
+
+  Args:
+    images: uint8 [B, H, W, 3].
+  """
+  x = _images(images)
+  posterior = vae.apply({"params": params}, x, method="encode")
+  recon = vae.apply({"params": params}, posterior.sample(key), method="decode")
+  l1 = jnp.mean(jnp.abs(recon - x))
+  mse = jnp.mean(jnp.square(recon - x))
+  kl = jnp.mean(posterior.kl()) / np.prod(posterior.mean.shape[1:])
+  return l1 + mse + kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
+
+
+@functools.partial(jax.jit, static_argnames=("vae", "tx", "kl_weight"), donate_argnums=(0, 1))
+def _step(params: Params, opt_state: Any, images: jax.Array, key: jax.Array, *, vae: AutoencoderKL,
+          tx: optax.GradientTransformation, kl_weight: float) -> tuple[Params, Any, dict[str, jax.Array]]:
+  (loss, parts), grads = jax.value_and_grad(autoencoder_loss, has_aux=True)(params, vae, images, key, kl_weight)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, {"loss": loss, **parts}
+
+
+@functools.partial(jax.jit, static_argnames="vae")
+def _encode_mean(params: Params, vae: AutoencoderKL, images: jax.Array) -> jax.Array:
+  return vae.apply({"params": params}, _images(images), method="encode").mean
+
+
+def latent_scale(vae: AutoencoderKL, params: Params, images: np.ndarray, batch_size: int = 64) -> float:
+  """`1 / std` of the posterior means over `images` (uint8 [N, H, W, 3]): the `scaling_factor` giving unit-variance
+  latents."""
+  means = [np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + batch_size])))
+           for i in range(0, len(images), batch_size)]
+  return float(1.0 / max(np.concatenate(means).std(), 1e-6))
+
+
+def train_autoencoder(config: VAEConfig, images: np.ndarray, training: AutoencoderTraining = AutoencoderTraining(),
+                      progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[VAEConfig, Params,
+                                                                                               dict[str, float]]:
+  """Trains a VAE of architecture `config` on `images` (uint8 [N, H, W, 3]).
+
+  Args:
+    progress: called after every step with (step, {"loss", "l1", "mse", "kl"} as floats every 10 steps, else {}).
+
+  Returns:
+    (config with the fitted `scaling_factor`, params, final {"l1", "mse", "kl"} on the last batch).
+  """
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"train_autoencoder: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+  vae = AutoencoderKL(config)
+  key = jax.random.key(training.seed)
+  # flax-default random draws without tracing `init` (a compile of the whole VAE: a minute on a busy CPU).
+  params = jax.tree.map(jnp.asarray, random_params(abstract_vae_params(config), training.seed))
+  warmup = max(1, training.steps // 20)
+  lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
+                                          end_value=0.1 * training.lr)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(training.seed)
+  last: dict[str, float] = {}
+  for step in range(training.steps):
+    batch = images[rng.integers(len(images), size=training.batch_size)]
+    params, opt_state, metrics = _step(params, opt_state, jnp.asarray(batch), jax.random.fold_in(key, step),
+                                       vae=vae, tx=tx, kl_weight=training.kl_weight)
+    report = {}
+    if step % 10 == 9 or step == training.steps - 1:
+      report = last = {k: float(v) for k, v in metrics.items()}
+    if progress is not None:
+      progress(step + 1, report)
+  params = jax.tree.map(np.asarray, params)
+  return config.replace(scaling_factor=latent_scale(vae, params, images)), params, last
+
+
+def save_autoencoder(folder: str, config: VAEConfig, params: Params, metrics: dict[str, float]) -> None:
+  """`folder/{config.json, params/}` (a `save_flax_model` folder) plus `folder/training.json` (final losses)."""
+  save_flax_model(config.to_diffusers(), params, folder)
+  with open(os.path.join(folder, "training.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+
+
+def load_autoencoder(folder: str) -> tuple[VAEConfig, Params]:
+  """The VAE `save_autoencoder` wrote."""
+  return VAEConfig.from_diffusers(folder), load_flax_params(folder)
+
+
+def is_saved_autoencoder(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, "training.json"))
+
+
+def write_base_pipeline(folder: str, vae_config: VAEConfig, vae_params: Params, unet_config: UNetConfig,
+                        text_config: CLIPTextConfig, seed: int) -> None:
+  """An SD pipeline folder (`save_flax_pipeline`) of the trained VAE with a random UNet and text encoder.
+
+  `unet_config.sample_size` should be the latent side (image side / the VAE's factor).
+  """
+  abstract = {"unet": abstract_unet_params(unet_config), "text_encoder": abstract_text_encoder_params(text_config)}
+  params = {**random_params(abstract, seed), "vae": vae_params}
+  if jax.tree.structure(abstract_vae_params(vae_config)) != jax.tree.structure(vae_params):
+    raise ValueError(f"write_base_pipeline: vae_params do not match the VAE config {vae_config}")
+  save_flax_pipeline(SDConfigs(unet_config, vae_config, text_config, SD15_SCHEDULE), params, folder)

@@ -18,7 +18,7 @@ from magicpose_jax.diffusion.sampler import SamplerConfig, sample, sample_video
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, make_schedule
 from magicpose_jax.models.magicpose import MagicPose
 
-STEPS, GUIDANCE = 4, 3.0
+STEPS, GUIDANCE = 5, 3.0
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,10 @@ def inputs():
   return x_T, text, z_ref, poses
 
 
-def _torch_sample(nets, x_T, text, z_ref, poses):
+def _torch_sample(nets, x_T, text, z_ref, poses, steps=STEPS):
   main, appearance, pose = nets
   scheduler = DDIMScheduler.from_config(SD15_SCHEDULE.to_diffusers())
-  scheduler.set_timesteps(STEPS)
+  scheduler.set_timesteps(steps)
   plain = dict(main.attn_processors)
   z = nchw(x_T)
   text_t = torch.from_numpy(text)
@@ -52,20 +52,21 @@ def _torch_sample(nets, x_T, text, z_ref, poses):
   return nhwc(z)
 
 
-def test_guided_ddim_matches_diffusers_loop(torch_nets, inputs):  # noqa: F811
+@pytest.mark.parametrize("steps", [1, STEPS])  # one DDIM step, and a loop
+def test_guided_ddim_matches_diffusers_loop(torch_nets, inputs, steps):  # noqa: F811
   nets, params = torch_nets
   x_T, text, z_ref, poses = inputs
-  ref = _torch_sample(nets, x_T, text, z_ref, poses)
+  ref = _torch_sample(nets, x_T, text, z_ref, poses, steps)
   model = MagicPose(CONFIG)
   run = jax.jit(sample, static_argnums=(0, 3, 4))
   schedule = make_schedule(SD15_SCHEDULE)
-  ours = np.asarray(run(model, params, schedule, SD15_SCHEDULE, SamplerConfig(STEPS, 0.0, GUIDANCE), x_T, text,
+  ours = np.asarray(run(model, params, schedule, SD15_SCHEDULE, SamplerConfig(steps, 0.0, GUIDANCE), x_T, text,
                         z_ref, poses))
   assert np.std(ref) > 0.05
   err = np.abs(ours - ref).max()
   assert err <= 1e-4, f"max abs error {err:.3g}"
   # The two-scale variant with equal scales is algebraically the one-scale one.
-  two = np.asarray(run(model, params, schedule, SD15_SCHEDULE, SamplerConfig(STEPS, 0.0, GUIDANCE, GUIDANCE), x_T,
+  two = np.asarray(run(model, params, schedule, SD15_SCHEDULE, SamplerConfig(steps, 0.0, GUIDANCE, GUIDANCE), x_T,
                        text, z_ref, poses))
   np.testing.assert_allclose(two, ours, atol=1e-4)
 

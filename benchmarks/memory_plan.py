@@ -1,0 +1,303 @@
+"""Per-device memory and FLOPs of the full training steps, compiled (never run) on simulated devices.
+
+    python benchmarks/memory_plan.py                  # SD 1.5 stage 1 (batch 192) + stage 2 (16), 8x FSDP, ~45 min
+    python benchmarks/memory_plan.py --stages stage1 --grad-accum 2 --strided-micro --json plan.json
+    python benchmarks/memory_plan.py --real-devices --attention cudnn --strided-micro --grad-accum 2   # on 8 GPUs
+    python benchmarks/memory_plan.py --set model.unet=tiny --set model.vae=tiny --set model.text_encoder=tiny \
+        --set model.sample_size=16 --set model.hint_channels=16,32 --set sharding.min_size=1024   # minutes
+
+Builds each stage from `configs/<stage>.py` with mesh data=1, fsdp=N, nothing materialised
+(`loop.abstract_setup`), and compiles the jitted step for N XLA:CPU devices (re-running itself with
+`--xla_force_host_platform_device_count=N`). XLA compiles one SPMD program per device, so
+`memory_analysis()` and the compiled `cost_analysis()` are per device (measured: the 8-device count x 8 is
+the 1-device count + 0.3%). "peak" = argument + output + temp - alias, what one device holds at the step's
+high-water mark; XLA:CPU's own `peak_memory_in_bytes` only counts the arguments and is printed for reference.
+
+Attention: the default `flash_proxy` stands in for a fused kernel (cuDNN on GPU, splash on TPU), which
+XLA:CPU cannot compile; `--attention xla` is what the `auto` backend runs on GPU and TPU today.
+
+Caveats: XLA:CPU's buffer assignment and scheduling are not the GPU/TPU ones, and it runs bf16 convolutions
+in float32 (the VAE's largest buffers are f32 here), so treat the numbers as upper estimates good to tens of
+percent. XLA counts a `while` body once, so loops (`flash_proxy`, `--grad-accum`) under-count the compiled
+FLOPs: the "model TFLOP" column re-lowers the step with `xla` attention and no accumulation (no loops, global,
+before partitioning; remat recomputation included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEFAULT_BATCH = {"base": 192, "stage1": 192, "stage2": 16}
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class Plan:
+  """One compiled step: sizes in bytes per device, FLOPs per step."""
+
+  stage: str
+  devices: int
+  global_batch: int
+  grad_accum: int
+  remat: str
+  dtype: str
+  frozen_dtype: str
+  attention: str
+  inputs: str  # "images" (VAE in the step) or "latents" (cached moments)
+  micro_split: str  # "contiguous" (train.step today) or "strided" (--strided-micro)
+  argument: int
+  output: int
+  temp: int
+  generated_code: int
+  alias: int
+  peak: int  # argument + output + temp - alias
+  xla_peak: int | None  # CompiledMemoryStats.peak_memory_in_bytes where the field exists
+  flops_per_device: float  # compiled cost analysis (while bodies counted once)
+  model_flops: float | None  # global, loop-free re-lowering; None with --no-model-flops
+  compile_s: float
+
+
+FLASH_PROXY = "flash_proxy"
+PROXY_QUERY_CHUNK = 64  # queries per loop step: [B/N, H, 64, Nk] f32 logits, ~0.4 GiB/device at stage 1's 4096 + 4096
+
+
+def flash_proxy_attention(q, k, v):
+  """A memory stand-in for fused (flash) attention that XLA:CPU can compile; shapes as `models.attention.attend`.
+
+  Query chunks in a `lax.map` with batch and heads as plain einsum batch dims (so they stay sharded), each chunk
+  rematerialised in the backward pass: like cuDNN/splash kernels, only q, k, v and the output `[B, N, H, D]` live
+  across the layer; the one chunk's logits are the extra (a fused kernel's working set is smaller still).
+  """
+  import jax  # noqa: PLC0415 (imported after the device-count flag)
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  b, nq, h, d = q.shape
+  chunk = max(c for c in range(1, min(nq, PROXY_QUERY_CHUNK) + 1) if nq % c == 0)
+  queries = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, nq // chunk, chunk, h, d).swapaxes(0, 1)
+  # queries: [n_chunks, B, chunk, H, D]
+
+  @jax.checkpoint
+  def one_chunk(qc):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qc, k, preferred_element_type=jnp.float32)  # [B, H, chunk, Nk]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, chunk, H, D]
+
+  return jax.lax.map(one_chunk, queries).swapaxes(0, 1).reshape(b, nq, h, d)
+
+
+def strided_split_micro(batch, n):
+  """`[B, ...]` -> `[n, B/n, ...]`, micro-batch j = rows j, j + n, j + 2n, ... (`--strided-micro`).
+
+  The proposed fix for `train.step._split_micro`: its contiguous chunks put micro-batch j on devices
+  j*D/n..(j+1)*D/n - 1 only (the batch axis is split in device order), so accumulation does not shrink the
+  per-device batch and the partitioner reshards the weights inside the scan. Strided rows keep every micro-batch
+  spread over all data-parallel devices (B/n/D rows each).
+  """
+  return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+
+def latent_batch(batch, config):
+  """The abstract batch with cached VAE moments `[B, H/f, W/f, 2 * latent_channels]` float32 (what
+  `python -m magicpose_jax.preprocess --vae` stores) instead of the reference/target images (`--latents`)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from magicpose_jax.train.stages import variant_configs  # noqa: PLC0415
+
+  vae = variant_configs(config).vae
+  b, h, w, _ = batch["target"].shape
+  f = vae.downsample_factor
+  moments = jax.ShapeDtypeStruct((b, h // f, w // f, 2 * vae.latent_channels), jnp.float32,
+                                 sharding=batch["target"].sharding)
+  return {"reference_latent": moments, "target_latent": moments, "pose": batch["pose"]}
+
+
+def _flag(devices: int) -> str:
+  return f"--xla_force_host_platform_device_count={devices}"
+
+
+def _reexec_with_devices(devices: int) -> int | None:
+  """Runs this script again with N host devices unless this process already has them (jax reads the flag once)."""
+  if _flag(devices) in os.environ.get("XLA_FLAGS", ""):
+    return None
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_flag(devices)}".strip()
+  return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+
+
+def load_config(stage: str):
+  """`configs/<stage>.py`'s `get_config()` (stage "base" starts from stage1.py with `stage="base"`)."""
+  name = "stage1" if stage == "base" else stage
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.stage = stage
+  return config
+
+
+def _parse_value(text: str, current):
+  """A `--set KEY=VALUE` string in the type of the field it replaces (tuples as comma lists)."""
+  if isinstance(current, bool):
+    return text.lower() in ("1", "true", "yes")
+  if isinstance(current, tuple | list):
+    return tuple(type(current[0])(v) if current else int(v) for v in text.split(","))
+  return type(current)(text) if current is not None else text
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.unet=tiny")
+    node, *path = key.split(".")[::-1]
+    parent = config
+    for part in reversed(path):
+      parent = parent[part]
+    if node not in parent:
+      raise SystemExit(f"--set {item!r}: config has no field {key!r}")
+    parent[node] = _parse_value(value, parent[node])
+
+
+def configure(args: argparse.Namespace, stage: str, batch: int):
+  config = load_config(stage)
+  config.global_batch_size = batch
+  config.grad_accum_steps = args.grad_accum
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, args.devices, 1
+  attention = None if args.attention == "config" else args.attention
+  for field, value in (("remat_policy", args.remat), ("dtype", args.dtype), ("frozen_dtype", args.frozen_dtype),
+                       ("attention_backend", attention)):
+    if value is not None:
+      config[field] = value
+  apply_overrides(config, args.set)
+  return config
+
+
+def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
+  import jax  # noqa: PLC0415 (after the device-count flag is set)
+
+  from magicpose_jax.models.attention import register_backend  # noqa: PLC0415
+  from magicpose_jax.train.loop import abstract_setup  # noqa: PLC0415
+
+  register_backend(FLASH_PROXY, flash_proxy_attention)
+  if args.strided_micro:
+    from magicpose_jax.train import step  # noqa: PLC0415
+
+    step._split_micro = strided_split_micro
+  config = configure(args, stage, batch)
+  devices = jax.devices()[:args.devices]
+  if len(devices) < args.devices:
+    raise SystemExit(f"--devices {args.devices}: only {len(devices)} {devices[0].platform} devices here")
+  step_fn, step_args = abstract_setup(config, devices)
+  if args.latents:
+    step_args = (*step_args[:2], latent_batch(step_args[2], config))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(*step_args).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  model_flops = None
+  if args.model_flops:
+    # Loop-free twin for the FLOP count: XLA's cost analysis counts a while body once.
+    flat = config.copy_and_resolve_references()
+    flat.attention_backend, flat.grad_accum_steps = "xla", 1
+    fn, fn_args = abstract_setup(flat, devices)
+    if args.latents:
+      fn_args = (*fn_args[:2], latent_batch(fn_args[2], flat))
+    lowered_cost = fn.lower(*fn_args).cost_analysis()
+    model_flops = float((lowered_cost[0] if isinstance(lowered_cost, list) else lowered_cost)["flops"])
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+  return Plan(stage=stage, devices=args.devices, global_batch=batch, grad_accum=config.grad_accum_steps,
+              remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
+              attention=config.attention_backend, inputs="latents" if args.latents else "images",
+              micro_split="strided" if args.strided_micro else "contiguous", argument=mem.argument_size_in_bytes,
+              output=mem.output_size_in_bytes, temp=mem.temp_size_in_bytes,
+              generated_code=mem.generated_code_size_in_bytes, alias=mem.alias_size_in_bytes, peak=peak,
+              xla_peak=getattr(mem, "peak_memory_in_bytes", None), flops_per_device=float(cost.get("flops", 0.0)),
+              model_flops=model_flops, compile_s=compile_s)
+
+
+def format_table(plans: list[Plan]) -> str:
+  """A Markdown table; memory in GiB per device, FLOPs in TFLOP per step."""
+  head = ("| stage | global batch | accum (split) | inputs | remat | attention | argument | output | temp | code "
+          "| alias | peak | XLA peak | TFLOP/device (compiled) | model TFLOP (global) | compile s |")
+  rows = [head, "|" + "---|" * (head.count("|") - 1)]
+  gib = lambda b: f"{b / GIB:.2f}" if b is not None else "-"
+  for p in plans:
+    model = f"{p.model_flops / 1e12:.1f}" if p.model_flops is not None else "-"
+    split = f" ({p.micro_split})" if p.grad_accum > 1 else ""
+    rows.append(f"| {p.stage} | {p.global_batch} | {p.grad_accum}{split} | {p.inputs} | {p.remat} | {p.attention} "
+                f"| {gib(p.argument)} "
+                f"| {gib(p.output)} | {gib(p.temp)} | {gib(p.generated_code)} | {gib(p.alias)} | {gib(p.peak)} "
+                f"| {gib(p.xla_peak)} | {p.flops_per_device / 1e12:.1f} | {model} | {p.compile_s:.0f} |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--stages", default="stage1,stage2", help="comma list of base, stage1, stage2")
+  parser.add_argument("--devices", type=int, default=8, help="simulated devices, all on the fsdp axis")
+  parser.add_argument("--batch", default=None,
+                      help="global batch, one for all stages or a comma list per stage (default 192 / 16)")
+  parser.add_argument("--grad-accum", type=int, default=1, help="config.grad_accum_steps")
+  parser.add_argument("--remat", default=None, help="config.remat_policy (default: the config's, 'full')")
+  parser.add_argument("--dtype", default=None, help="config.dtype, compute (default: the config's, bfloat16)")
+  parser.add_argument("--frozen-dtype", default=None, help="config.frozen_dtype (default: the config's, bfloat16)")
+  parser.add_argument("--attention", default=FLASH_PROXY,
+                      help=f"config.attention_backend: '{FLASH_PROXY}' (default: this script's stand-in for "
+                           "cuDNN/splash flash attention), 'xla' (what 'auto' runs on GPU and TPU today: full "
+                           "logits), 'config' (the config's own, 'auto' = 'xla_chunked' on CPU, whose loop runs over "
+                           "the global batch on every device: no per-device estimate)")
+  parser.add_argument("--latents", action="store_true",
+                      help="batches of cached VAE latents (preprocess --vae) instead of images: no VAE in the step")
+  parser.add_argument("--strided-micro", action="store_true",
+                      help="with --grad-accum: strided micro-batches (the fix proposed for train.step._split_micro)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
+  parser.add_argument("--no-model-flops", dest="model_flops", action="store_false",
+                      help="skip the loop-free re-lowering for the global FLOP count")
+  parser.add_argument("--real-devices", action="store_true",
+                      help="compile for this machine's first --devices accelerators (GPU/TPU) instead of simulated "
+                           "CPU devices: the backend's own memory analysis, still without running")
+  parser.add_argument("--json", default=None, help="write the plans to this JSON file")
+  args = parser.parse_args()
+
+  if not args.real_devices:
+    code = _reexec_with_devices(args.devices)
+    if code is not None:
+      sys.exit(code)
+  sys.path.insert(0, REPO)
+  import jax  # noqa: PLC0415
+
+  stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+  batches = [int(b) for b in args.batch.split(",")] if args.batch else [DEFAULT_BATCH[s] for s in stages]
+  if len(batches) == 1:
+    batches *= len(stages)
+  if len(batches) != len(stages):
+    raise SystemExit(f"--batch {args.batch!r}: give one value or one per stage ({len(stages)})")
+  print(f"memory plan: {args.devices} x {jax.devices()[0].platform} devices, mesh data=1 fsdp={args.devices}, "
+        f"jax {jax.__version__}", flush=True)
+  plans = []
+  for stage, batch in zip(stages, batches, strict=True):
+    plans.append(plan_stage(args, stage, batch))
+    p = plans[-1]
+    print(f"{stage}: global batch {batch}: peak {p.peak / GIB:.2f} GiB/device (argument {p.argument / GIB:.2f}, "
+          f"output {p.output / GIB:.2f}, temp {p.temp / GIB:.2f}, alias {p.alias / GIB:.2f}), compiled in "
+          f"{p.compile_s:.0f} s", flush=True)
+  print(format_table(plans))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([dataclasses.asdict(p) for p in plans], f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

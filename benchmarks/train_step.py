@@ -115,10 +115,6 @@ def write_mid_base(folder: str, seed: int = 0) -> None:
   save_stable_diffusion(MID, jax.tree.map(np.asarray, stages.random_base(MID, seed)), folder)
 
 
-def image_size(config: ml_collections.ConfigDict) -> int:
-  return config.data.image_size
-
-
 def fixed_batch(batch_size: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """Random uint8 `reference`, `target` and `pose` images `[B, size, size, 3]` (the step's input format)."""
   rng = np.random.default_rng(seed)
@@ -325,7 +321,7 @@ def alternate(fns: list[Callable[[], Any]], iters: int) -> list[Timing]:
 
 def profile_parts(config: ml_collections.ConfigDict, nets: stages.Networks, trainable: Params, frozen: Params,
                   ref: TorchStep, batch: dict[str, np.ndarray], iters: int) -> list[tuple[str, Timing, Timing]]:
-  """(part, ours s, PyTorch s) for the VAE encodes, each forward, forward+backward and the optimizer update."""
+  """(part, ours, PyTorch) times of the VAE encodes, each forward, forward+backward and the optimizer update."""
   mp = nets.model
   trainable, frozen = jax.device_put(trainable), jax.device_put(frozen)
   b = batch["target"].shape[0]
@@ -441,7 +437,7 @@ def compare(model: str, stage: str, mid_base: str, iters: int, profile: bool) ->
   run = loop.setup(config)
   setup_s = time.perf_counter() - start
   trainable, frozen = loop.as_host(run.state.params), loop.as_host(run.frozen)  # before the step donates them
-  batch_np = fixed_batch(config.global_batch_size, image_size(config))
+  batch_np = fixed_batch(config.global_batch_size, config.data.image_size)
   ref = TorchStep(config, run.nets, trainable, frozen)
   check = sanity(run.nets, trainable, frozen, ref, batch_np)
   parts = profile_parts(config, run.nets, trainable, frozen, ref, batch_np, iters) if profile else None
@@ -449,7 +445,8 @@ def compare(model: str, stage: str, mid_base: str, iters: int, profile: bool) ->
   batch = sharding.global_batch(batch_np, run.batch_sharding)
   wall, cpu = time.perf_counter(), time.process_time()
   compiled = loop.compile_step(run, batch)
-  compile_time = Timing(time.perf_counter() - wall, time.process_time() - cpu, time.perf_counter() - wall)
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  compile_time = Timing(wall, cpu, wall)
   state = [run.state]
 
   def ours():

@@ -9,18 +9,19 @@
 Builds each stage from `configs/<stage>.py` with mesh data=1, fsdp=N, nothing materialised
 (`loop.abstract_setup`), and compiles the jitted step for N XLA:CPU devices (re-running itself with
 `--xla_force_host_platform_device_count=N`). XLA compiles one SPMD program per device, so
-`memory_analysis()` and the compiled `cost_analysis()` are per device (measured: the 8-device count x 8 is
-the 1-device count + 0.3%). "peak" = argument + output + temp - alias, what one device holds at the step's
-high-water mark; XLA:CPU's own `peak_memory_in_bytes` only counts the arguments and is printed for reference.
+`memory_analysis()` and the compiled `cost_analysis()` are per device (measured at stage 1: 8 x the
+per-device count is the global, unpartitioned count + 0.3%). "peak" = argument + output + temp - alias, what
+one device holds at the step's high-water mark; XLA:CPU's own `peak_memory_in_bytes` only counts the
+arguments and is printed for reference.
 
 Attention: the default `flash_proxy` stands in for a fused kernel (cuDNN on GPU, splash on TPU), which
 XLA:CPU cannot compile; `--attention xla` is what the `auto` backend runs on GPU and TPU today.
 
-Caveats: XLA:CPU's buffer assignment and scheduling are not the GPU/TPU ones, and it runs bf16 convolutions
-in float32 (the VAE's largest buffers are f32 here), so treat the numbers as upper estimates good to tens of
-percent. XLA counts a `while` body once, so loops (`flash_proxy`, `--grad-accum`) under-count the compiled
-FLOPs: the "model TFLOP" column re-lowers the step with `xla` attention and no accumulation (no loops, global,
-before partitioning; remat recomputation included).
+Caveats: XLA:CPU's buffer assignment and scheduling are not the GPU/TPU ones, and it runs every bf16
+convolution and matmul in float32, so treat the numbers as upper estimates; `--real-devices` on the target
+machine gives its backend's own. XLA counts a `while` body once, so loops (`flash_proxy`, `--grad-accum`)
+under-count the compiled FLOPs: the "model TFLOP" column re-lowers the step with `xla` attention and no
+accumulation (no loops, global, before partitioning; remat recomputation included).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ import os
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported for real only after the device-count flag is set
+  import jax
+  import ml_collections
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_BATCH = {"base": 192, "stage1": 192, "stage2": 16}
@@ -69,7 +75,7 @@ FLASH_PROXY = "flash_proxy"
 PROXY_QUERY_CHUNK = 64  # queries per loop step: [B/N, H, 64, Nk] f32 logits, ~0.4 GiB/device at stage 1's 4096 + 4096
 
 
-def flash_proxy_attention(q, k, v):
+def flash_proxy_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """A memory stand-in for fused (flash) attention that XLA:CPU can compile; shapes as `models.attention.attend`.
 
   Query chunks in a `lax.map` with batch and heads as plain einsum batch dims (so they stay sharded), each chunk
@@ -93,7 +99,7 @@ def flash_proxy_attention(q, k, v):
   return jax.lax.map(one_chunk, queries).swapaxes(0, 1).reshape(b, nq, h, d)
 
 
-def strided_split_micro(batch, n):
+def strided_split_micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
   """`[B, ...]` -> `[n, B/n, ...]`, micro-batch j = rows j, j + n, j + 2n, ... (`--strided-micro`).
 
   The proposed fix for `train.step._split_micro`: its contiguous chunks put micro-batch j on devices
@@ -104,7 +110,7 @@ def strided_split_micro(batch, n):
   return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
-def latent_batch(batch, config):
+def latent_batch(batch: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The abstract batch with cached VAE moments `[B, H/f, W/f, 2 * latent_channels]` float32 (what
   `python -m magicpose_jax.preprocess --vae` stores) instead of the reference/target images (`--latents`)."""
   import jax  # noqa: PLC0415
@@ -133,7 +139,7 @@ def _reexec_with_devices(devices: int) -> int | None:
   return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
 
 
-def load_config(stage: str):
+def load_config(stage: str) -> ml_collections.ConfigDict:
   """`configs/<stage>.py`'s `get_config()` (stage "base" starts from stage1.py with `stage="base"`)."""
   name = "stage1" if stage == "base" else stage
   path = os.path.join(REPO, "configs", f"{name}.py")
@@ -145,7 +151,7 @@ def load_config(stage: str):
   return config
 
 
-def _parse_value(text: str, current):
+def _parse_value(text: str, current: Any) -> Any:
   """A `--set KEY=VALUE` string in the type of the field it replaces (tuples as comma lists)."""
   if isinstance(current, bool):
     return text.lower() in ("1", "true", "yes")
@@ -154,7 +160,7 @@ def _parse_value(text: str, current):
   return type(current)(text) if current is not None else text
 
 
-def apply_overrides(config, overrides: list[str]) -> None:
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
@@ -168,7 +174,7 @@ def apply_overrides(config, overrides: list[str]) -> None:
     parent[node] = _parse_value(value, parent[node])
 
 
-def configure(args: argparse.Namespace, stage: str, batch: int):
+def configure(args: argparse.Namespace, stage: str, batch: int) -> ml_collections.ConfigDict:
   config = load_config(stage)
   config.global_batch_size = batch
   config.grad_accum_steps = args.grad_accum
@@ -246,7 +252,7 @@ def format_table(plans: list[Plan]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--stages", default="stage1,stage2", help="comma list of base, stage1, stage2")
-  parser.add_argument("--devices", type=int, default=8, help="simulated devices, all on the fsdp axis")
+  parser.add_argument("--devices", type=int, default=8, help="devices (simulated unless --real-devices), all on fsdp")
   parser.add_argument("--batch", default=None,
                       help="global batch, one for all stages or a comma list per stage (default 192 / 16)")
   parser.add_argument("--grad-accum", type=int, default=1, help="config.grad_accum_steps")

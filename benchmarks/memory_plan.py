@@ -1,8 +1,8 @@
 """Per-device memory and FLOPs of the full training steps, compiled (never run) on simulated devices.
 
     python benchmarks/memory_plan.py                  # SD 1.5 stage 1 (batch 192) + stage 2 (16), 8x FSDP, ~45 min
-    python benchmarks/memory_plan.py --stages stage1 --grad-accum 2 --strided-micro --json plan.json
-    python benchmarks/memory_plan.py --real-devices --attention cudnn --strided-micro --grad-accum 2   # on 8 GPUs
+    python benchmarks/memory_plan.py --stages stage1 --grad-accum 2 --json plan.json
+    python benchmarks/memory_plan.py --real-devices --attention cudnn --grad-accum 2   # on 8 GPUs
     python benchmarks/memory_plan.py --set model.unet=tiny --set model.vae=tiny --set model.text_encoder=tiny \
         --set model.sample_size=16 --set model.hint_channels=16,32 --set sharding.min_size=1024   # minutes
 
@@ -58,7 +58,6 @@ class Plan:
   frozen_dtype: str
   attention: str
   inputs: str  # "images" (VAE in the step) or "latents" (cached moments)
-  micro_split: str  # "contiguous" (train.step today) or "strided" (--strided-micro)
   argument: int
   output: int
   temp: int
@@ -97,17 +96,6 @@ def flash_proxy_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, chunk, H, D]
 
   return jax.lax.map(one_chunk, queries).swapaxes(0, 1).reshape(b, nq, h, d)
-
-
-def strided_split_micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
-  """`[B, ...]` -> `[n, B/n, ...]`, micro-batch j = rows j, j + n, j + 2n, ... (`--strided-micro`).
-
-  The proposed fix for `train.step._split_micro`: its contiguous chunks put micro-batch j on devices
-  j*D/n..(j+1)*D/n - 1 only (the batch axis is split in device order), so accumulation does not shrink the
-  per-device batch and the partitioner reshards the weights inside the scan. Strided rows keep every micro-batch
-  spread over all data-parallel devices (B/n/D rows each).
-  """
-  return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
 def latent_batch(batch: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -195,10 +183,6 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
   from magicpose_jax.train.loop import abstract_setup  # noqa: PLC0415
 
   register_backend(FLASH_PROXY, flash_proxy_attention)
-  if args.strided_micro:
-    from magicpose_jax.train import step  # noqa: PLC0415
-
-    step._split_micro = strided_split_micro
   config = configure(args, stage, batch)
   devices = jax.devices()[:args.devices]
   if len(devices) < args.devices:
@@ -226,7 +210,7 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
   return Plan(stage=stage, devices=args.devices, global_batch=batch, grad_accum=config.grad_accum_steps,
               remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
               attention=config.attention_backend, inputs="latents" if args.latents else "images",
-              micro_split="strided" if args.strided_micro else "contiguous", argument=mem.argument_size_in_bytes,
+              argument=mem.argument_size_in_bytes,
               output=mem.output_size_in_bytes, temp=mem.temp_size_in_bytes,
               generated_code=mem.generated_code_size_in_bytes, alias=mem.alias_size_in_bytes, peak=peak,
               xla_peak=getattr(mem, "peak_memory_in_bytes", None), flops_per_device=float(cost.get("flops", 0.0)),
@@ -235,14 +219,13 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
 
 def format_table(plans: list[Plan]) -> str:
   """A Markdown table; memory in GiB per device, FLOPs in TFLOP per step."""
-  head = ("| stage | global batch | accum (split) | inputs | remat | attention | argument | output | temp | code "
+  head = ("| stage | global batch | grad accum | inputs | remat | attention | argument | output | temp | code "
           "| alias | peak | XLA peak | TFLOP/device (compiled) | model TFLOP (global) | compile s |")
   rows = [head, "|" + "---|" * (head.count("|") - 1)]
   gib = lambda b: f"{b / GIB:.2f}" if b is not None else "-"
   for p in plans:
     model = f"{p.model_flops / 1e12:.1f}" if p.model_flops is not None else "-"
-    split = f" ({p.micro_split})" if p.grad_accum > 1 else ""
-    rows.append(f"| {p.stage} | {p.global_batch} | {p.grad_accum}{split} | {p.inputs} | {p.remat} | {p.attention} "
+    rows.append(f"| {p.stage} | {p.global_batch} | {p.grad_accum} | {p.inputs} | {p.remat} | {p.attention} "
                 f"| {gib(p.argument)} "
                 f"| {gib(p.output)} | {gib(p.temp)} | {gib(p.generated_code)} | {gib(p.alias)} | {gib(p.peak)} "
                 f"| {gib(p.xla_peak)} | {p.flops_per_device / 1e12:.1f} | {model} | {p.compile_s:.0f} |")
@@ -266,8 +249,6 @@ def main() -> None:
                            "the global batch on every device: no per-device estimate)")
   parser.add_argument("--latents", action="store_true",
                       help="batches of cached VAE latents (preprocess --vae) instead of images: no VAE in the step")
-  parser.add_argument("--strided-micro", action="store_true",
-                      help="with --grad-accum: strided micro-batches (the fix proposed for train.step._split_micro)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
   parser.add_argument("--no-model-flops", dest="model_flops", action="store_false",
                       help="skip the loop-free re-lowering for the global FLOP count")

@@ -100,9 +100,17 @@ def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], k
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
-def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
-  """`[B, ...]` -> `[n, B/n, ...]`, row i of micro-batch j being row j*B/n + i (contiguous chunks)."""
-  return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+def split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """`[B, ...]` -> `[n, B/n, ...]`: micro-batch j is rows j, j + n, j + 2n, ... (strided, not contiguous).
+
+  The batch axis is sharded over the data-parallel devices in contiguous blocks of `B/D` rows. Strided
+  micro-batches take `B/(n*D)` rows from every block, so each micro-step keeps all D devices busy on a
+  per-device batch `n` times smaller, with no resharding inside the scan. Contiguous chunks would put
+  micro-batch j on devices `j*D/n ... (j+1)*D/n - 1` only: the per-device batch would not shrink and the
+  partitioner would move weights and activations between devices every micro-step
+  (benchmarks/memory_plan.py measured it).
+  """
+  return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
 def train_step(state: TrainState, frozen: Params, batch: Mapping[str, jax.Array], *, nets: Networks,
@@ -116,7 +124,7 @@ def train_step(state: TrainState, frozen: Params, batch: Mapping[str, jax.Array]
   if grad_accum_steps == 1:
     loss, grads = grad_fn(state.params, frozen, batch, key, *args)
   else:
-    micro = _split_micro(batch, grad_accum_steps)
+    micro = split_micro(batch, grad_accum_steps)
 
     def body(carry, xs):
       loss_sum, grad_sum = carry

@@ -6,13 +6,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magicpose_jax.models.conv import conv_general_dilated
+
 
 def conv(features: int, kernel: int, name: str, dtype: jnp.dtype, param_dtype: jnp.dtype,
          stride: int = 1, padding: int | None = None) -> nn.Conv:
-  """A 2-D convolution with PyTorch's explicit symmetric padding (default `kernel // 2`)."""
+  """A 2-D convolution with PyTorch's explicit symmetric padding (default `kernel // 2`); see `models/conv.py`."""
   pad = kernel // 2 if padding is None else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=conv_general_dilated)
 
 
 class ResnetBlock2D(nn.Module):

@@ -180,6 +180,7 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
   import jax  # noqa: PLC0415 (after the device-count flag is set)
 
   from magicpose_jax.models.attention import register_backend  # noqa: PLC0415
+  from magicpose_jax.train import flops  # noqa: PLC0415
   from magicpose_jax.train.loop import abstract_setup  # noqa: PLC0415
 
   register_backend(FLASH_PROXY, flash_proxy_attention)
@@ -194,18 +195,14 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
   compiled = step_fn.lower(*step_args).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   model_flops = None
   if args.model_flops:
-    # Loop-free twin for the FLOP count: XLA's cost analysis counts a while body once.
-    flat = config.copy_and_resolve_references()
-    flat.attention_backend, flat.grad_accum_steps = "xla", 1
+    # Loop-free twin for the FLOP count: XLA's cost analysis counts a while body once (train.flops).
+    flat = flops.loop_free_config(config)
     fn, fn_args = abstract_setup(flat, devices)
     if args.latents:
       fn_args = (*fn_args[:2], latent_batch(fn_args[2], flat))
-    lowered_cost = fn.lower(*fn_args).cost_analysis()
-    model_flops = float((lowered_cost[0] if isinstance(lowered_cost, list) else lowered_cost)["flops"])
+    model_flops = flops.lowered_flops(fn.lower(*fn_args))
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return Plan(stage=stage, devices=args.devices, global_batch=batch, grad_accum=config.grad_accum_steps,
               remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
@@ -213,7 +210,8 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
               argument=mem.argument_size_in_bytes,
               output=mem.output_size_in_bytes, temp=mem.temp_size_in_bytes,
               generated_code=mem.generated_code_size_in_bytes, alias=mem.alias_size_in_bytes, peak=peak,
-              xla_peak=getattr(mem, "peak_memory_in_bytes", None), flops_per_device=float(cost.get("flops", 0.0)),
+              xla_peak=getattr(mem, "peak_memory_in_bytes", None),
+              flops_per_device=flops.compiled_flops(compiled) or 0.0,
               model_flops=model_flops, compile_s=compile_s)
 
 

@@ -45,6 +45,8 @@ def test_straight_run_writes_checkpoints_and_metrics(straight):
   records = train_cli.metrics(straight)
   assert [r["step"] for r in records] == list(range(1, 2 * K + 1))
   assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 and r["lr"] > 0 for r in records)
+  # FLOP rates from the compiled step (train.flops); no MFU on a CPU (no peak in the table).
+  assert all(r["tflops_per_s"] > 0 and r["model_tflops_per_s"] > 0 and "mfu" not in r for r in records)
   events = [os.path.join(straight, "tb", f) for f in os.listdir(os.path.join(straight, "tb"))]
   data = b"".join(open(f, "rb").read() for f in events)
   assert b"train/loss" in data and b"samples/reference_pose_generated_target" in data  # scalars and a sample grid

@@ -29,7 +29,7 @@ def plain_grads(setup):
   return jax.jit(jax.value_and_grad(lambda p: _loss(config, p, inputs)))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "offload"])
 def test_remat_same_params_outputs_and_grads(setup, plain_grads, policy):
   config, params, inputs = setup
   remat = config.replace(remat_policy=policy)
@@ -40,6 +40,16 @@ def test_remat_same_params_outputs_and_grads(setup, plain_grads, policy):
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_offload_policy_moves_saved_projections_to_host(setup):
+  """`offload` keeps the projections' outputs in host memory (CPU included: there it is the same memory, so it
+  behaves like dots_with_no_batch_dims_saveable); the saving policies keep them on the device."""
+  config, params, inputs = setup
+  jaxpr = lambda policy: str(jax.make_jaxpr(jax.grad(lambda p: _loss(config.replace(remat_policy=policy), p,
+                                                                    inputs)))(params))
+  assert "<host>" in jaxpr("offload")
+  assert "<host>" not in jaxpr("dots_with_no_batch_dims_saveable")
 
 
 def test_dot_product_backend_matches_xla(setup):

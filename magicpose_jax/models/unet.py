@@ -39,6 +39,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Saves the projections' outputs (dots with no batch dims) in host memory instead of recomputing them; the
+    # rest (convolutions, attention) is recomputed. Every JAX backend has a "pinned_host" memory (CPU included).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 # diffusers config keys we accept only at the value that SD 1.x/2.x use (their

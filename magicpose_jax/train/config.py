@@ -37,7 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   c.dtype = "bfloat16"  # compute dtype; params stay float32 masters, conv_out and the loss run in float32
   c.frozen_dtype = "float32"  # storage dtype of the frozen base (bfloat16 halves its memory)
-  # Per UNet block rematerialisation: "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable".
+  # Per UNet block rematerialisation (models.unet.REMAT_POLICIES): "none", "full" (recompute everything),
+  # "dots_saveable" (keep conv and matmul outputs), "dots_with_no_batch_dims_saveable" (keep the projections),
+  # "offload" (the projections to host memory). Step time vs memory: README "Accelerator performance".
   c.remat_policy = "none"
   c.attention_backend = "auto"  # models.attention backends: auto, xla, xla_chunked, dot_product, cudnn
 

@@ -27,7 +27,7 @@ from magicpose_jax.data.pipeline import train_dataset
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.models.controlnet import abstract_controlnet_params
 from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import samples, sharding, stages
+from magicpose_jax.train import flops, samples, sharding, stages
 from magicpose_jax.train.metrics_log import MetricsLog
 from magicpose_jax.train.optimizer import make_optimizer
 from magicpose_jax.train.preemption import PreemptionFlag
@@ -180,8 +180,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
     local = next(data_iter)
     batch = sharding.global_batch({k: v for k, v in local.items() if k in BATCH_KEYS}, run.batch_sharding)
     step_fn = compile_step(run, batch)
+    throughput = flops.step_throughput(config, run.nets, step_fn, list(run.mesh.devices.flat), batch)
+    log.info("train step: %s TFLOP/device (XLA), %.3g TFLOP model (analytic, global batch); device peak %s",
+             "?" if throughput.compiled_per_device is None else f"{throughput.compiled_per_device / 1e12:.3g}",
+             throughput.model_per_step / 1e12, throughput.peak)
     grids = _grid_writer(run, local, logger)
-    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids)
+    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids, throughput)
   finally:
     checkpointer.close()
     logger.close()
@@ -209,7 +213,8 @@ def _grid_writer(run: Run, local: dict, logger: MetricsLog) -> Any:
 
 
 def _loop(run: Run, step_fn: Any, batch: dict, data_iter: Iterator[dict], checkpointer: ckpt.Checkpointer,
-          logger: MetricsLog, preempt: PreemptionFlag, start: int, grids: Any = None) -> dict:
+          logger: MetricsLog, preempt: PreemptionFlag, start: int, grids: Any = None,
+          throughput: flops.StepThroughput | None = None) -> dict:
   config = run.config
   window: list[dict] = []  # fetched per-step metrics since the last log line
   streak = [0]  # consecutive non-finite steps
@@ -220,7 +225,7 @@ def _loop(run: Run, step_fn: Any, batch: dict, data_iter: Iterator[dict], checkp
     nonlocal last
     window.append(m)
     if m["step"] % config.log_every == 0 or force:
-      last = _log(run, logger, window, time.perf_counter() - t_window[0])
+      last = _log(run, logger, window, time.perf_counter() - t_window[0], throughput)
       window.clear()
       t_window[0] = time.perf_counter()
 
@@ -266,14 +271,18 @@ def _fetch(pending: tuple[int, dict], streak: list[int], limit: int) -> dict:
   return m
 
 
-def _log(run: Run, logger: MetricsLog, window: list[dict], seconds: float) -> dict:
-  """One metrics line for the steps in `window`: mean loss/grad norm over its finite steps, throughput."""
+def _log(run: Run, logger: MetricsLog, window: list[dict], seconds: float,
+         throughput: flops.StepThroughput | None = None) -> dict:
+  """One metrics line for the steps in `window`: mean loss/grad norm over its finite steps, throughput
+  (+ TFLOP/s per device and MFU with a `throughput`)."""
   dt = max(seconds, 1e-9)
   finite = [m for m in window if m["finite"]]
   values = {"loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
             "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else float("nan"),
             "lr": window[-1]["lr"], "skipped": float(len(window) - len(finite)),
             "steps_per_s": len(window) / dt, "images_per_s": len(window) * run.config.global_batch_size / dt}
+  if throughput is not None:
+    values.update(throughput.rates(dt / len(window)))
   logger.scalars(window[-1]["step"], values)
   return {"step": window[-1]["step"], **values}
 

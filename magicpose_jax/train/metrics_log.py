@@ -1,7 +1,9 @@
 """Where training numbers go: a progress bar, `metrics.jsonl` and TensorBoard (`tb/`), all in the workdir.
 
 Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step (`step`, `loss`, `lr`,
-`grad_norm`, `steps_per_s`, `images_per_s`, `skipped`); on resume the lines after the restored step
+`grad_norm`, `steps_per_s`, `images_per_s`, `skipped`, and from `train.flops`: `tflops_per_s` (XLA's count of
+the compiled step, per device), `model_tflops_per_s` (analytic, per device) and `mfu` where the device's peak is
+known); on resume the lines after the restored step
 are dropped, so the file reads as one run.
 """
 
@@ -59,7 +61,10 @@ class MetricsLog:
     for k, v in values.items():
       self.writer.add_scalar(f"train/{k}", float(v), step)
     if self.bar is not None:
-      self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record.get('images_per_s', 0):.1f}",
+      extra = {"tflops": f"{record['model_tflops_per_s']:.3g}"} if "model_tflops_per_s" in record else {}
+      if "mfu" in record:
+        extra["mfu"] = f"{100 * record['mfu']:.1f}%"
+      self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record.get('images_per_s', 0):.1f}", **extra,
                            refresh=False)
 
   def images(self, step: int, name: str, grid: np.ndarray) -> None:

@@ -1,0 +1,410 @@
+"""FLOPs of the training step and the device peaks to hold them against (MFU).
+
+Three sources of a step's FLOP count, each with its blind spot:
+
+* `compiled_flops(compiled)`: XLA's `cost_analysis()` of the compiled step. Per device for an SPMD program
+  (the partitioned module). XLA counts a `while`/`scan` body ONCE, whatever its trip count, so the scanned
+  micro-batches of `grad_accum_steps > 1`, a `lax.map` over query chunks (the `xla_chunked`/flash CPU attention)
+  and the sampler's scan are under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs.
+  It includes remat recomputation: it is what the device executes ("hardware FLOPs").
+* `lowered_flops(lowered)` of `loop_free_config(config)`: the same step with `xla` attention and no
+  accumulation, lowered but not compiled, so nothing is looped or hidden in a custom call (global, before
+  partitioning). What `benchmarks/memory_plan.py` reports as "model TFLOP".
+* `unet_forward_flops` / `train_step_flops`: an analytic count of convolutions, dense layers and attention
+  (2 FLOPs per multiply-add; norms, activations and the optimizer update are left out: well under 1 %),
+  independent of XLA. `train_step_flops(...).model` is the MFU numerator (no recomputation, the PaLM
+  definition); `.hardware` adds what the remat policy recomputes.
+
+`peak_tflops(device_kind, dtype)` maps `jax.devices()[0].device_kind` to the dense peak of `PEAKS` (None for
+CPUs and devices not in the table: no MFU is reported then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from magicpose_jax.models.controlnet import ControlNetConfig
+from magicpose_jax.models.unet import UNetConfig
+from magicpose_jax.models.vae import VAEConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device peaks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """Dense (no sparsity) peak TFLOP/s of one device (one GPU, one TPU chip)."""
+
+  name: str
+  bf16: float
+  fp32: float | None  # what XLA's default precision runs float32 matmuls at (see PEAKS); None: not published
+
+
+# Sources (vendor datasheets, dense figures; the sparse ones are 2x):
+# - A100: NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312, TF32 156 (SXM and PCIe alike).
+# - H100 SXM: NVIDIA H100 datasheet (2023): BF16 989.4, TF32 494.7. H100 PCIe: BF16 756, TF32 378.
+#   H100 NVL: BF16 835 (per GPU), TF32 418.
+# - H200: NVIDIA H200 datasheet (2024), same compute as H100 SXM: BF16 989.4, TF32 494.7.
+# - TPU v4: cloud.google.com/tpu/docs/v4: 275 BF16 per chip. v5e: /docs/v5e: 197. v5p: /docs/v5p: 459.
+#   v6e (Trillium): /docs/v6e: 918.
+# On GPUs XLA runs float32 dots and convolutions on TF32 tensor cores at the default precision, so the
+# "fp32" column is the TF32 peak; TPUs run float32 matmuls as several bf16 passes and publish no float32 peak.
+PEAKS: tuple[tuple[tuple[str, ...], Peak], ...] = (
+    # (lower-case substrings all present in device_kind, peak); first match wins, so the specific ones first.
+    (("h100", "pcie"), Peak("H100 PCIe", 756.0, 378.0)),
+    (("h100", "nvl"), Peak("H100 NVL", 835.0, 418.0)),
+    (("h100",), Peak("H100 SXM", 989.4, 494.7)),
+    (("h200",), Peak("H200", 989.4, 494.7)),
+    (("a100",), Peak("A100", 312.0, 156.0)),
+    (("v5 lite",), Peak("TPU v5e", 197.0, None)),
+    (("v5e",), Peak("TPU v5e", 197.0, None)),
+    (("v6 lite",), Peak("TPU v6e", 918.0, None)),
+    (("v6e",), Peak("TPU v6e", 918.0, None)),
+    (("v5p",), Peak("TPU v5p", 459.0, None)),
+    (("tpu v5",), Peak("TPU v5p", 459.0, None)),  # v5p reports device_kind "TPU v5"
+    (("tpu v4",), Peak("TPU v4", 275.0, None)),
+)
+
+
+def device_peak(device_kind: str) -> Peak | None:
+  """The `PEAKS` entry for a `jax.Device.device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...), or None."""
+  kind = device_kind.lower()
+  for needles, peak in PEAKS:
+    if all(n in kind for n in needles):
+      return peak
+  return None
+
+
+def peak_tflops(device_kind: str, dtype: Any = "bfloat16") -> float | None:
+  """Dense peak TFLOP/s of one device for compute `dtype` ("bfloat16"/"float32"); None if unknown (CPU)."""
+  peak = device_peak(device_kind)
+  if peak is None:
+    return None
+  return peak.bf16 if str(dtype) in ("bfloat16", "bf16", "float16") else peak.fp32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# XLA's counts.
+
+
+def _flops_of(cost: Any) -> float | None:
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """FLOPs XLA's cost analysis gives a compiled program (per device under SPMD; loop bodies counted once)."""
+  try:
+    return _flops_of(compiled.cost_analysis())
+  except (AttributeError, NotImplementedError, RuntimeError):  # backends without a cost analysis: no count, no crash
+    return None
+
+
+def lowered_flops(lowered: Any) -> float | None:
+  """FLOPs of a lowered, not yet compiled, program (global, before partitioning and fusion)."""
+  try:
+    return _flops_of(lowered.cost_analysis())
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+
+
+def loop_free_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of a training config whose step has no loops XLA would under-count: `xla` attention, no
+  gradient accumulation (the global batch in one pass: the same FLOPs)."""
+  flat = config.copy_and_resolve_references()
+  flat.attention_backend, flat.grad_accum_steps = "xla", 1
+  return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Analytic counts (per example).
+
+
+@dataclasses.dataclass
+class Flops:
+  """FLOPs by kind: `conv` (convolutions), `dense` (projections, feed-forward), `attention` (QK^T and PV)."""
+
+  conv: float = 0.0
+  dense: float = 0.0
+  attention: float = 0.0
+
+  @property
+  def total(self) -> float:
+    return self.conv + self.dense + self.attention
+
+  def __add__(self, other: Flops) -> Flops:
+    return Flops(self.conv + other.conv, self.dense + other.dense, self.attention + other.attention)
+
+  def __mul__(self, k: float) -> Flops:
+    return Flops(self.conv * k, self.dense * k, self.attention * k)
+
+  __rmul__ = __mul__
+
+
+def _conv(h: int, w: int, k: int, cin: int, cout: int) -> Flops:
+  return Flops(conv=2.0 * h * w * k * k * cin * cout)  # (h, w): the OUTPUT size
+
+
+def _dense(n: int, din: int, dout: int) -> Flops:
+  return Flops(dense=2.0 * n * din * dout)
+
+
+def _attention(nq: int, nk: int, inner: int) -> Flops:
+  return Flops(attention=4.0 * nq * nk * inner)  # QK^T and PV, each 2 * nq * nk * inner
+
+
+def _resnet(h: int, w: int, cin: int, cout: int, temb: int | None) -> Flops:
+  f = _conv(h, w, 3, cin, cout) + _conv(h, w, 3, cout, cout)
+  if temb is not None:
+    f += _dense(1, temb, cout)
+  if cin != cout:
+    f += _conv(h, w, 1, cin, cout)
+  return f
+
+
+def _transformer_parts(h: int, w: int, c: int, context: tuple[int, int], reference: bool) -> tuple[Flops, Flops]:
+  """(proj_in + proj_out, one `BasicTransformerBlock`) of a `Transformer2DModel` at `[h, w, c]` (inner width = c
+  for SD); `context` (tokens, width); reference states of the block's own size double the self-attention
+  keys/values."""
+  n = h * w
+  ctx_len, ctx_dim = context
+  kv = 2 * n if reference else n
+  proj = _dense(n, c, c) * 2  # proj_in, proj_out (1x1 conv or dense: the same count)
+  block = (_dense(n, c, c) * 2 + _dense(kv, c, c) * 2 + _attention(n, kv, c)  # attn1: q, out; k, v; QK^T, PV
+           + _dense(n, c, c) * 2 + _dense(ctx_len, ctx_dim, c) * 2 + _attention(n, ctx_len, c)  # attn2
+           + _dense(n, c, 8 * c) + _dense(n, 4 * c, c))  # GEGLU: c -> 2 x 4c, then 4c -> c
+  return proj, block
+
+
+def _transformer(h: int, w: int, c: int, layers: int, context: tuple[int, int], reference: bool) -> Flops:
+  proj, block = _transformer_parts(h, w, c, context, reference)
+  return proj + block * layers
+
+
+def _down(h: int) -> int:
+  return (h - 1) // 2 + 1  # 3x3 stride-2 conv, padding 1 (PyTorch's output size)
+
+
+def _encoder_path(cfg: UNetConfig, h: int, w: int, context: tuple[int, int],
+                  reference: bool) -> tuple[Flops, list[tuple[int, int, int]], tuple[int, int, int]]:
+  """Time embedding, conv_in, down blocks, mid block: (FLOPs, skips (h, w, c), mid output (h, w, c))."""
+  temb = 4 * cfg.block_out_channels[0]
+  c0 = cfg.block_out_channels[0]
+  f = _dense(1, c0, temb) + _dense(1, temb, temb) + _conv(h, w, 3, cfg.in_channels, c0)
+  skips = [(h, w, c0)]
+  c = c0
+  n_levels = len(cfg.block_out_channels)
+  for i, kind in enumerate(cfg.down_block_types):
+    out = cfg.block_out_channels[i]
+    for _ in range(cfg.layers[i]):
+      f += _resnet(h, w, c, out, temb)
+      c = out
+      if kind.startswith("CrossAttn"):
+        f += _transformer(h, w, c, cfg.transformer_layers[i], context, reference)
+      skips.append((h, w, c))
+    if i < n_levels - 1:
+      h, w = _down(h), _down(w)
+      f += _conv(h, w, 3, c, c)
+      skips.append((h, w, c))
+  f += _resnet(h, w, c, c, temb) * 2 + _transformer(h, w, c, cfg.transformer_layers[-1], context, reference)
+  return f, skips, (h, w, c)
+
+
+def unet_forward_flops(cfg: UNetConfig, latent_hw: tuple[int, int], context_len: int = 77,
+                       reference: bool = False, compute_output: bool = True) -> Flops:
+  """One example through `UNet2DConditionModel`: `[1, h, w, in]` latents, `[1, context_len, D]` text.
+
+  Args:
+    reference: the main UNet of MagicPose (reference states of the same latent size: self-attention
+      keys/values over 2 x the block's tokens).
+    compute_output: False for the appearance net (no `conv_norm_out`/`conv_out`).
+  """
+  context = (context_len, cfg.cross_attention_dim)
+  h, w = latent_hw
+  temb = 4 * cfg.block_out_channels[0]
+  f, skips, (h, w, c) = _encoder_path(cfg, h, w, context, reference)
+  # Without the output head, whatever runs after the last reference state (the last self-attention's norm1)
+  # is dead code that XLA removes: `tail` tracks it.
+  tail = Flops()
+  n_levels = len(cfg.block_out_channels)
+  for i, kind in enumerate(cfg.up_block_types):
+    level = n_levels - 1 - i
+    out = cfg.block_out_channels[level]
+    for _ in range(cfg.layers[level] + 1):
+      _, _, cs = skips.pop()
+      r = _resnet(h, w, c + cs, out, temb)
+      f, tail, c = f + r, tail + r, out
+      if kind.startswith("CrossAttn"):
+        proj, block = _transformer_parts(h, w, c, context, reference)
+        f += proj + block * cfg.transformer_layers[level]
+        tail = block + proj * 0.5  # the last block after its norm1, and proj_out
+    if i < n_levels - 1:
+      h, w = skips[-1][:2]  # upsampled to the next skips' size
+      up = _conv(h, w, 3, c, c)
+      f, tail = f + up, tail + up
+  if compute_output:
+    return f + _conv(h, w, 3, c, cfg.out_channels)
+  return Flops(f.conv - tail.conv, f.dense - tail.dense, f.attention - tail.attention)
+
+
+def controlnet_forward_flops(cfg: ControlNetConfig, latent_hw: tuple[int, int], context_len: int = 77) -> Flops:
+  """One example through the pose net (hint encoder at `factor x` the latent size, down + mid, zero convs)."""
+  unet = cfg.unet_config()
+  widths = cfg.conditioning_embedding_out_channels
+  f_ = cfg.downsample_factor
+  h, w = latent_hw[0] * f_, latent_hw[1] * f_
+  hint = _conv(h, w, 3, cfg.conditioning_channels, widths[0])
+  for i in range(len(widths) - 1):
+    hint += _conv(h, w, 3, widths[i], widths[i])
+    h, w = _down(h), _down(w)
+    hint += _conv(h, w, 3, widths[i], widths[i + 1])
+  hint += _conv(h, w, 3, widths[-1], unet.block_out_channels[0])
+  f, skips, (h, w, c) = _encoder_path(unet, *latent_hw, (context_len, unet.cross_attention_dim), False)
+  f += hint
+  for sh, sw, sc in skips:
+    f += _conv(sh, sw, 1, sc, sc)
+  return f + _conv(h, w, 1, c, c)
+
+
+def vae_encode_flops(cfg: VAEConfig, image_hw: tuple[int, int]) -> Flops:
+  """One image through the VAE encoder and `quant_conv` (the training step's latents)."""
+  h, w = image_hw
+  ch = cfg.block_out_channels
+  f = _conv(h, w, 3, cfg.in_channels, ch[0])
+  c = ch[0]
+  for i, out in enumerate(ch):
+    for _ in range(cfg.layers_per_block):
+      f += _resnet(h, w, c, out, None)
+      c = out
+    if i < len(ch) - 1:
+      h, w = math.ceil(h / 2), math.ceil(w / 2)
+      f += _conv(h, w, 3, c, c)
+  f += _resnet(h, w, c, c, None) * 2 + _dense(h * w, c, c) * 4 + _attention(h * w, h * w, c)
+  return f + _conv(h, w, 3, c, 2 * cfg.latent_channels) + _conv(h, w, 1, 2 * cfg.latent_channels,
+                                                                 2 * cfg.latent_channels)
+
+
+# What a remat policy recomputes in the backward pass, by kind (the rest it saves or offloads).
+RECOMPUTED = {
+    "none": (),
+    "full": ("conv", "dense", "attention"),
+    "dots_saveable": (),  # saves dot_general and conv outputs
+    "dots_with_no_batch_dims_saveable": ("conv", "attention"),  # convs and batched (attention) dots recomputed
+    "offload": ("conv", "attention"),  # as dots_with_no_batch_dims_saveable, offloading instead of saving
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Per-example FLOPs of one training step: `model` (forward + backward, no recomputation; the MFU
+  numerator) and `hardware` (+ the remat policy's recomputation)."""
+
+  model: float
+  hardware: float
+  forward: float  # forward pass alone (VAE included)
+
+
+def train_step_flops(stage: str, unet: UNetConfig, vae: VAEConfig | None, latent_hw: tuple[int, int],
+                     pose: ControlNetConfig | None = None, use_appearance: bool = True, context_len: int = 77,
+                     remat_policy: str = "none") -> StepFlops:
+  """Analytic FLOPs per example of a `train.step.train_step` (multiply by the batch for the step).
+
+  Backward = 2 x forward for trained nets (input and weight gradients), 1 x forward for the frozen main UNet of
+  stages 1/2 (its input gradients feed the trainable nets; XLA drops the unused weight gradients). The VAE
+  encodes the target (and the reference) without gradients; `vae=None`: cached latents, no VAE.
+  """
+  if remat_policy not in RECOMPUTED:
+    raise ValueError(f"remat_policy {remat_policy!r} not in {tuple(RECOMPUTED)}")
+  kinds = RECOMPUTED[remat_policy]
+  recompute = lambda f: sum(getattr(f, k) for k in kinds)
+  image_hw = None if vae is None else (latent_hw[0] * 2 ** (len(vae.block_out_channels) - 1),
+                                       latent_hw[1] * 2 ** (len(vae.block_out_channels) - 1))
+  enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
+  if stage == "base":
+    f = unet_forward_flops(unet, latent_hw, context_len)
+    return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + recompute(f) + enc, forward=f.total + enc)
+  appearance = unet_forward_flops(unet, latent_hw, context_len, compute_output=False) if use_appearance else None
+  main = unet_forward_flops(unet, latent_hw, context_len, reference=use_appearance)
+  trained = [appearance] if appearance is not None else []
+  if pose is not None:
+    trained.append(controlnet_forward_flops(pose, latent_hw, context_len))
+  encodes = enc * (2 if use_appearance else 1)
+  forward = main.total + sum(f.total for f in trained) + encodes
+  model = 2 * main.total + sum(3 * f.total for f in trained) + encodes
+  hardware = model + recompute(main) + sum(recompute(f) for f in trained)
+  return StepFlops(model=model, hardware=hardware, forward=forward)
+
+
+def config_step_flops(config: ml_collections.ConfigDict, nets: Any, latent_hw: tuple[int, int] | None = None,
+                      latents: bool = False) -> StepFlops:
+  """`train_step_flops` per example for a training config and its `stages.Networks`.
+
+  `latent_hw` defaults to `config.data.image_size` over the VAE's factor; `latents`: batches of cached VAE
+  moments (no VAE in the step).
+  """
+  mp = nets.model.config
+  if latent_hw is None:
+    size = config.data.image_size // nets.vae.config.downsample_factor
+    latent_hw = (size, size)
+  return train_step_flops(nets.stage, mp.unet, None if latents else nets.vae.config, tuple(latent_hw),
+                          pose=mp.pose, use_appearance=mp.use_appearance and nets.stage != "base",
+                          remat_policy=config.remat_policy)
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, devices: int, peak: float | None) -> float | None:
+  """Model FLOPs utilisation: achieved FLOP/s per device over the device's peak (TFLOP/s); None without a peak."""
+  if peak is None or seconds_per_step <= 0:
+    return None
+  return flops_per_step / seconds_per_step / devices / (peak * 1e12)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepThroughput:
+  """FLOPs of the compiled step, counted once after compiling, turned into rates for every log line.
+
+  Attributes:
+    compiled_per_device: XLA's count for one device, x `grad_accum_steps` (the scanned micro-batch body is
+      counted once); None where the backend has no cost analysis.
+    model_per_step: the analytic model FLOPs of one step over the global batch (no recomputation).
+    devices: devices the step runs on.
+    peak: the device's dense peak TFLOP/s for the compute dtype; None (no MFU) on CPUs and unknown devices.
+  """
+
+  compiled_per_device: float | None
+  model_per_step: float
+  devices: int
+  peak: float | None
+
+  def rates(self, seconds_per_step: float) -> dict[str, float]:
+    """`tflops_per_s` (XLA-counted, per device), `model_tflops_per_s` (analytic, per device) and `mfu`."""
+    dt = max(seconds_per_step, 1e-12)
+    out = {"model_tflops_per_s": self.model_per_step / self.devices / dt / 1e12}
+    if self.compiled_per_device is not None:
+      out["tflops_per_s"] = self.compiled_per_device / dt / 1e12
+    if self.peak is not None:
+      out["mfu"] = out["model_tflops_per_s"] / self.peak
+    return out
+
+
+def step_throughput(config: ml_collections.ConfigDict, nets: Any, compiled: Any, devices: list[Any],
+                    batch: Mapping[str, Any]) -> StepThroughput:
+  """The `StepThroughput` of a compiled `train_step` for `config` on `devices`, for global batches like `batch`
+  (`[B, H, W, 3]` images, or `target_latent` `[B, h, w, 2c]` cached VAE moments)."""
+  counted = compiled_flops(compiled)
+  if counted is not None:
+    counted *= config.grad_accum_steps
+  latents = "target_latent" in batch
+  if latents:
+    latent_hw = tuple(batch["target_latent"].shape[1:3])
+  else:
+    f = nets.vae.config.downsample_factor
+    latent_hw = (batch["target"].shape[1] // f, batch["target"].shape[2] // f)
+  model = config_step_flops(config, nets, latent_hw, latents).model * config.global_batch_size
+  return StepThroughput(counted, model, len(devices), peak_tflops(devices[0].device_kind, config.dtype))

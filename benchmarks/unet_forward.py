@@ -22,10 +22,17 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=64, help="latent height = width")
   parser.add_argument("--iters", type=int, default=5, help="timed runs of each, alternating")
   parser.add_argument("--backend", default="auto", help="our attention backend (see models/attention.py)")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="threads for both (0: every core). 1 with --clock process measures work on a loaded machine")
+  parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                      help="wall time, or this process's CPU time (meaningful with --threads 1)")
   args = parser.parse_args()
 
-  # Same threads for both: XLA's CPU client uses every core, so PyTorch gets cpu_count() too.
-  threads = os.cpu_count()
+  # Same threads for both: XLA's CPU client uses every core, so PyTorch gets cpu_count() too, unless --threads.
+  threads = args.threads or os.cpu_count()
+  if args.threads == 1:  # before jax is imported: one Eigen thread, no intra-op pool
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
@@ -61,11 +68,11 @@ def main() -> None:
     with torch.inference_mode():
       return tmodel(x_t, t_t, c_t).sample
 
-  jax_s, torch_s = alternate(run_jax, run_torch, args.iters)
+  jax_s, torch_s = alternate(run_jax, run_torch, args.iters, args.clock)
   err = np.abs(np.asarray(run_jax()) - run_torch().numpy().transpose(0, 2, 3, 1)).max()
 
   print(f"UNet forward: variant={args.variant} batch={args.batch} latents={args.size}x{args.size} fp32, "
-        f"threads={threads} (both), jax {jax.__version__}, torch {torch.__version__}")
+        f"threads={threads} (both), {args.clock} clock, jax {jax.__version__}, torch {torch.__version__}")
   print(f"  ours (jit, {args.backend:>11}) : {jax_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
   print(f"  diffusers (PyTorch)     : {torch_s * 1e3:9.1f} ms")
   print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (goal <= 1.00)")

@@ -46,6 +46,10 @@ import sys
 import time
 from typing import Any
 
+# Before JAX starts: no up-front grab of 75 % of the GPU (the PyTorch subprocess runs after JAX has seen the
+# device and needs the memory), and a limit of 95 % instead of 75 % for the batch search.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 GIB = 2**30
@@ -68,7 +72,7 @@ def stage_config(stage: str, args: argparse.Namespace) -> Any:
   config = load_config("tiny" if args.reduced else stage)
   config.stage = stage
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  config.global_batch_size = args.probe_batch
+  config.global_batch_size = args.probe_batch or 8  # the step is compiled per batch shape: any valid value
   config.dtype = args.dtype
   if args.remat is not None:
     config.remat_policy = args.remat
@@ -171,19 +175,53 @@ def _fit_batch(compiled: Any, probe: int, limit: int | None, max_batch: int) -> 
   return b
 
 
-def jax_train(stage: str, args: argparse.Namespace, deadline: float) -> Row:
+# Per-device memory of the full-size steps with remat "full", from benchmarks/memory_plan.py's XLA:CPU plans (upper
+# estimates): a batch-independent ~12 GiB plus ~3.5 GiB (stage 1) / ~4.5 GiB (stage 2) per example. Used to pick the
+# first batch to compile, so that usually one compile per stage suffices.
+FIXED_GIB, PER_EXAMPLE_GIB = 12.0, {"stage1": 3.5, "stage2": 4.5}
+
+
+def first_batch(stage: str, args: argparse.Namespace, limit: int | None) -> int:
+  if args.probe_batch:
+    return args.probe_batch
+  if args.reduced:
+    return 4
+  if limit is None:
+    return 8
+  b = 1
+  while b * 2 <= args.max_batch and FIXED_GIB + PER_EXAMPLE_GIB.get(stage, 4.5) * b * 2 <= 0.9 * limit / GIB:
+    b *= 2
+  return b
+
+
+def setup_run(stage: str, args: argparse.Namespace) -> Any:
   import jax  # noqa: PLC0415
 
-  from magicpose_jax.train import flops, loop  # noqa: PLC0415
+  from magicpose_jax.train import loop  # noqa: PLC0415
 
-  config = stage_config(stage, args)
-  device = jax.devices()[0]
   t0 = time.perf_counter()
-  run = loop.setup(config, [device])
-  setup_s = time.perf_counter() - t0
-  probe = args.probe_batch
-  compiled, compile_s = _compile(run, _random_batch(config, probe, run.batch_sharding))
-  print(f"[{stage}] setup {setup_s:.0f} s, probe compile (batch {probe}) {compile_s:.0f} s", flush=True)
+  run = loop.setup(stage_config(stage, args), jax.devices()[:1])
+  print(f"[{stage}] setup {time.perf_counter() - t0:.0f} s", flush=True)
+  return run
+
+
+def jax_train(stage: str, args: argparse.Namespace, deadline: float, run: Any = None) -> Row:
+  import jax  # noqa: PLC0415
+
+  from magicpose_jax.train import flops  # noqa: PLC0415
+
+  run = run if run is not None else setup_run(stage, args)
+  config = run.config
+  device = run.mesh.devices.flat[0]
+  probe = first_batch(stage, args, _bytes_limit(device))
+  try:
+    compiled, compile_s = _compile(run, _random_batch(config, probe, run.batch_sharding))
+  except Exception as e:
+    if not _is_oom(e) or probe <= 1:
+      raise
+    probe //= 2
+    compiled, compile_s = _compile(run, _random_batch(config, probe, run.batch_sharding))
+  print(f"[{stage}] compile (batch {probe}) {compile_s:.0f} s", flush=True)
   b = probe if args.reduced else _fit_batch(compiled, probe, _bytes_limit(device), args.max_batch)
   compiled_batch = probe
   notes = []
@@ -214,7 +252,8 @@ def jax_train(stage: str, args: argparse.Namespace, deadline: float) -> Row:
       b //= 2
       del run
       gc.collect()
-      run = loop.setup(config, [device])  # the donated state may be gone
+      run = setup_run(stage, args)  # the donated state may be gone
+      config = run.config
   config.global_batch_size = b
   t0 = time.perf_counter()
   for _ in range(args.steps):
@@ -242,17 +281,16 @@ def jax_train(stage: str, args: argparse.Namespace, deadline: float) -> Row:
 # JAX: sampling.
 
 
-def jax_sampling(args: argparse.Namespace) -> Row:
+def jax_sampling(args: argparse.Namespace, run: Any) -> Row:
+  """The animation with the nets and weights of a stage-2 `run` (`setup_run("stage2", args)`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
   from magicpose_jax.diffusion.sampler import SamplerConfig, sample_video  # noqa: PLC0415
   from magicpose_jax.diffusion.schedules import make_schedule  # noqa: PLC0415
-  from magicpose_jax.train import loop  # noqa: PLC0415
 
-  config = stage_config("stage2", args)
-  run = loop.setup(config, jax.devices()[:1])
+  config = run.config
   nets = run.nets
   params = {"unet": run.frozen["unet"], **run.state.params}
   h = config.data.image_size // nets.latent_factor
@@ -272,8 +310,6 @@ def jax_sampling(args: argparse.Namespace) -> Row:
   t0 = time.perf_counter()
   go()
   dt = time.perf_counter() - t0
-  del run
-  gc.collect()
   return Row(f"sampling: {frames} frames x {steps} DDIM steps, guidance 7", "JAX", frames, None, frames / dt,
              compile_s=max(compile_s - dt, 0.0), note=f"reference caching, {frames} frames per batch; "
                                                        f"{dt:.1f} s per animation")
@@ -298,6 +334,8 @@ def torch_worker(args: argparse.Namespace) -> None:
   if args.torch_device == "cuda" and not torch.cuda.is_available():
     print(json.dumps({"skip": "PyTorch reference skipped: no CUDA device"}))
     return
+  import numpy as np  # noqa: PLC0415
+
   from magicpose_jax.diffusion.schedules import make_schedule  # noqa: PLC0415
   from magicpose_jax.train import stages  # noqa: PLC0415
 
@@ -311,7 +349,17 @@ def torch_worker(args: argparse.Namespace) -> None:
   kw = lambda c: {k: v for k, v in c.to_diffusers().items() if not k.startswith("_")}
   torch.manual_seed(0)
 
+  built: dict[str, dict] = {}
+
   def build(stage: str) -> dict:
+    """The stage's networks, built on the device (random init there: fast at full size), once per stage."""
+    if stage not in built:
+      built.clear()  # one stage's models at a time on the device
+      with torch.device(dev):
+        built[stage] = _build(stage)
+    return built[stage]
+
+  def _build(stage: str) -> dict:
     config = stage_config(stage, args)
     nets = stages.networks(config, stages.variant_configs(config))
     mp = nets.model.config
@@ -325,7 +373,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     m["plain"] = dict(m["main"].attn_processors)  # diffusers' SDPA processors: the unconditional (plain SD) pass
     _set_attn1(m["main"], lambda _: _ConcatKV(lambda h: m["queue"].pop(0)))
     m["reference"] = dict(m["main"].attn_processors)
-    m["alphas"] = torch.from_numpy(__import__("numpy").asarray(make_schedule(nets.schedule).alphas_cumprod)).to(dev)
+    m["alphas"] = torch.from_numpy(np.asarray(make_schedule(nets.schedule).alphas_cumprod)).to(dev)
     m["text"] = torch.randn(1, 77, mp.unet.cross_attention_dim, device=dev)
     return m
 
@@ -389,6 +437,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated() / GIB if dev.type == "cuda" else None
+    opt.zero_grad(set_to_none=True)  # the models stay cached (sampling reuses stage 2's); their grads need not
     threads = f", {torch.get_num_threads()} CPU thread(s)" if dev.type == "cpu" else ""
     notes.append(f"loss {float(loss):.3f}, SDPA, {'bf16 autocast' if bf16 else 'fp32'}, fused AdamW{threads}")
     return {"part": f"{stage} train step", "impl": "PyTorch", "batch": b, "steps_per_s": 1 / dt,
@@ -452,9 +501,10 @@ def run_torch_subprocess(args: argparse.Namespace, budget: float) -> tuple[list[
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # JAX only reads configs there: the device stays PyTorch's
   cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--time-budget", f"{budget:.0f}",
          "--stages", ",".join(args.stages), "--torch-device", args.torch_device, "--dtype", args.dtype,
-         "--steps", str(args.steps), "--max-batch", str(args.max_batch), "--probe-batch", str(args.probe_batch),
+         "--steps", str(args.steps), "--max-batch", str(args.max_batch),
          "--frames", str(args.frames), "--sample-steps", str(args.sample_steps),
-         "--reduced" if args.reduced else "--full"] + ([] if args.sampling else ["--no-sampling"])
+         "--reduced" if args.reduced else "--full"] + ([] if args.sampling else ["--no-sampling"]) \
+      + (["--probe-batch", str(args.probe_batch)] if args.probe_batch else [])
   try:
     out = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=budget + 60)
   except subprocess.TimeoutExpired:
@@ -493,7 +543,7 @@ def policies_table(args: argparse.Namespace, deadline: float) -> list[str]:
       sub = argparse.Namespace(**{**vars(args), "remat": policy, "dtype": dtype})
       config = stage_config("stage1", sub)
       run = loop.setup(config, jax.devices()[:1])
-      batch = _random_batch(config, args.probe_batch, run.batch_sharding)
+      batch = _random_batch(config, args.probe_batch or 4, run.batch_sharding)
       compiled, _ = _compile(run, batch)
       mem = compiled.memory_analysis()
       run.state, m = compiled(run.state, run.frozen, batch)
@@ -527,7 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--remat", default=None, help="remat policy (default: the config's)")
   parser.add_argument("--attention", default=None, help="attention backend (default: the config's, auto)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-  parser.add_argument("--probe-batch", type=int, default=None, help="first compile's batch (default 8; 4 reduced)")
+  parser.add_argument("--probe-batch", type=int, default=None,
+                      help="first compile's batch (default: from the device's memory; 4 reduced)")
   parser.add_argument("--max-batch", type=int, default=64, help="largest per-device batch tried")
   parser.add_argument("--frames", type=int, default=None, help="animation frames (default 16; 4 reduced)")
   parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 50; 10 reduced)")
@@ -549,7 +600,8 @@ def _defaults(args: argparse.Namespace, platform: str) -> None:
   if args.reduced is None:
     args.reduced = platform == "cpu"
   args.dtype = args.dtype or ("float32" if args.reduced else "bfloat16")
-  args.probe_batch = args.probe_batch or (4 if args.reduced else 8)
+  if args.reduced:
+    args.probe_batch = args.probe_batch or 4
   args.frames = args.frames or (4 if args.reduced else 16)
   args.sample_steps = args.sample_steps or (10 if args.reduced else 50)
   args.torch_device = args.torch_device or ("cuda" if platform == "gpu" else "cpu" if args.reduced else "none")
@@ -598,30 +650,34 @@ def main() -> None:
   elif args.torch:
     extra.append("- PyTorch reference skipped: no CUDA device (run with --reduced for a CPU reference)")
 
-  for stage in args.stages:
+  # Order: what the issue's goals name first (stage 1, sampling); sampling and stage 2 share one stage-2 setup.
+  def part(name: str, fn: Any) -> None:
     if time.perf_counter() > deadline:
-      rows.append(Row(f"{stage} train step", "JAX", note="skipped: time budget"))
-      continue
-    try:
-      rows.append(jax_train(stage, args, deadline))
-    except Exception as e:  # keep the other parts' numbers
-      rows.append(Row(f"{stage} train step", "JAX", note=f"failed: {e!r}"[:300]))
-    print(rows[-1], flush=True)
-    save()
-  if args.sampling:
-    if time.perf_counter() > deadline:
-      rows.append(Row("sampling", "JAX", note="skipped: time budget"))
+      rows.append(Row(name, "JAX", note="skipped: time budget"))
     else:
       try:
-        rows.append(jax_sampling(args))
-      except Exception as e:
-        rows.append(Row("sampling", "JAX", note=f"failed: {e!r}"[:300]))
-      print(rows[-1], flush=True)
+        rows.append(fn())
+      except Exception as e:  # keep the other parts' numbers
+        rows.append(Row(name, "JAX", note=f"failed: {e!r}"[:300]))
+    print(rows[-1], flush=True)
     save()
+
+  if "stage1" in args.stages:
+    part("stage1 train step", lambda: jax_train("stage1", args, deadline))
+    gc.collect()
+  if "stage2" in args.stages or args.sampling:
+    stage2 = []
+    get = lambda: stage2[0] if stage2 else stage2.append(setup_run("stage2", args)) or stage2[0]
+    if args.sampling:
+      part("sampling", lambda: jax_sampling(args, get()))
+    if "stage2" in args.stages:
+      part("stage2 train step", lambda: jax_train("stage2", args, deadline, get()))
+    stage2.clear()
+    gc.collect()
 
   extra += summary(rows, args)
   if args.policies:
-    extra += ["", f"Remat policy x compute dtype, stage 1 at this size, batch {args.probe_batch} (medians of "
+    extra += ["", f"Remat policy x compute dtype, stage 1 at this size, batch {args.probe_batch or 4} (medians of "
               f"{max(args.steps, 3)} steps; memory from XLA's memory_analysis):", ""]
     extra += policies_table(args, deadline + args.time_budget)
   extra.append(f"\nTotal wall time {time.perf_counter() - start:.0f} s.")

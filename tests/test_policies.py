@@ -10,7 +10,7 @@ from test_train_step import tiny
 
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.models.unet import REMAT_POLICIES
-from magicpose_jax.train import loop, stages
+from magicpose_jax.train import stages
 from magicpose_jax.train.step import loss_fn
 
 # bf16 keeps 8 significant bits: each rounding is off by up to 2^-9 ~ 2e-3 relative. The loss is a mean over
@@ -41,7 +41,9 @@ def test_unknown_policy_and_dtype_are_named():
 
 def test_bf16_compute_gives_the_fp32_loss_within_bf16_precision():
   config = tiny(stage="stage1")
-  run = loop.setup(config)  # float32 masters, whatever the compute dtype
+  sd, base, _ = stages.load_base(config)  # a random base on the host: no init to compile
+  nets = stages.networks(config, sd)
+  trainable, frozen = stages.initial_params(config, nets, sd, base)  # float32 masters, whatever the compute dtype
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for k in ("reference", "target", "pose")}
   losses = {}
@@ -50,7 +52,7 @@ def test_bf16_compute_gives_the_fp32_loss_within_bf16_precision():
     nets = stages.networks(c, stages.variant_configs(c))
     fn = functools.partial(loss_fn, nets=nets, schedule=make_schedule(nets.schedule), drop_reference=0.0,
                            drop_pose=0.0)
-    losses[dtype] = float(jax.jit(fn)(run.state.params, run.frozen, batch, jax.random.key(3)))
+    losses[dtype] = float(jax.jit(fn)(trainable, frozen, batch, jax.random.key(3)))
   assert np.isfinite(losses["bfloat16"])
   assert losses["bfloat16"] != losses["float32"]  # the switch took effect
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=BF16_LOSS_RTOL)

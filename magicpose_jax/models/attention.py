@@ -6,10 +6,16 @@ Every backend takes queries `[B, Nq, H, D]` and keys/values `[B, Nk, H, D]` with
 
 Backends:
   * `xla`: two einsums with the softmax in float32; runs everywhere, any shape.
-  * `xla_chunked`: `xla` one (batch, head) and query chunk at a time, logits within
-    `CHUNK_LOGITS_BYTES` (a sequential loop: much faster on CPUs at SD's 4096-token
-    layers, and far less memory).
-  * `auto`: `xla_chunked` on CPU, `dot_product` on GPU, `xla` elsewhere.
+  * `flash`: pure-JAX memory-efficient attention with a custom VJP (`flash_attention`):
+    a loop over heads and query chunks with the batch vectorised (so batch sharding stays
+    sharded), `[B, chunk, Nk]` float32 logits within `CHUNK_LOGITS_BYTES`, only the
+    output and the per-query logsumexp saved, probabilities recomputed chunk by chunk
+    in the backward (FlashAttention-2). Any platform, dtype and `Nk`.
+  * `xla_chunked`: the old name of `flash` (configs use it). It used to loop over
+    every (batch x head, query chunk), which ran each device over the global batch.
+  * `auto`: `auto_backend` -- CPU: `flash` when the logits outgrow `CHUNK_LOGITS_BYTES`,
+    else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU and others:
+    `flash` for long sequences, else `xla`.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only,
@@ -24,6 +30,7 @@ says so once in the log (the decision is made at trace time: shapes are static).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -84,47 +91,159 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out.reshape(b, h, nq, d).transpose(0, 2, 1, 3)
 
 
-# Largest float32 logits block the chunked backend materialises at once. On CPUs a
-# [B, H, Nq, Nk] block of hundreds of MB costs more in fresh-page faults and cache
-# misses than in arithmetic; one head and ~8 MiB of logits at a time measured 4x
-# faster than one block at SD's 4096-token layers (benchmarks/unet_forward.py).
-CHUNK_LOGITS_BYTES = 8 * 2**20
+# Largest float32 logits block the chunked backend materialises at once (and the size
+# above which `auto` leaves the one-block `xla` path on CPU). On CPUs a [B, H, Nq, Nk]
+# block of hundreds of MB costs more in fresh-page faults and cache misses than in
+# arithmetic; one head and ~4 MiB of logits at a time measured fastest at SD's
+# 4096 x 8192 layer (one pinned core, forward: 4 MiB 0.77-0.82 s, 2 MiB 0.90 s,
+# 8 MiB 0.94-1.1 s, 32 MiB 0.96-1.06 s; benchmarks/attention.py).
+CHUNK_LOGITS_BYTES = 4 * 2**20
+# Fewest queries per chunk whatever the budget says: the budget is computed from the
+# global batch, and under data/FSDP sharding each device holds only its batch shard,
+# so tiny chunks would only add loop trips.
+MIN_QUERY_CHUNK = 32
 
 
-def query_chunk_size(nq: int, nk: int, max_bytes: int = CHUNK_LOGITS_BYTES) -> int:
-  """The largest divisor of `nq` whose `[chunk, Nk]` float32 logits fit in `max_bytes` (>= 1)."""
-  best = 1
-  for c in range(1, nq + 1):
-    if nq % c == 0 and c * nk * 4 <= max_bytes:
-      best = c
-  return best
+def query_chunk_size(b: int, nq: int, nk: int, max_bytes: int | None = None) -> int:
+  """Queries per chunk for `flash_attention`: one head's `[B, chunk, Nk]` float32 logits within `max_bytes`.
+
+  At least `min(nq, MIN_QUERY_CHUNK)`; spread evenly over `ceil(nq / chunk)` chunks so that
+  padding the last chunk wastes fewer than `n_chunks` rows.
+  """
+  max_bytes = CHUNK_LOGITS_BYTES if max_bytes is None else max_bytes
+  chunk = max(1, max_bytes // (b * nk * 4))
+  chunk = min(nq, max(chunk, MIN_QUERY_CHUNK))
+  n_chunks = -(-nq // chunk)
+  return -(-nq // n_chunks)
 
 
-def chunked_xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          max_bytes: int = CHUNK_LOGITS_BYTES) -> jax.Array:
-  """`xla_attention` one (batch, head) and query chunk at a time (a sequential `lax.map`).
+def _chunks_first(x: jax.Array, n_chunks: int) -> jax.Array:
+  """`[n_chunks, B, c, ...]` stacked by a scan -> `[B, n_chunks * c, ...]`."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
 
-  Identical per query to `xla_attention`; shapes as `attend`.
+
+def _flash_forward(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`[H, B, Nq, D]` (scaled, Nq a multiple of chunk), `[H, B, Nk, D]` x2 -> out `[H, B, Nq, D]`, lse `[H, B, Nq]`."""
+  n_chunks = q.shape[2] // chunk
+
+  def one_head(_, qkv):
+    qh, kh, vh = qkv  # [B, N, D]: this head's keys and values stay in cache over its query chunks
+
+    def one_chunk(_, i):
+      qc = jax.lax.dynamic_slice_in_dim(qh, i * chunk, chunk, axis=1)  # [B, c, D]
+      logits = jnp.einsum("bqd,bkd->bqk", qc, kh, preferred_element_type=jnp.float32)  # [B, c, Nk]
+      m = jnp.max(logits, axis=-1, keepdims=True)
+      weights = jnp.exp(logits - m)  # unnormalised, in [0, 1]
+      denom = jnp.sum(weights, axis=-1, keepdims=True)  # [B, c, 1]
+      # Normalising after the second matmul touches [c, D] values instead of [c, Nk].
+      out = jnp.einsum("bqk,bkd->bqd", weights.astype(vh.dtype), vh)
+      out = (out / denom.astype(out.dtype)).astype(vh.dtype)
+      return None, (out, (m + jnp.log(denom))[..., 0])
+
+    _, (out, lse) = jax.lax.scan(one_chunk, None, jnp.arange(n_chunks))  # [n, B, c, D], [n, B, c]
+    return None, (_chunks_first(out, n_chunks), _chunks_first(lse, n_chunks))
+
+  _, (out, lse) = jax.lax.scan(one_head, None, (q, k, v))
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_core(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+  return _flash_forward(q, k, v, chunk)[0]
+
+
+def _flash_core_fwd(q, k, v, chunk):
+  out, lse = _flash_forward(q, k, v, chunk)
+  return out, (q, k, v, out, lse)  # no [Nq, Nk] residuals: the backward recomputes them per chunk
+
+
+def _flash_core_bwd(chunk, residuals, d_out):
+  """FlashAttention-2 backward, one head and query chunk at a time; dK and dV accumulate in float32."""
+  q, k, v, out, lse = residuals
+  n_chunks = q.shape[2] // chunk
+  # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax Jacobian's correction term.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [H, B, Nq]
+
+  def one_head(_, xs):
+    qh, kh, vh, doh, lse_h, delta_h = xs  # [B, N, D] / [B, Nq]
+    v_t = jnp.swapaxes(vh, 1, 2)  # [B, D, Nk]
+
+    # Every einsum below contracts dims that XLA's CPU matmuls take without copying the
+    # [c, Nk] blocks: dK and dV are accumulated transposed ([D, Nk]) for that.
+    def one_chunk(carry, i):
+      dk_t, dv_t = carry
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+      qc, doc, lse_c, delta_c = sl(qh), sl(doh), sl(lse_h), sl(delta_h)
+      logits = jnp.einsum("bqd,bkd->bqk", qc, kh, preferred_element_type=jnp.float32)  # [B, c, Nk]
+      p = jnp.exp(logits - lse_c[..., None])  # the forward's probabilities
+      dv_t = dv_t + jnp.einsum("bqd,bqk->bdk", doc, p.astype(doc.dtype), preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqd,bdk->bqk", doc, v_t, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_c[..., None])).astype(qh.dtype)  # dL/dlogits
+      dqc = jnp.einsum("bqk,bkd->bqd", ds, kh, preferred_element_type=jnp.float32).astype(qh.dtype)
+      dk_t = dk_t + jnp.einsum("bqd,bqk->bdk", qc, ds, preferred_element_type=jnp.float32)
+      return (dk_t, dv_t), dqc
+
+    zeros = jnp.zeros(v_t.shape, jnp.float32)
+    (dk_t, dv_t), dq = jax.lax.scan(one_chunk, (zeros, zeros), jnp.arange(n_chunks))  # dq [n, B, c, D]
+    grads = (_chunks_first(dq, n_chunks), jnp.swapaxes(dk_t, 1, 2).astype(kh.dtype),
+             jnp.swapaxes(dv_t, 1, 2).astype(vh.dtype))
+    return None, grads
+
+  _, (dq, dk, dv) = jax.lax.scan(one_head, None, (q, k, v, d_out, lse, delta))
+  return dq, dk, dv
+
+
+_flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | None = None) -> jax.Array:
+  """Memory-efficient attention: a loop over heads and query chunks, the batch vectorised, custom VJP.
+
+  Same function as `xla_attention` (scale 1/sqrt(D) applied to q in its dtype, softmax
+  statistics in float32, output in v's dtype), but only one head's `[B, chunk, Nk]` logits
+  exist at a time, forward and backward: the forward saves the output and the per-query
+  logsumexp, and the backward recomputes the probabilities chunk by chunk (FlashAttention-2).
+  The batch stays an array dimension of every einsum, so a batch-sharded input stays
+  sharded. Heads are looped, outermost, rather than vectorised: one head's keys and values
+  then stay in cache over all its query chunks, which measured ~1.3x faster on CPU at
+  SD's 4096 x 8192 layer than streaming all heads' (benchmarks/attention.py).
+  Shapes too small to need chunking take the plain `xla_attention` path.
+
+  Args:
+    q: `[B, Nq, H, D]` queries.
+    k: `[B, Nk, H, D]` keys.
+    v: `[B, Nk, H, D]` values.
+    max_bytes: float32 logits budget per chunk (computed from the global shapes);
+      None: `CHUNK_LOGITS_BYTES`.
+
+  Returns:
+    `[B, Nq, H, D]`.
   """
   b, nq, h, d = q.shape
   nk = k.shape[1]
+  max_bytes = CHUNK_LOGITS_BYTES if max_bytes is None else max_bytes
   if b * h * nq * nk * 4 <= max_bytes:
     return xla_attention(q, k, v)
-  chunk = query_chunk_size(nq, nk, max_bytes)
-  n_chunks, groups = nq // chunk, b * h
+  chunk = query_chunk_size(b, nq, nk, max_bytes)
+  n_chunks = -(-nq // chunk)
   q = q * jnp.asarray(d**-0.5, q.dtype)
-  queries = _to_groups(q).reshape(groups * n_chunks, 1, chunk, d)  # [G*n_chunks, 1, chunk, D]
-  keys, values = _to_groups(k), _to_groups(v)  # [G, Nk, D]
-  owner = jnp.repeat(jnp.arange(groups), n_chunks)  # the (batch, head) group of each chunk
+  heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, N, H, D] -> [H, B, N, D]: one head is contiguous
+  qh = heads_first(q)
+  pad = n_chunks * chunk - nq
+  if pad:  # padded queries see real keys (no NaNs), get zero cotangents, and are cut off below
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  out = _flash_core(qh, heads_first(k), heads_first(v), chunk)[:, :, :nq]  # [H, B, Nq, D]
+  return out.transpose(1, 2, 0, 3)
 
-  def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-    qc, g = args
-    kg = jax.lax.dynamic_slice_in_dim(keys, g, 1)  # [1, Nk, D]
-    vg = jax.lax.dynamic_slice_in_dim(values, g, 1)
-    return _grouped_attention(qc, kg, vg)  # [1, chunk, D]
 
-  out = jax.lax.map(one_chunk, (queries, owner))  # [G*n_chunks, 1, chunk, D]
-  return out.reshape(b, h, nq, d).transpose(0, 2, 1, 3)
+def chunked_xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | None = None) -> jax.Array:
+  """The `xla_chunked` backend: now `flash_attention` (kept as a name for configs).
+
+  It used to loop over (batch x head, query chunk) pairs, which under batch sharding ran every
+  device over the whole global batch; `flash_attention` keeps batch and heads vectorised.
+  """
+  return flash_attention(q, k, v, max_bytes)
 
 
 def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -155,22 +274,40 @@ def _splash_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   return "TPU splash attention is not implemented yet (accelerator issue #10)"
 
 
-def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  # Per-platform default; the accelerator issue refines this per shape from benchmarks.
+def _logits_bytes(q: jax.Array, k: jax.Array) -> int:
+  b, nq, h, _ = q.shape
+  return b * h * nq * k.shape[1] * 4
+
+
+def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+  """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
+
+  CPU: `flash` once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, else `xla` (one block is
+  fastest while it stays cache-sized). GPU: `cudnn` where it applies, else `dot_product`
+  (XLA's own choice). TPU and others: `flash` for long sequences (splash is still a stub), else `xla`.
+  """
   platform = jax.default_backend()
-  if platform == "cpu":
-    return chunked_xla_attention(q, k, v)
   if platform == "gpu":
-    return _dot_product(q, k, v)
-  return xla_attention(q, k, v)
+    return "cudnn" if _cudnn_supports(q, k, v) is None else "dot_product"
+  return "flash" if _logits_bytes(q, k) > CHUNK_LOGITS_BYTES else "xla"
+
+
+def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return _BACKENDS[auto_backend(q, k, v)].fn(q, k, v)
 
 
 register_backend("xla", xla_attention)
 register_backend("xla_chunked", chunked_xla_attention)
+register_backend("flash", flash_attention)
 register_backend("auto", _auto)
 register_backend("dot_product", _dot_product)
 register_backend("cudnn", _cudnn, _cudnn_supports)
 register_backend("splash", _splash, _splash_supports)
+
+
+def backend_supports(backend: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  """None when `backend` can run (q, k, v) here, else why not (then `attend` falls back to `xla`)."""
+  return _BACKENDS[backend].supports(q, k, v)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla") -> jax.Array:

@@ -302,16 +302,24 @@ def jax_sampling(args: argparse.Namespace, run: Any) -> Row:
   px = nets.latent_factor * h
   poses = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (frames, px, px, 3)).astype(np.float32))
   sampler = SamplerConfig(num_steps=steps)
+  chunk = frames  # frames per sampler call (x 2 guidance rows); halved on an out-of-memory error
   go = lambda: sample_video(nets.model, params, make_schedule(nets.schedule), nets.schedule, sampler, x_T, text, z_ref,
-                            poses, batch_frames=frames, cache=True).block_until_ready()
-  t0 = time.perf_counter()
-  go()
+                            poses, batch_frames=chunk, cache=True).block_until_ready()
+  while True:
+    t0 = time.perf_counter()
+    try:
+      go()
+      break
+    except Exception as e:
+      if not _is_oom(e) or chunk <= 1:
+        raise
+      chunk //= 2
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   go()
   dt = time.perf_counter() - t0
-  return Row(f"sampling: {frames} frames x {steps} DDIM steps, guidance 7", "JAX", frames, None, frames / dt,
-             compile_s=max(compile_s - dt, 0.0), note=f"reference caching, {frames} frames per batch; "
+  return Row(f"sampling: {frames} frames x {steps} DDIM steps, guidance 7", "JAX", chunk, None, frames / dt,
+             compile_s=max(compile_s - dt, 0.0), note=f"reference caching, {chunk} frames per batch; "
                                                        f"{dt:.1f} s per animation")
 
 
@@ -542,8 +550,10 @@ def policies_table(args: argparse.Namespace, deadline: float) -> list[str]:
         continue
       sub = argparse.Namespace(**{**vars(args), "remat": policy, "dtype": dtype})
       config = stage_config("stage1", sub)
+      if args.reduced:  # activations large enough next to the params and Adam moments for the policies to show
+        config.data.image_size = args.policies_px
       run = loop.setup(config, jax.devices()[:1])
-      batch = _random_batch(config, args.probe_batch or 4, run.batch_sharding)
+      batch = _random_batch(config, args.policies_batch, run.batch_sharding)
       compiled, _ = _compile(run, batch)
       mem = compiled.memory_analysis()
       run.state, m = compiled(run.state, run.frozen, batch)
@@ -586,6 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--no-torch", dest="torch", action="store_false")
   parser.add_argument("--torch-device", default=None, help="cuda (default with a GPU), cpu (default with --reduced)")
   parser.add_argument("--policies", action="store_true", help="also the remat x dtype table (stage 1)")
+  parser.add_argument("--policies-px", type=int, default=128, help="--policies with --reduced: image size")
+  parser.add_argument("--policies-batch", type=int, default=8, help="--policies: batch")
   parser.add_argument("--time-budget", type=float, default=450.0, help="seconds for the whole run")
   parser.add_argument("--out", default=None, help="results file (default benchmarks/results/accelerator-<dev>.md)")
   parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/magicpose_jax/xla"),
@@ -677,8 +689,9 @@ def main() -> None:
 
   extra += summary(rows, args)
   if args.policies:
-    extra += ["", f"Remat policy x compute dtype, stage 1 at this size, batch {args.probe_batch or 4} (medians of "
-              f"{max(args.steps, 3)} steps; memory from XLA's memory_analysis):", ""]
+    px = args.policies_px if args.reduced else "the config's"
+    extra += ["", f"Remat policy x compute dtype, the stage-1 step at {px} px, batch {args.policies_batch} (medians "
+              f"of {max(args.steps, 3)} steps; memory from XLA's memory_analysis):", ""]
     extra += policies_table(args, deadline + args.time_budget)
   extra.append(f"\nTotal wall time {time.perf_counter() - start:.0f} s.")
   save()

@@ -142,6 +142,9 @@ class Flops:
   def __add__(self, other: Flops) -> Flops:
     return Flops(self.conv + other.conv, self.dense + other.dense, self.attention + other.attention)
 
+  def __sub__(self, other: Flops) -> Flops:
+    return self + other * -1.0
+
   def __mul__(self, k: float) -> Flops:
     return Flops(self.conv * k, self.dense * k, self.attention * k)
 
@@ -251,7 +254,7 @@ def unet_forward_flops(cfg: UNetConfig, latent_hw: tuple[int, int], context_len:
       f, tail = f + up, tail + up
   if compute_output:
     return f + _conv(h, w, 3, c, cfg.out_channels)
-  return Flops(f.conv - tail.conv, f.dense - tail.dense, f.attention - tail.attention)
+  return f - tail
 
 
 def controlnet_forward_flops(cfg: ControlNetConfig, latent_hw: tuple[int, int], context_len: int = 77) -> Flops:

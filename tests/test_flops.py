@@ -8,7 +8,7 @@ import pytest
 from test_train_step import tiny
 
 from magicpose_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
+from magicpose_jax.models.unet import REMAT_POLICIES, VARIANTS, UNet2DConditionModel
 from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
 from magicpose_jax.train import flops, loop, stages
 
@@ -135,3 +135,10 @@ def test_unknown_devices_have_no_peak_and_no_mfu():
   assert rates == {"model_tflops_per_s": pytest.approx(4.0), "tflops_per_s": pytest.approx(4.0)}
   rates = flops.StepThroughput(None, 8e12, 4, 400.0).rates(0.5)
   assert rates == {"model_tflops_per_s": pytest.approx(4.0), "mfu": pytest.approx(0.01)}
+
+
+def test_every_remat_policy_has_a_recompute_rule():
+  assert set(flops.RECOMPUTED) == set(REMAT_POLICIES)
+  unet = VARIANTS["tiny"]
+  hw = {p: flops.train_step_flops("stage1", unet, None, HW, remat_policy=p).hardware for p in REMAT_POLICIES}
+  assert hw["none"] == hw["dots_saveable"] < hw["offload"] == hw["dots_with_no_batch_dims_saveable"] < hw["full"]

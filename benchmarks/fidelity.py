@@ -1,7 +1,7 @@
 """Fidelity benchmark: the full MagicPose and the paper's four ablations, trained on the same synthetic figures and
 budget, scored on held-out identities x held-out poses; writes benchmarks/results/fidelity.md.
 
-    python benchmarks/fidelity.py [--out outputs/fidelity] [--scale 1.0] [--fresh]
+    python benchmarks/fidelity.py [--out outputs/fidelity] [--scale 1.0] [--fresh] [--reuse outputs/demo]
 
 Variants (shared: the tiny VAE and the base UNet, trained once, as in the demo):
   full            stage 1 then stage 2 (appearance + pose), sampled with guidance `Budget.guidance`;
@@ -10,7 +10,8 @@ Variants (shared: the tiny VAE and the base UNet, trained once, as in the demo):
   no_cfg          the full model sampled with guidance 1 (no classifier-free guidance);
   no_augmentation stage 1 then stage 2 with `data.augment.enabled=False` (centre crops only).
 
-`--scale` multiplies every training budget (1.0: about an hour on a quiet 2-core CPU). The Markdown table has the
+`--scale` multiplies every diffusion training budget (1.0: about an hour on a quiet 2-core CPU; the VAE is
+trained as in the demo whatever the scale). The Markdown table has the
 commit, seed, budget and wall time; the paper's claims are checked and printed, not tuned for.
 """
 
@@ -21,7 +22,9 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 
 import jax
@@ -32,15 +35,15 @@ from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval import retarget as rt
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.md")
-BENCH = demo.Budget(vae_steps=600, vae_images=1280, base_steps=1200, stage1_steps=800, stage2_steps=800,
-                    no_appearance_steps=1600, no_pose_steps=800, batch_size=8, sample_steps=25, guidance=2.0,
-                    holdout_identities=8, poses_per_identity=8)
+BENCH = dataclasses.replace(demo.DEMO, base_steps=1200, stage1_steps=800, stage2_steps=800, no_appearance_steps=1600,
+                            no_pose_steps=800, sample_steps=25, holdout_identities=8, poses_per_identity=8)
 
 
 def scaled(budget: demo.Budget, scale: float) -> demo.Budget:
-  steps = {f: max(1, round(getattr(budget, f) * scale)) for f in ("vae_steps", "base_steps", "stage1_steps",
-                                                                   "stage2_steps", "no_appearance_steps",
-                                                                   "no_pose_steps")}
+  """The diffusion training budgets times `scale`. The VAE keeps the demo's budget: every variant is limited by its
+  reconstructions, so a shorter benchmark should not get a blurrier VAE than the demo's."""
+  steps = {f: max(1, round(getattr(budget, f) * scale)) for f in ("base_steps", "stage1_steps", "stage2_steps",
+                                                                   "no_appearance_steps", "no_pose_steps")}
   return dataclasses.replace(budget, **steps)
 
 
@@ -102,21 +105,43 @@ def claims(results: dict[str, dict]) -> dict[str, bool]:
   return out
 
 
+REUSABLE = ("vae", "base_sd", *(os.path.join("runs", n) for n in ("base", "stage1", "stage2", "no_appearance",
+                                                                    "no_pose")))
+
+
+def reuse_demo(demo_out: str, out: str) -> str:
+  """Copies a finished demo's phases (`python -m magicpose_jax.demo --out demo_out`, the same configs/demo.py) into
+  `out`: the VAE, the base run and the stage-1/stage-2/ablation runs it has. A copied run counts as done when it
+  has at least the budget's steps (`Demo.train_run`), otherwise it is trained further. Copied runs still read their
+  base from `demo_out` (runs record absolute paths): keep that folder. Returns a note for the table."""
+  copied = []
+  for name in REUSABLE:
+    src, dst = os.path.join(demo_out, name), os.path.join(out, name)
+    if os.path.isdir(src) and not os.path.exists(dst):
+      shutil.copytree(src, dst)
+      copied.append(os.path.basename(name))
+  if "vae" not in copied and not os.path.isdir(os.path.join(out, "vae")):
+    raise FileNotFoundError(f"--reuse {demo_out}: no vae/ (run the demo there first)")
+  return f"Phases taken from the demo run in {demo_out}: {', '.join(copied) or 'none new'}"
+
+
 def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, seconds: float, seed: int,
-                   scale: float) -> str:
+                   scale: float | None, note: str = "", command: str = "") -> str:
   checked = claims(results)
   lines = [
       "# Fidelity benchmark: MagicPose and its ablations on synthetic figures",
       "",
-      f"`python benchmarks/fidelity.py --scale {scale}` -- commit {_commit()}, seed {seed}, "
+      f"`{command or f'python benchmarks/fidelity.py --scale {scale}'}` -- commit {_commit()}, seed {seed}, "
       f"{datetime.date.today().isoformat()}, wall time {seconds / 60:.1f} min on {jax.default_backend()} "
       f"({os.cpu_count()} cores).",
       "",
       f"Held-out identities x held-out poses: {budget.holdout_identities} x {budget.poses_per_identity} images per "
       f"variant, DDIM {budget.sample_steps} steps, guidance {budget.guidance} (no_cfg: 1). Budget (steps, batch "
       f"{budget.batch_size}): VAE {budget.vae_steps}, base {budget.base_steps}, stage 1 {budget.stage1_steps}, "
-      f"stage 2 {budget.stage2_steps}, no_appearance {budget.no_appearance_steps}, no_pose {budget.no_pose_steps} "
-      f"(from stage 1).",
+      f"stage 2 {budget.stage2_steps}, no_appearance {budget.no_appearance_steps} (stage 2 from the base), no_pose "
+      + (f"{budget.no_pose_steps} (stage 2 without pose, from stage 1)" if budget.no_pose_steps else
+         "= the stage-1 model") + f", no_augmentation {budget.stage1_steps} + {budget.stage2_steps}."
+      + (f" {note}." if note else ""),
       "",
       rt.metrics_table({n: {k: r[k] for k, _, _ in rt.SUMMARY_KEYS} for n, r in results.items()}, markdown=True),
       "",
@@ -137,19 +162,27 @@ def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, sec
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="outputs/fidelity", help="training workdirs (phases are cached here)")
-  parser.add_argument("--scale", type=float, default=1.0, help="multiplies every training budget")
+  parser.add_argument("--scale", type=float, default=1.0, help="multiplies every diffusion training budget")
   parser.add_argument("--results", default=RESULTS, help="the Markdown table to write")
   parser.add_argument("--fresh", action="store_true")
+  parser.add_argument("--reuse", default="", help="a finished demo output folder whose phases to copy instead of "
+                      "training them (each when it has at least the budget's steps)")
+  parser.add_argument("--budget", choices=("bench", "demo"), default="bench",
+                      help="bench: the benchmark's budget times --scale; demo: the demo's budget (with --reuse of "
+                      "the demo's folder only the no-augmentation runs are trained)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache"))
-  budget = scaled(BENCH, args.scale)
+  budget = scaled(BENCH, args.scale) if args.budget == "bench" else demo.DEMO
   t0 = time.perf_counter()
   bench = Fidelity(args.out, budget, demo.load_config(), fresh=args.fresh)
+  note = reuse_demo(args.reuse, args.out) if args.reuse else ""  # after --fresh's clean-up
   bench.train_vae()
   bench.train_all()
   results = bench.evaluate_all()
-  print(write_markdown(args.results, results, budget, time.perf_counter() - t0, bench.config.seed, args.scale))
+  command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
+  print(write_markdown(args.results, results, budget, time.perf_counter() - t0, bench.config.seed,
+                       args.scale if args.budget == "bench" else None, note, command))
 
 
 if __name__ == "__main__":

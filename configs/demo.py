@@ -34,7 +34,12 @@ def get_config():
   c.data.source = "synthetic"
   c.data.image_size = 64
   c.data.synthetic.image_size = 64
-  c.data.synthetic.num_identities = 48
+  # Effectively unlimited identities (each a function of (seed, index), drawn on demand): with a few dozen, the
+  # networks memorise their palettes and never need the reference; with ~100k each training example is a new
+  # person, so the only way to get the colours right is to copy them from the reference, which is what the
+  # Appearance Controller must learn. The last 8 stay held out (never trained on).
+  c.data.synthetic.num_identities = 100_000
   c.data.synthetic.frames_per_identity = 32
   c.data.synthetic.holdout_identities = 8  # held-out figures the demo evaluates and animates
+  c.data.pairs.allow_same = False  # the reference is always another frame (pose) than the target
   return c

@@ -38,7 +38,7 @@ from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval import retarget as rt
 from magicpose_jax.models.clip import CLIP_VARIANTS
-from magicpose_jax.models.unet import VARIANTS
+from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.pose.keypoints import Pose
 from magicpose_jax.pose.render import render
 from magicpose_jax.train import autoencoder, loop, stages
@@ -52,8 +52,8 @@ class Budget:
   """How much each phase does. `no_pose_steps=0`: the "no pose" ablation is the stage-1 model itself (appearance
   only, trained `stage1_steps`); otherwise stage 2 with `use_pose=False` continues it for that many steps."""
 
-  vae_steps: int = 300
-  vae_images: int = 1280  # training figures rendered for the VAE
+  vae_steps: int = 800
+  vae_images: int = 2048  # training figures rendered for the VAE (random training identities)
   base_steps: int = 400
   stage1_steps: int = 250
   stage2_steps: int = 250
@@ -70,9 +70,14 @@ class Budget:
 
 DEMO = Budget()
 # The smoke test's size: every phase and output, a few steps each.
-MICRO = Budget(vae_steps=4, vae_images=32, base_steps=2, stage1_steps=2, stage2_steps=2, no_appearance_steps=1,
-               batch_size=2, sample_steps=2, holdout_identities=2, poses_per_identity=2, animation_keyframes=2,
-               animation_inbetweens=2)
+MICRO = Budget(vae_steps=2, vae_images=8, base_steps=1, stage1_steps=1, stage2_steps=1, no_appearance_steps=1,
+               batch_size=2, sample_steps=2, holdout_identities=1, poses_per_identity=2, animation_keyframes=2,
+               animation_inbetweens=1)
+# ... with a one-level UNet: its time is compiling (~10 distinct programs), which scales with the graph's size, so
+# the smoke test halves the UNet's levels rather than its widths (the demo's "tiny" UNet has two).
+MICRO_UNET = UNetConfig(sample_size=16, block_out_channels=(16,), layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                        norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2)
 
 
 def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:
@@ -97,9 +102,11 @@ class Demo:
   """The phases over one output folder; `run()` does them all."""
 
   def __init__(self, out: str, budget: Budget = DEMO, config: ml_collections.ConfigDict | None = None,
-               fresh: bool = False):
+               fresh: bool = False, unet: UNetConfig | None = None):
+    """`unet`: the base UNet's architecture (default: `config.model.unet`'s variant)."""
     self.out = os.path.abspath(out)
     self.budget = budget
+    self.unet = unet
     self.config = config if config is not None else load_config()
     self.timings: dict[str, float] = {}
     self.cached: list[str] = []
@@ -162,7 +169,7 @@ class Demo:
     bar.close()
     autoencoder.save_autoencoder(folder, vae_config, params, metrics)
     latent = data.image_size // vae_config.downsample_factor
-    unet = VARIANTS[self.config.model.unet].replace(sample_size=latent)
+    unet = (self.unet or VARIANTS[self.config.model.unet]).replace(sample_size=latent)
     autoencoder.write_base_pipeline(pipeline, vae_config, params, unet, CLIP_VARIANTS[self.config.model.text_encoder],
                                     seed=self.config.seed)
     with open(marker, "w") as f:
@@ -335,12 +342,16 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
   parser.add_argument("--config", default=CONFIG_FILE, help="training config file (default configs/demo.py)")
+  parser.add_argument("--jax-cache", default="", help="persistent compilation cache folder (default DIR/jax_cache)")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   # A compilation cache in the output folder: a second run (or the next phase of the same shape) compiles less.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", args.jax_cache or os.path.join(os.path.abspath(args.out),
+                                                                                  "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  report = Demo(args.out, MICRO if args.micro else DEMO, load_config(args.config), fresh=args.fresh).run()
+  demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET) if args.micro else \
+      Demo(args.out, DEMO, load_config(args.config), args.fresh)
+  report = demo.run()
   print_report(report)
   return report
 

@@ -225,12 +225,13 @@ def animate(model: TrainedModel, reference: np.ndarray, poses: np.ndarray, optio
   mp = MagicPose(model.model, dtype=options.dtype)
   static = _Static(mp, AutoencoderKL(model.sd.vae, dtype=options.dtype),
                    SamplerConfig(num_steps=options.steps, guidance=options.guidance), model.sd.scheduler)
-  params = {k: model.params[k] for k in ("unet", "appearance", "pose")}
+  # The ablations (eval/retarget.py) lack one controller: sample with the nets the model has.
+  params = {k: model.params[k] for k in ("unet", "appearance", "pose") if k in model.params}
   vae = model.params["vae"]
   text = jnp.asarray(stages.text_context(model.sd, model.params["text_encoder"]))  # [1, L, D]
   z_ref = _encode_jit(static, vae, jnp.asarray(reference)[None])  # [1, h, w, 4]
   cached = None
-  if options.cache:
+  if options.cache and model.model.use_appearance:
     cached = _states_jit(mp, params, z_ref, text, step_times(model.sd.scheduler, options.steps)[0])
   frames, n = len(poses), min(options.batch_frames, len(poses))
   key = jax.random.key(options.seed)

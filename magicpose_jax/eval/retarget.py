@@ -8,8 +8,8 @@
 The demo and the fidelity benchmark share this. The identities are the data config's held-out ones (never
 trained on), the reference is one frame of each and the targets are other frames of the same figure, so the
 ground truth of a generated image is the figure's own frame in that pose (and expression). One reference drives
-all its target poses through `sample_video` (reference states computed once for all DDIM steps), with one initial
-noise shared by the poses, as the release animates.
+all its target poses through `inference.animate` (the `animate` CLI's sampler: reference states computed once for
+all DDIM steps, one initial noise shared by the poses, as the release animates).
 """
 
 from __future__ import annotations
@@ -18,101 +18,46 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from magicpose_jax.convert.training_run import TrainedModel, load_run
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
-from magicpose_jax.diffusion.sampler import SamplerConfig, sample_video
-from magicpose_jax.diffusion.schedules import Schedule, make_schedule
+from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval.figure_metrics import evaluate_figures
-from magicpose_jax.models.vae import scale_latents, unscale_latents
-from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import stages
+from magicpose_jax.inference import AnimateOptions
+from magicpose_jax.inference import animate as animate_frames
 
-Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-  """A trained stage-1/stage-2 run ready to sample: networks, every param (frozen base + trained nets), text."""
-
-  config: ml_collections.ConfigDict
-  nets: stages.Networks
-  params: Params  # {"unet", "appearance"?, "pose"?}
-  vae_params: Params
-  text: np.ndarray  # [1, L, D] empty prompt
-  schedule: Schedule
-
-  @property
-  def image_size(self) -> int:
-    return self.nets.unet.config.sample_size * self.nets.latent_factor
+__all__ = ["TrainedModel", "animate", "holdout_pairs", "load_trained", "retarget", "summary", "synthetic_source"]
 
 
 def load_trained(workdir: str) -> TrainedModel:
   """The newest checkpoint of a "stage1"/"stage2" training run in `workdir`, with its frozen base."""
-  config, trainable = ckpt.read_run(workdir)
-  if config.stage == "base":
+  model = load_run(workdir)
+  if model.info["stage"] == "base":
     raise ValueError(f"{workdir}: a 'base' run has no appearance or pose net; pass a stage1/stage2 run")
-  sd, base, _ = stages.load_base(config, ckpt.read_run)
-  nets = stages.networks(config, sd)
-  params = {"unet": base["unet"], **trainable}
-  return TrainedModel(config, nets, params, base["vae"], stages.text_context(sd, base["text_encoder"]),
-                      make_schedule(nets.schedule))
-
-
-@jax.jit
-def _to_uint8(x: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def _encode(model: TrainedModel, image: np.ndarray) -> jax.Array:
-  x = jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
-  z = _encode_jit(model.nets.vae, model.vae_params, x)
-  return scale_latents(z, model.nets.vae.config)
-
-
-def _encode_impl(vae: Any, params: Params, x: jax.Array) -> jax.Array:
-  return vae.apply({"params": params}, x, method="encode").mean
-
-
-def _decode_impl(vae: Any, params: Params, z: jax.Array) -> jax.Array:
-  return vae.apply({"params": params}, z, method="decode")
-
-
-_encode_jit = jax.jit(_encode_impl, static_argnums=0)
-_decode_jit = jax.jit(_decode_impl, static_argnums=0)
+  return model
 
 
 def animate(model: TrainedModel, reference: np.ndarray, poses: np.ndarray, sampler: SamplerConfig, *,
             seed: int = 0, batch_frames: int = 4) -> np.ndarray:
-  """Frames of the figure in `reference` in each pose.
+  """Frames of the figure in `reference` in each pose: `inference.animate` (the `animate` CLI's sampler, reference
+  states cached for all steps, one initial noise shared by the frames), also for the ablations' models.
 
   Args:
-    reference: uint8 [S, S, 3] (S = `model.image_size`).
+    reference: uint8 [S, S, 3] (S = the model's image size).
     poses: uint8 [F, S, S, 3] pose renders.
-    sampler: DDIM steps and guidance (`guidance=1` is no classifier-free guidance).
-    seed: the initial noise, shared by every frame.
+    sampler: DDIM steps and guidance (`guidance=1` is no classifier-free guidance; eta must be 0).
+    seed: the initial noise.
     batch_frames: frames per sampler call (keep it fixed: every call of one shape shares a compilation).
 
   Returns:
     uint8 [F, S, S, 3].
   """
-  s = model.image_size
-  if reference.shape != (s, s, 3) or poses.ndim != 4 or poses.shape[1:] != (s, s, 3):
-    raise ValueError(f"animate: expected reference [{s}, {s}, 3] and poses [F, {s}, {s}, 3], got {reference.shape} "
-                     f"and {poses.shape}")
-  z_ref = _encode(model, reference)
-  x_t = jax.random.normal(jax.random.key(seed), z_ref.shape, jnp.float32)
-  frames = poses.shape[0]
-  padded = -(-frames // batch_frames) * batch_frames  # whole chunks: one compiled shape
-  pose_in = np.concatenate([poses, np.repeat(poses[-1:], padded - frames, 0)]).astype(np.float32) / 255.0
-  text = jnp.broadcast_to(jnp.asarray(model.text), (batch_frames, *model.text.shape[1:]))
-  z = sample_video(model.nets.model, model.params, model.schedule, model.nets.schedule, sampler, x_t, text, z_ref,
-                   jnp.asarray(pose_in), batch_frames=batch_frames)
-  images = _decode_jit(model.nets.vae, model.vae_params, unscale_latents(z, model.nets.vae.config))
-  return np.asarray(_to_uint8(images))[:frames]
+  if sampler.eta != 0 or sampler.pose_guidance is not None:
+    raise ValueError(f"animate: DDIM with eta 0 and one guidance scale only, got {sampler}")
+  options = AnimateOptions(steps=sampler.num_steps, guidance=sampler.guidance, seed=seed, batch_frames=batch_frames)
+  return animate_frames(model, reference, poses, options)
 
 
 def synthetic_source(data_config: ml_collections.ConfigDict) -> SyntheticSource:

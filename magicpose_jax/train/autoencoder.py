@@ -52,6 +52,10 @@ class AutoencoderTraining:
     lr: peak learning rate (cosine decay to 10% after a 5% warm-up).
     kl_weight: weight of the KL term (per latent value) against the per-pixel reconstruction loss.
     seed: init, batch order and posterior samples.
+    init_logvar: the posterior's initial log-variance (the moments head's logvar half starts at this constant).
+      A random head starts near logvar 0, i.e. noise of std 1 on latents of std ~2: the decoder first learns to
+      undo that noise (blurry reconstructions) and the encoder has to shrink it through the small KL-weighted
+      sample path. Starting low makes the latents nearly deterministic from step one, as a trained VAE's are.
   """
 
   steps: int = 300
@@ -59,6 +63,7 @@ class AutoencoderTraining:
   lr: float = 2e-3
   kl_weight: float = 1e-4
   seed: int = 0
+  init_logvar: float = -8.0
 
 
 def _images(x: jax.Array) -> jax.Array:
@@ -102,6 +107,14 @@ def latent_scale(vae: AutoencoderKL, params: Params, images: np.ndarray, batch_s
   return float(1.0 / max(np.concatenate(means).std(), 1e-6))
 
 
+def _low_noise_head(quant_conv: Params, latent_channels: int, logvar: float) -> Params:
+  """The 1x1 moments conv with its logvar outputs (the second `latent_channels`) constant at `logvar`."""
+  kernel, bias = np.array(quant_conv["kernel"]), np.array(quant_conv["bias"])
+  kernel[..., latent_channels:] = 0.0
+  bias[latent_channels:] = logvar
+  return {**quant_conv, "kernel": kernel, "bias": bias}
+
+
 def train_autoencoder(config: VAEConfig, images: np.ndarray, training: AutoencoderTraining = AutoencoderTraining(),
                       progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[VAEConfig, Params,
                                                                                                dict[str, float]]:
@@ -118,7 +131,9 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
   vae = AutoencoderKL(config)
   key = jax.random.key(training.seed)
   # flax-default random draws without tracing `init` (a compile of the whole VAE: a minute on a busy CPU).
-  params = jax.tree.map(jnp.asarray, random_params(abstract_vae_params(config), training.seed))
+  params = random_params(abstract_vae_params(config), training.seed)
+  params["quant_conv"] = _low_noise_head(params["quant_conv"], config.latent_channels, training.init_logvar)
+  params = jax.tree.map(jnp.asarray, params)
   warmup = max(1, training.steps // 20)
   lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
                                           end_value=0.1 * training.lr)

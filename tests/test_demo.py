@@ -19,7 +19,7 @@ from magicpose_jax.viz import image_grid
 # The micro run's time is compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not running them. It
 # runs as `python -m magicpose_jax.demo --micro` in a subprocess so that XLA can be told to skip LLVM's
 # optimisations (a quarter less compile time; the micro models' run time does not matter), with a persistent
-# compilation cache kept between test sessions: ~150 s of CPU cold, ~60 s warm (2-core CPU).
+# compilation cache kept between test sessions: ~150 s of CPU cold, ~75 s warm (2-core CPU).
 CACHE = os.path.join(tempfile.gettempdir(), "magicpose_jax_demo_smoke_jax_cache")
 
 

@@ -25,6 +25,8 @@ SD15 = [(64, 320, 320), (64, 640, 320), (64, 960, 320), (64, 640, 640), (32, 320
         (32, 960, 640), (32, 1280, 640), (32, 1920, 640), (32, 1280, 1280), (16, 640, 1280), (16, 1280, 1280),
         (16, 1920, 1280), (16, 2560, 1280), (8, 1280, 1280), (8, 2560, 1280)]
 # benchmarks/train_step.py's "mid" model (widths 64/128/256) at 32x32 latents.
+# The ControlNet hint encoder's stride-1 convs (channels 16/32/96/256) on a 256 px pose image (the "mid" model).
+HINT = [(256, 3, 16), (256, 16, 16), (128, 32, 32), (64, 96, 96), (32, 256, 320)]
 MID = [(32, 64, 64), (16, 128, 128), (16, 256, 128), (8, 256, 256), (8, 512, 256), (4, 256, 256), (4, 512, 256)]
 
 
@@ -82,7 +84,7 @@ def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> d
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", choices=("sd15", "mid"), default="sd15")
+  parser.add_argument("--shapes", choices=("sd15", "mid", "hint"), default="sd15")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
@@ -91,7 +93,7 @@ def main() -> None:
   if args.torch:
     import torch  # noqa: PLC0415
 
-  shapes = SD15 if args.shapes == "sd15" else MID
+  shapes = {"sd15": SD15, "mid": MID, "hint": HINT}[args.shapes]
   print(f"{jax.default_backend()} {jax.devices()[0].device_kind}, batch {args.batch}, fp32, median of {args.runs} ms")
   print("| H=W | C_in | C_out | lax fwd | im2col fwd | torch fwd | lax f+b | im2col f+b | torch f+b | picks |")
   print("|---|---|---|---|---|---|---|---|---|---|")

@@ -241,10 +241,10 @@ def main() -> None:
   parser.add_argument("--dtype", default=None, help="config.dtype, compute (default: the config's, bfloat16)")
   parser.add_argument("--frozen-dtype", default=None, help="config.frozen_dtype (default: the config's, bfloat16)")
   parser.add_argument("--attention", default=FLASH_PROXY,
-                      help=f"config.attention_backend: '{FLASH_PROXY}' (default: this script's stand-in for "
-                           "cuDNN/splash flash attention), 'xla' (what 'auto' runs on GPU and TPU today: full "
-                           "logits), 'config' (the config's own, 'auto' = 'xla_chunked' on CPU, whose loop runs over "
-                           "the global batch on every device: no per-device estimate)")
+                      help=f"config.attention_backend: '{FLASH_PROXY}' (default: this script's loop-free stand-in "
+                           "for a fused flash attention), 'xla' (full [B, H, Nq, Nk] logits), 'flash' (our pure-JAX "
+                           "flash backend, what 'auto' runs on CPU/TPU at long sequences), or 'config' (the config's "
+                           "own)")
   parser.add_argument("--latents", action="store_true",
                       help="batches of cached VAE latents (preprocess --vae) instead of images: no VAE in the step")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")

@@ -57,9 +57,9 @@ def test_chunked_attention_really_chunks(shape, monkeypatch):
   budget = b * nk * 4 * 4  # logits of 4 queries of one head (all batch rows) at a time
   assert attention.query_chunk_size(b, nq, nk, budget) == 4
   q, k, v = _qkv(*shape, seed=4)
-  out = jax.jit(lambda *a: attention.chunked_xla_attention(*a, max_bytes=budget))(q, k, v)
+  out = jax.jit(lambda *a: attention.flash_attention(*a, max_bytes=budget))(q, k, v)
   np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=1e-5)
-  jaxpr = str(jax.make_jaxpr(lambda *a: attention.chunked_xla_attention(*a, max_bytes=budget))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(lambda *a: attention.flash_attention(*a, max_bytes=budget))(q, k, v))
   assert "while" in jaxpr or "scan" in jaxpr  # a loop over chunks, not one big block
 
 

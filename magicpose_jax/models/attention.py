@@ -197,6 +197,12 @@ def _flash_core_bwd(chunk, residuals, d_out):
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 
+def _logits_bytes(q: jax.Array, k: jax.Array) -> int:
+  """Bytes of the float32 `[B, H, Nq, Nk]` logits of one-block attention."""
+  b, nq, h, _ = q.shape
+  return b * h * nq * k.shape[1] * 4
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | None = None) -> jax.Array:
   """Memory-efficient attention: a loop over heads and query chunks, the batch vectorised, custom VJP.
 
@@ -220,10 +226,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | N
   Returns:
     `[B, Nq, H, D]`.
   """
-  b, nq, h, d = q.shape
+  b, nq, _, d = q.shape
   nk = k.shape[1]
   max_bytes = CHUNK_LOGITS_BYTES if max_bytes is None else max_bytes
-  if b * h * nq * nk * 4 <= max_bytes:
+  if _logits_bytes(q, k) <= max_bytes:
     return xla_attention(q, k, v)
   chunk = query_chunk_size(b, nq, nk, max_bytes)
   n_chunks = -(-nq // chunk)
@@ -235,15 +241,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | N
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0)))
   out = _flash_core(qh, heads_first(k), heads_first(v), chunk)[:, :, :nq]  # [H, B, Nq, D]
   return out.transpose(1, 2, 0, 3)
-
-
-def chunked_xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | None = None) -> jax.Array:
-  """The `xla_chunked` backend: now `flash_attention` (kept as a name for configs).
-
-  It used to loop over (batch x head, query chunk) pairs, which under batch sharding ran every
-  device over the whole global batch; `flash_attention` keeps batch and heads vectorised.
-  """
-  return flash_attention(q, k, v, max_bytes)
 
 
 def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -274,11 +271,6 @@ def _splash_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   return "TPU splash attention is not implemented yet (accelerator issue #10)"
 
 
-def _logits_bytes(q: jax.Array, k: jax.Array) -> int:
-  b, nq, h, _ = q.shape
-  return b * h * nq * k.shape[1] * 4
-
-
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
   """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
 
@@ -297,8 +289,8 @@ def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 register_backend("xla", xla_attention)
-register_backend("xla_chunked", chunked_xla_attention)
 register_backend("flash", flash_attention)
+register_backend("xla_chunked", flash_attention)  # the old name (configs use it)
 register_backend("auto", _auto)
 register_backend("dot_product", _dot_product)
 register_backend("cudnn", _cudnn, _cudnn_supports)

@@ -391,8 +391,9 @@ class StepThroughput:
     out = {"model_tflops_per_s": self.model_per_step / self.devices / dt / 1e12}
     if self.compiled_per_device is not None:
       out["tflops_per_s"] = self.compiled_per_device / dt / 1e12
-    if self.peak is not None:
-      out["mfu"] = out["model_tflops_per_s"] / self.peak
+    utilisation = mfu(self.model_per_step, dt, self.devices, self.peak)
+    if utilisation is not None:
+      out["mfu"] = utilisation
     return out
 
 

@@ -77,8 +77,7 @@ class Fidelity(demo.Demo):
     for name in order:
       sampler = dataclasses.replace(guided, guidance=1.0) if name == "no_cfg" else guided
       result = rt.retarget(rt.load_trained(runs[name]), source, pairs, sampler, progress=bar.update)
-      out[name] = {**rt.summary(result.metrics), "part_iou": result.metrics["part_iou"],
-                   "region_error": result.metrics["region_error"], "num_images": result.metrics["num_images"]}
+      out[name] = rt.report(result.metrics)
     bar.close()
     return out
 

@@ -291,8 +291,7 @@ class Demo:
     }
     b = self.budget
     report = {
-        "models": {n: {**s[n], "part_iou": r.metrics["part_iou"], "region_error": r.metrics["region_error"],
-                       "num_images": r.metrics["num_images"]} for n, r in evaluation["results"].items()},
+        "models": {n: rt.report(r.metrics) for n, r in evaluation["results"].items()},
         "runs": self.variants(),
         "ablations": f"trained in this demo: no_appearance {b.no_appearance_steps} steps of stage 2 from the base; "
                      + ("no_pose = the stage-1 model (appearance only, " + f"{b.stage1_steps} steps)"

@@ -28,7 +28,8 @@ from magicpose_jax.eval.figure_metrics import evaluate_figures
 from magicpose_jax.inference import AnimateOptions
 from magicpose_jax.inference import animate as animate_frames
 
-__all__ = ["TrainedModel", "animate", "holdout_pairs", "load_trained", "retarget", "summary", "synthetic_source"]
+__all__ = ["TrainedModel", "animate", "holdout_pairs", "load_trained", "report", "retarget", "summary",
+           "synthetic_source"]
 
 
 def load_trained(workdir: str) -> TrainedModel:
@@ -128,6 +129,13 @@ SUMMARY_KEYS = (("l1", "L1", "lower"), ("psnr", "PSNR", "higher"), ("ssim", "SSI
 def summary(metrics: dict) -> dict[str, float]:
   """The headline numbers of an `evaluate_figures` dict."""
   return {key: float(metrics[key]) for key, _, _ in SUMMARY_KEYS}
+
+
+def report(metrics: dict) -> dict:
+  """What the demo and the fidelity benchmark record per model: `summary` plus the per-part IoU, the per-region
+  colour error and the number of images."""
+  return {**summary(metrics), "part_iou": metrics["part_iou"], "region_error": metrics["region_error"],
+          "num_images": metrics["num_images"]}
 
 
 def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:

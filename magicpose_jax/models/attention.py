@@ -14,14 +14,15 @@ Backends:
   * `xla_chunked`: the old name of `flash` (configs use it). It used to loop over
     every (batch x head, query chunk), which ran each device over the global batch.
   * `auto`: `auto_backend` -- CPU: `flash` when the logits outgrow `CHUNK_LOGITS_BYTES`,
-    else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU and others:
-    `flash` for long sequences, else `xla`.
+    else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
+    long sequences, else `xla`; others: `flash` for long sequences, else `xla`.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only,
     fp16/bf16, head dim a multiple of 8 and at most 128.
-  * `splash`: reserved for TPU splash attention (the accelerator issue); until it
-    lands it reports itself unsupported and the call falls back to `xla`.
+  * `splash`: the TPU splash kernel (`models/splash_attention.py`): head dim and
+    sequences padded to 128, batch-sharded through `jax.shard_map` inside a mesh
+    context. TPU only; elsewhere it reports itself unsupported (falls back to `xla`).
 
 A backend that cannot run a given shape/dtype/platform falls back to `xla` and
 says so once in the log (the decision is made at trace time: shapes are static).
@@ -37,6 +38,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from magicpose_jax.models import splash_attention
 
 _log = logging.getLogger(__name__)
 
@@ -263,25 +266,22 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   return None
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  raise NotImplementedError("splash attention is not implemented yet")
-
-
-def _splash_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  return "TPU splash attention is not implemented yet (accelerator issue #10)"
-
-
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
   """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
 
   CPU: `flash` once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, else `xla` (one block is
   fastest while it stays cache-sized). GPU: `cudnn` where it applies, else `dot_product`
-  (XLA's own choice). TPU and others: `flash` for long sequences (splash is still a stub), else `xla`.
+  (XLA's own choice). TPU: `splash` for long sequences, else `xla`. Others: `flash` for long
+  sequences, else `xla`. The GPU and TPU rules are the kernels' documented sweet spots, not yet
+  measured here: `benchmarks/attention.py` on the device says per shape.
   """
   platform = jax.default_backend()
   if platform == "gpu":
     return "cudnn" if _cudnn_supports(q, k, v) is None else "dot_product"
-  return "flash" if _logits_bytes(q, k) > CHUNK_LOGITS_BYTES else "xla"
+  long = _logits_bytes(q, k) > CHUNK_LOGITS_BYTES
+  if platform == "tpu":
+    return "splash" if long else "xla"
+  return "flash" if long else "xla"
 
 
 def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -294,7 +294,7 @@ register_backend("xla_chunked", flash_attention)  # the old name (configs use it
 register_backend("auto", _auto)
 register_backend("dot_product", _dot_product)
 register_backend("cudnn", _cudnn, _cudnn_supports)
-register_backend("splash", _splash, _splash_supports)
+register_backend("splash", splash_attention.splash_attention, splash_attention.supports)
 
 
 def backend_supports(backend: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:

@@ -73,7 +73,14 @@ def _jit_step(config: ml_collections.ConfigDict, nets: stages.Networks, trainabl
                            grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                            drop_reference=config.drop.reference, drop_pose=config.drop.pose)
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+
+  def step_in_mesh(*args: Any) -> Any:
+    # Traced with the mesh in context: kernels opaque to sharding propagation (TPU splash attention) read it to
+    # shard_map themselves over the batch axes instead of gathering the global batch on every device.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(*args)
+
+  step_fn = jax.jit(step_in_mesh, in_shardings=(state_sh, frozen_sh, batch_sh),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   return {"init": init, "abstract": abstract, "state_sh": state_sh, "frozen_sh": frozen_sh, "batch_sh": batch_sh,
           "step_fn": step_fn, "lr_fn": lr_fn}

@@ -1,0 +1,127 @@
+"""TPU splash attention (a Pallas kernel) for our `[B, N, H, D]` attention, with padding and batch sharding.
+
+`jax.experimental.pallas.ops.tpu.splash_attention` is a FlashAttention-2 style kernel for TPUs: forward and
+backward kernels, no `[Nq, Nk]` logits in HBM. It takes one example's `[H, N, D]` queries/keys/values with the
+sequence lengths a multiple of its block sizes and the head dim a multiple of the TPU's 128 lanes. SD 1.5 has
+head dims 40/80/160 and cross-attention over 77 text tokens, so `splash_attention`
+
+  * zero-pads the head dim to a multiple of 128 (zero query/key columns leave the logits unchanged, zero value
+    columns are sliced off the output); the scale stays 1/sqrt(true D), applied to q before the kernel;
+  * pads the sequences to a multiple of 128 and masks padded keys out with segment ids (queries in segment 0,
+    real keys 0, padded keys 1); padded query rows attend to the real keys and are sliced off, so their
+    cotangents are zero;
+  * vmaps the kernel over the batch and, inside a mesh context whose `data`/`fsdp` axes split the batch, runs it
+    under `jax.shard_map` over those axes: a Pallas call is opaque to XLA's sharding propagation, which would
+    otherwise gather the global batch onto every device.
+
+On a machine without a TPU the kernel runs only in Pallas' interpreter (`interpret=True`, what the tests do on
+CPU: slow, for correctness). The `splash` backend in `models/attention.py` calls this on TPUs; elsewhere it
+reports itself unsupported and the call falls back to `xla`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+LANES = 128  # the TPU vector lane count: head dims and sequence blocks are multiples of it
+# Largest tile along each sequence; the kernel's blocks must divide the (padded) lengths, so each block is the
+# largest of (MAX_BLOCK, MAX_BLOCK / 2, ..., 128) that does. 512 is what MaxText / MaxDiffusion default to.
+MAX_BLOCK = 512
+# The mesh axes that split the batch: the same names as `train.sharding.BATCH_AXES` (models do not import train;
+# tests/test_splash_attention.py checks that the two agree).
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _block(length: int) -> int:
+  """The largest power-of-two multiple of 128, at most `MAX_BLOCK`, dividing `length` (itself a multiple of 128)."""
+  block = MAX_BLOCK
+  while length % block:
+    block //= 2
+  return block
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads: int, nq: int, nk: int, interpret: bool):
+  """The splash MHA kernel for `[heads, nq, D]` x `[heads, nk, D]` (padded lengths), full (unmasked) attention."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415  (Pallas TPU: only when used)
+      splash_attention_kernel as kernel,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask  # noqa: PLC0415
+
+  bq, bk = _block(nq), _block(nk)
+  blocks = kernel.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                             block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  full = mask.MultiHeadMask([mask.FullMask((nq, nk))] * heads)
+  # Built eagerly even when first called inside a trace: the kernel holds the mask's block tables as arrays, and
+  # the cached kernel is reused by later traces, so they must be constants, not this trace's tracers.
+  with jax.ensure_compile_time_eval():
+    return kernel.make_splash_mha(full, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+  """Attention through the TPU splash kernel; the same function as `attention.xla_attention`.
+
+  Args:
+    q: `[B, Nq, H, D]` queries.
+    k: `[B, Nk, H, D]` keys (`Nk` free).
+    v: `[B, Nk, H, D]` values.
+    interpret: run the kernel in Pallas' interpreter (any platform; for tests).
+
+  Returns:
+    `[B, Nq, H, D]` in v's dtype.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as kernel,
+  )
+
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  nq_pad, nk_pad, d_pad = _round_up(nq, LANES), _round_up(nk, LANES), _round_up(d, LANES)
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+
+  def heads_first(x: jax.Array, n_pad: int) -> jax.Array:  # [B, N, H, D] -> [B, H, N', D'], zero-padded
+    x = x.transpose(0, 2, 1, 3)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - x.shape[2]), (0, d_pad - d)))
+
+  qh, kh, vh = heads_first(q, nq_pad), heads_first(k, nk_pad), heads_first(v, nk_pad)
+  segments = None
+  if nk_pad != nk:  # padded keys get their own segment: no real query (segment 0) attends to them
+    segments = kernel.SegmentIds(q=jnp.zeros((nq_pad,), jnp.int32),
+                                 kv=(jnp.arange(nk_pad) >= nk).astype(jnp.int32))
+  splash = _kernel(h, nq_pad, nk_pad, interpret)
+  run = jax.vmap(lambda q1, k1, v1: splash(q1, k1, v1, segment_ids=segments))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_MESH_AXES if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  if shards > 1 and b % shards == 0:
+    spec = P(axes)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  out = run(qh, kh, vh)  # [B, H, Nq', D']
+  return out[:, :, :nq, :d].transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  """None on a TPU (any shape: padding handles the rest), else why not."""
+  platform = jax.default_backend()
+  if platform != "tpu":
+    return f"splash attention is a TPU kernel (platform is {platform!r})"
+  return None
+
+
+def padding_overhead(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> float:
+  """Kernel FLOPs / true FLOPs of `splash_attention` for these `[B, N, H, D]` shapes (head dim and lengths
+  padded to 128): e.g. 3.2 for SD 1.5's head dim 40."""
+  (_, nq, _, d), nk = q_shape, k_shape[1]
+  padded = _round_up(nq, LANES) * _round_up(nk, LANES) * _round_up(d, LANES)
+  return float(padded / (nq * nk * d))
+

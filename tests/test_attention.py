@@ -1,15 +1,13 @@
 """Attention backends agree with each other (and with a numpy softmax), kv length free."""
 
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from simulated_devices import run_script
 
 from magicpose_jax.models import attention
 from magicpose_jax.models.attention import attend, available_backends
@@ -174,13 +172,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_flash_keeps_batch_sharded_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                        timeout=300, cwd=root, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert proc.stdout.startswith("ok")
+  assert run_script(SHARDED_SCRIPT).startswith("ok")
 
 
 def test_unsupported_backend_falls_back_once(caplog):

@@ -6,15 +6,13 @@ Tolerance: fp32, max abs error <= 1e-5 on unit-scale outputs and gradients (the 
 online, so results differ from the one-block reference only by summation order).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from simulated_devices import run_script
 from test_train_step import tiny
 
 from magicpose_jax.models import attention
@@ -127,10 +125,4 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_splash_is_shard_mapped_over_the_batch_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
-                        timeout=300, cwd=root, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert proc.stdout.startswith("ok")
+  assert run_script(SHARDED_SCRIPT).startswith("ok")

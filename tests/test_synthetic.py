@@ -28,6 +28,7 @@ def _pixel_labels(mask, xy):
 
 def _clear_caches():
   synthetic._identity.cache_clear()
+  synthetic._styled_identity.cache_clear()
   synthetic._background.cache_clear()
 
 
@@ -87,6 +88,29 @@ def test_config_validation():
     SyntheticConfig(num_identities=0)
   with pytest.raises(ValueError, match="seed: expected a non-negative integer"):
     SyntheticConfig(seed=-1)
+  with pytest.raises(ValueError, match="detail: expected one of"):
+    SyntheticConfig(detail="none")
+
+
+def test_plain_detail_is_the_same_people_without_patterns_or_textures():
+  configs = {d: SyntheticConfig(num_identities=12, frames_per_identity=2, detail=d) for d in synthetic.DETAILS}
+  full, plain = (SyntheticSource(configs[d]) for d in ("full", "plain"))
+  for v in range(12):
+    a, b = full.frame(v, 1), plain.frame(v, 1)
+    np.testing.assert_array_equal(a["part_mask"], b["part_mask"])  # same pose, build and hair
+    np.testing.assert_array_equal(a["pose_image"], b["pose_image"])
+    palette = plain.palette(v)
+    assert "pattern" not in palette["torso"]
+    bg = a["part_mask"] == LABEL["background"]
+    # One flat background colour, the full figure's first; the figure's colours are the full figure's outside
+    # the shirt (whose pattern is gone).
+    np.testing.assert_array_equal(b["image"][bg], np.broadcast_to(palette["background"]["background"],
+                                                                  b["image"][bg].shape))
+    assert palette["background"]["background"] == full.palette(v)["background"]["background"]
+    shirt = b["image"] == np.array(palette["torso"]["shirt"], np.uint8)
+    keep = ~bg & ~(a["part_mask"] == LABEL["torso"])
+    np.testing.assert_array_equal(a["image"][keep], b["image"][keep])
+    assert shirt.all(-1)[a["part_mask"] == LABEL["torso"]].mean() > 0.5  # the torso is mostly plain shirt
 
 
 def test_part_masks_are_exact():

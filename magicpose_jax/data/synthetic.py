@@ -49,6 +49,9 @@ _PATTERNS = ("plain", "stripes", "diagonal", "dots", "checks")
 _HAIR_STYLES = ("short", "long", "bob")
 _SLEEVES = ("long", "short", "none")
 _BACKGROUNDS = ("gradient", "stripes", "checks", "floor", "dots")
+# SyntheticConfig.detail: "full" draws shirt patterns and background textures; "plain" the same people (same
+# colours, builds, hair, poses) with plain shirts on flat backgrounds.
+DETAILS = ("full", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +63,16 @@ class SyntheticConfig:
     num_identities: number of people ("videos"); identity i looks the same whatever this number is.
     frames_per_identity: frames (poses) per person.
     seed: the dataset; everything is a function of (seed, identity, frame).
+    detail: "full" (shirt patterns, textured backgrounds) or "plain" (plain shirts on flat backgrounds of the
+      identity's first background colour; everything else as "full"). The tiny models of the demo learn plain
+      figures' colours within its budget; the patterns' 2-3 pixel periods cost most of a tiny VAE's capacity.
   """
 
   image_size: int = 64
   num_identities: int = 64
   frames_per_identity: int = 32
   seed: int = 0
+  detail: str = "full"
 
   def __post_init__(self):
     if not MIN_SIZE <= self.image_size <= MAX_SIZE:
@@ -75,6 +82,8 @@ class SyntheticConfig:
     if self.num_identities < 1 or self.frames_per_identity < 1:
       raise ValueError(f"SyntheticConfig: num_identities and frames_per_identity must be >= 1, got "
                        f"{self.num_identities} and {self.frames_per_identity}")
+    if self.detail not in DETAILS:
+      raise ValueError(f"SyntheticConfig.detail: expected one of {DETAILS}, got {self.detail!r}")
 
 
 # Drawing materials: (name, part label, palette key). The image takes the palette colour of each pixel's material
@@ -169,14 +178,27 @@ def _identity(seed: int, index: int) -> _Identity:
   )
 
 
-@functools.lru_cache(maxsize=64)
-def _background(seed: int, index: int, size: int) -> np.ndarray:
-  """uint8 [size, size, 3] background of an identity (the same in all its frames)."""
+@functools.lru_cache(maxsize=4096)
+def _styled_identity(seed: int, index: int, detail: str) -> _Identity:
+  """`_identity` drawn at `detail` (SyntheticConfig.detail): "plain" keeps every draw of "full" (so an identity's
+  colours do not depend on the detail) and drops the shirt pattern and the background texture."""
   ident = _identity(seed, index)
+  if detail == "plain":
+    a = ident.background_colors[0]
+    return dataclasses.replace(ident, pattern="plain", background="flat", background_colors=(a, a))
+  return ident
+
+
+@functools.lru_cache(maxsize=64)
+def _background(seed: int, index: int, size: int, detail: str = "full") -> np.ndarray:
+  """uint8 [size, size, 3] background of an identity (the same in all its frames)."""
+  ident = _styled_identity(seed, index, detail)
   a, b = (np.array(c, np.float32) for c in ident.background_colors)
   ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
   period = ident.background_period
-  if ident.background == "gradient":
+  if ident.background == "flat":
+    w = np.zeros_like(ys)
+  elif ident.background == "gradient":
     w = ys
   elif ident.background == "stripes":
     w = (np.floor((xs + 0.5 * ys) / period) % 2).astype(np.float32)
@@ -519,7 +541,7 @@ class SyntheticSource:
       between, rounded down). Every figure pixel of `frame(video, f)["image"]` has exactly one colour of its part.
     """
     self._check_video(video)
-    ident = _identity(self.config.seed, video)
+    ident = _styled_identity(self.config.seed, video, self.config.detail)
     rgb = lambda m: tuple(int(c) for c in ident.colors[_M[m], 0])
     skin = rgb("skin_head")
     out: dict[str, dict[str, tuple[int, int, int]]] = {name: {} for name in PART_NAMES}
@@ -539,14 +561,14 @@ class SyntheticSource:
     if not 0 <= frame < self.config.frames_per_identity:
       raise IndexError(f"SyntheticSource: frame {frame} out of range [0, {self.config.frames_per_identity})")
     seed, size = self.config.seed, self.config.image_size
-    ident = _identity(seed, video)
+    ident = _styled_identity(seed, video, self.config.detail)
     params = _sample_params(seed, video, frame)
     g = _skeleton(ident, params)
     scale, offset = _place(g, ident, params, size)
     g = _to_pixels(g, scale, offset)
     materials = np.zeros((size, size), np.uint8)
     _draw_figure(materials, ident, g, scale)
-    image = _compose(materials, ident, g, scale, _background(seed, video, size))
+    image = _compose(materials, ident, g, scale, _background(seed, video, size, self.config.detail))
     pose = _pose(g, params["expression"])
     return {
       "image": image,

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from magicpose_jax.data.synthetic import SyntheticSource
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval import retarget as rt
 from magicpose_jax.models.clip import CLIP_VARIANTS
@@ -147,10 +147,7 @@ class Demo:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(pipeline, ignore_errors=True)
     data = self.config.data
-    source = SyntheticSource(SyntheticConfig(image_size=data.synthetic.image_size,
-                                             num_identities=data.synthetic.num_identities,
-                                             frames_per_identity=data.synthetic.frames_per_identity,
-                                             seed=data.synthetic.seed))
+    source = rt.synthetic_source(data)  # the training figures (detail included)
     train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
     flat = np.random.default_rng(0).permutation(train_ids * data.synthetic.frames_per_identity)
     flat = flat[: self.budget.vae_images]

@@ -56,6 +56,11 @@ class AutoencoderTraining:
       A random head starts near logvar 0, i.e. noise of std 1 on latents of std ~2: the decoder first learns to
       undo that noise (blurry reconstructions) and the encoder has to shrink it through the small KL-weighted
       sample path. Starting low makes the latents nearly deterministic from step one, as a trained VAE's are.
+    identity_blocks: start every residual block as the identity (the last layer of each residual branch, resnet
+      `conv2` and attention `to_out_0`, at zero; "zero-init residual" of Goyal et al. 2017). Every GroupNorm
+      removes each image's per-group mean, i.e. its colours, so only the residual stream carries them; random
+      branches add O(1) colour-blind activations to it in every block, and a tiny VAE then sits for hundreds of
+      steps at the "mean colour, blurry silhouette" plateau before colours get through.
   """
 
   steps: int = 300
@@ -64,6 +69,7 @@ class AutoencoderTraining:
   kl_weight: float = 1e-4
   seed: int = 0
   init_logvar: float = -8.0
+  identity_blocks: bool = True
 
 
 def _images(x: jax.Array) -> jax.Array:
@@ -115,6 +121,15 @@ def _low_noise_head(quant_conv: Params, latent_channels: int, logvar: float) -> 
   return {**quant_conv, "kernel": kernel, "bias": bias}
 
 
+def _identity_blocks(params: Params) -> Params:
+  """`params` with the last layer of every residual branch (resnet `conv2`, attention `to_out_0`) at zero."""
+  def zero(path: tuple[Any, ...], x: np.ndarray) -> np.ndarray:
+    names = [str(getattr(k, "key", k)) for k in path]
+    return np.zeros_like(x) if names[-1] == "kernel" and names[-2] in ("conv2", "to_out_0") else x
+
+  return jax.tree_util.tree_map_with_path(zero, params)
+
+
 def train_autoencoder(config: VAEConfig, images: np.ndarray, training: AutoencoderTraining = AutoencoderTraining(),
                       progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[VAEConfig, Params,
                                                                                                dict[str, float]]:
@@ -133,6 +148,8 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
   # flax-default random draws without tracing `init` (a compile of the whole VAE: a minute on a busy CPU).
   params = random_params(abstract_vae_params(config), training.seed)
   params["quant_conv"] = _low_noise_head(params["quant_conv"], config.latent_channels, training.init_logvar)
+  if training.identity_blocks:
+    params = _identity_blocks(params)
   params = jax.tree.map(jnp.asarray, params)
   warmup = max(1, training.steps // 20)
   lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),

@@ -1,0 +1,53 @@
+"""train/autoencoder.py: the demo's VAE training (a short real run must learn the figures, not their mean colour)."""
+
+import jax
+import numpy as np
+
+from magicpose_jax.convert.vae import abstract_vae_params
+from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from magicpose_jax.models.random_init import random_params
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.train import autoencoder
+
+
+def _names(path):
+  return [str(getattr(k, "key", k)) for k in path]
+
+
+def test_identity_blocks_zero_exactly_the_residual_branch_outputs():
+  params = random_params(abstract_vae_params(autoencoder.DEMO_VAE), 0)
+  out = autoencoder._identity_blocks(params)
+  zeroed = 0
+  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(out), strict=True):
+    names = _names(path)
+    if names[-1] == "kernel" and names[-2] in ("conv2", "to_out_0"):
+      assert not np.any(after), names
+      zeroed += 1
+    else:
+      np.testing.assert_array_equal(before, after)
+  # DEMO_VAE: encoder 3 + 2 mid resnets, decoder 3 x 2 + 2 mid resnets, one attention in each mid block.
+  assert zeroed == (3 + 2) + (3 * 2 + 2) + 2
+
+
+def _figures(n: int, size: int = 32) -> np.ndarray:
+  """n plain 64 px figures, 2x2-averaged to `size` px (the tiny factor-2 VAE's size: a fast test)."""
+  source = SyntheticSource(SyntheticConfig(num_identities=n, frames_per_identity=1, detail="plain"))
+  images = np.stack([source.frame(i, 0)["image"] for i in range(n)]).astype(np.float32)
+  f = 64 // size
+  return images.reshape(n, size, f, size, f, 3).mean((2, 4)).round().astype(np.uint8)
+
+
+def test_short_training_learns_more_than_the_mean_colour():
+  """A failure mode of GroupNorm VAEs trained from scratch: stuck at each image's mean colour and a blurry
+  silhouette (the demo's VAE sat there for hundreds of steps before `identity_blocks`)."""
+  images = _figures(4)
+  config = VAE_VARIANTS["tiny"]
+  training = autoencoder.AutoencoderTraining(steps=100, batch_size=4, lr=2e-3)
+  config, params, last = autoencoder.train_autoencoder(config, images, training)
+  assert np.isfinite(config.scaling_factor) and config.scaling_factor > 0
+  vae = AutoencoderKL(config)
+  x = images.astype(np.float32) / 127.5 - 1
+  recon = np.asarray(vae.apply({"params": params}, x, method="__call__"))
+  l1 = np.abs(recon - x).mean()
+  mean_colour = np.abs(x - x.mean((1, 2), keepdims=True)).mean()
+  assert l1 < 0.8 * mean_colour, (l1, mean_colour, last)  # 0.65 after 100 steps; ~1 when stuck

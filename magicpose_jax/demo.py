@@ -1,6 +1,7 @@
 """`python -m magicpose_jax.demo [--out DIR] [--fresh] [--micro]`: MagicPose end to end on a CPU (`make demo`).
 
-Phases (each cached in DIR; a second run skips finished ones unless --fresh):
+Phases (each cached in DIR; a second run skips finished ones unless --fresh, or unless DIR/setup.json says they were
+trained with another config, budget or architecture: then every phase is retrained):
 
   1. vae        a tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) trained on the training figures
                 (`train/autoencoder.py`), written with a random tiny UNet + text encoder as an SD pipeline folder;
@@ -44,6 +45,7 @@ from magicpose_jax.pose.render import render
 from magicpose_jax.train import autoencoder, loop, stages
 from magicpose_jax.viz import image_grid, save_animation, save_png
 
+SETUP_FILE = "setup.json"  # in DIR: the setup its cached phases were trained with (`Demo.setup`)
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
@@ -110,10 +112,39 @@ class Demo:
     self.config = config if config is not None else load_config()
     self.timings: dict[str, float] = {}
     self.cached: list[str] = []
-    if fresh:
+    os.makedirs(self.out, exist_ok=True)
+    changed = self._changed_setup()
+    if changed:
+      print(f"{self.out} holds phases trained with another setup ({', '.join(changed)} changed): retraining them all")
+    if fresh or changed:
       for name in ("vae", "base_sd", "runs", "tb"):
         shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+    with open(self.path(SETUP_FILE), "w") as f:
+      json.dump(self.setup(), f, indent=2, sort_keys=True)
     os.makedirs(os.path.join(self.out, "tb"), exist_ok=True)
+
+  def setup(self) -> dict[str, Any]:
+    """What the cached phases depend on: the training config, the budget, the VAE's and base UNet's architectures
+    and the VAE's training settings (JSON-able)."""
+    unet = self.unet or VARIANTS[self.config.model.unet]
+    as_json = lambda x: json.loads(json.dumps(x, default=str))
+    return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),
+                    "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(autoencoder.DEMO_VAE),
+                    "vae_training": dataclasses.asdict(self._vae_training())})
+
+  def _changed_setup(self) -> list[str]:
+    """The parts of `setup()` that differ from the one the folder's phases were trained with ([] if none/new)."""
+    try:
+      with open(self.path(SETUP_FILE)) as f:
+        old = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+      # A folder from before setup.json existed, with phases in it, cannot be checked: retrain it.
+      return ["unknown"] if os.path.isdir(self.path("runs")) or os.path.isdir(self.path("vae")) else []
+    new = self.setup()
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+  def _vae_training(self) -> autoencoder.AutoencoderTraining:
+    return autoencoder.AutoencoderTraining(steps=self.budget.vae_steps)
 
   # -- paths and configs ---------------------------------------------------------------------------------------
 
@@ -161,7 +192,7 @@ class Demo:
       if report:
         bar.set_postfix(l1=f"{report['l1']:.4f}", kl=f"{report['kl']:.2f}", refresh=False)
 
-    training = autoencoder.AutoencoderTraining(steps=self.budget.vae_steps)
+    training = self._vae_training()
     vae_config, params, metrics = autoencoder.train_autoencoder(autoencoder.DEMO_VAE, images, training, progress)
     bar.close()
     autoencoder.save_autoencoder(folder, vae_config, params, metrics)

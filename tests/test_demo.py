@@ -1,6 +1,7 @@
 """The demo end to end at its micro size (a few steps per phase): every output is written, the metrics are finite
 and in range, and a second run reuses the finished phases."""
 
+import dataclasses
 import json
 import math
 import os
@@ -83,3 +84,17 @@ def test_image_grid_shape():
   grid = image_grid([[cell, cell], [cell, cell]], column_titles=("a", "b"), row_labels=("x", "y"),
                     caption="L1 0.1", scale=2, gap=4)
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[1] >= 2 * 16 + 3 * 4
+
+
+def test_phases_trained_with_another_setup_are_retrained(tmp_path):
+  out = str(tmp_path)
+  d = demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)
+  os.makedirs(os.path.join(out, "runs", "base"))
+  assert demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)._changed_setup() == []
+  assert os.path.isdir(os.path.join(out, "runs", "base"))  # same setup: the phases stay cached
+  other = dataclasses.replace(demo.MICRO, base_steps=d.budget.base_steps + 1)
+  assert demo.Demo(out, other, unet=demo.MICRO_UNET)._changed_setup() == []  # it rewrote setup.json ...
+  assert not os.path.exists(os.path.join(out, "runs", "base"))  # ... after removing the stale phases
+  os.makedirs(os.path.join(out, "vae"))
+  os.remove(os.path.join(out, demo.SETUP_FILE))  # a folder from before setup.json: cannot be checked
+  assert demo.Demo(out, other, unet=demo.MICRO_UNET) and not os.path.exists(os.path.join(out, "vae"))

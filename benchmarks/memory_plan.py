@@ -243,8 +243,8 @@ def main() -> None:
   parser.add_argument("--attention", default=FLASH_PROXY,
                       help=f"config.attention_backend: '{FLASH_PROXY}' (default: this script's loop-free stand-in "
                            "for a fused flash attention), 'xla' (full [B, H, Nq, Nk] logits), 'flash' (our pure-JAX "
-                           "flash backend, what 'auto' runs on CPU/TPU at long sequences), or 'config' (the config's "
-                           "own)")
+                           "flash backend, what 'auto' runs on CPU at long sequences; on TPU it runs 'splash'), "
+                           "or 'config' (the config's own)")
   parser.add_argument("--latents", action="store_true",
                       help="batches of cached VAE latents (preprocess --vae) instead of images: no VAE in the step")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")

@@ -113,14 +113,15 @@ class Demo:
     self.timings: dict[str, float] = {}
     self.cached: list[str] = []
     os.makedirs(self.out, exist_ok=True)
-    changed = self._changed_setup()
+    setup = self.setup()
+    changed = self._changed_setup(setup)
     if changed:
       print(f"{self.out} holds phases trained with another setup ({', '.join(changed)} changed): retraining them all")
     if fresh or changed:
       for name in ("vae", "base_sd", "runs", "tb"):
         shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
     with open(self.path(SETUP_FILE), "w") as f:
-      json.dump(self.setup(), f, indent=2, sort_keys=True)
+      json.dump(setup, f, indent=2, sort_keys=True)
     os.makedirs(os.path.join(self.out, "tb"), exist_ok=True)
 
   def setup(self) -> dict[str, Any]:
@@ -132,15 +133,15 @@ class Demo:
                     "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(autoencoder.DEMO_VAE),
                     "vae_training": dataclasses.asdict(self._vae_training())})
 
-  def _changed_setup(self) -> list[str]:
-    """The parts of `setup()` that differ from the one the folder's phases were trained with ([] if none/new)."""
+  def _changed_setup(self, new: dict[str, Any]) -> list[str]:
+    """The parts of `new` (a `setup()`) that differ from the one the folder's phases were trained with ([] if
+    none/new)."""
     try:
       with open(self.path(SETUP_FILE)) as f:
         old = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
       # A folder from before setup.json existed, with phases in it, cannot be checked: retrain it.
       return ["unknown"] if os.path.isdir(self.path("runs")) or os.path.isdir(self.path("vae")) else []
-    new = self.setup()
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
   def _vae_training(self) -> autoencoder.AutoencoderTraining:

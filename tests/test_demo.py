@@ -90,10 +90,12 @@ def test_phases_trained_with_another_setup_are_retrained(tmp_path):
   out = str(tmp_path)
   d = demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)
   os.makedirs(os.path.join(out, "runs", "base"))
-  assert demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)._changed_setup() == []
+  same = demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)
+  assert same._changed_setup(same.setup()) == []
   assert os.path.isdir(os.path.join(out, "runs", "base"))  # same setup: the phases stay cached
   other = dataclasses.replace(demo.MICRO, base_steps=d.budget.base_steps + 1)
-  assert demo.Demo(out, other, unet=demo.MICRO_UNET)._changed_setup() == []  # it rewrote setup.json ...
+  changed = demo.Demo(out, other, unet=demo.MICRO_UNET)
+  assert changed._changed_setup(changed.setup()) == []  # it rewrote setup.json ...
   assert not os.path.exists(os.path.join(out, "runs", "base"))  # ... after removing the stale phases
   os.makedirs(os.path.join(out, "vae"))
   os.remove(os.path.join(out, demo.SETUP_FILE))  # a folder from before setup.json: cannot be checked

@@ -102,7 +102,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
 
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_MESH_AXES if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
-  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  shards = math.prod(mesh.shape[a] for a in axes)
   if shards > 1 and b % shards == 0:
     spec = P(axes)
     run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)

@@ -6,7 +6,7 @@ import numpy as np
 from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, scale_latents
 from magicpose_jax.train import autoencoder
 
 
@@ -51,3 +51,22 @@ def test_short_training_learns_more_than_the_mean_colour():
   l1 = np.abs(recon - x).mean()
   mean_colour = np.abs(x - x.mean((1, 2), keepdims=True)).mean()
   assert l1 < 0.8 * mean_colour, (l1, mean_colour, last)  # 0.65 after 100 steps; ~1 when stuck
+
+
+def test_fitted_latent_scaling_gives_unit_variance_per_channel_or_overall():
+  """The UNet's latents (posterior means through `scale_latents`): per channel, mean 0 and std 1 with
+  `per_channel_latents`; SD's scalar convention gives std 1 over all values, and leaves the channels unequal."""
+  images = _figures(8)
+  config = VAE_VARIANTS["tiny"]
+  params = random_params(abstract_vae_params(config), 3)
+  vae = AutoencoderKL(config)
+  raw = np.asarray(vae.apply({"params": params}, images.astype(np.float32) / 127.5 - 1, method="encode").mean)
+  per_channel = autoencoder.fit_latent_scaling(config, vae, params, images, per_channel=True)
+  z = np.asarray(scale_latents(raw, per_channel)).reshape(-1, config.latent_channels)
+  np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+  np.testing.assert_allclose(z.std(0), 1, rtol=1e-4)
+  scalar = autoencoder.fit_latent_scaling(config, vae, params, images, per_channel=False)
+  assert scalar.latents_mean is None
+  z = np.asarray(scale_latents(raw, scalar))
+  np.testing.assert_allclose(z.std(), 1, rtol=1e-4)
+  assert np.ptp(z.reshape(-1, config.latent_channels).std(0)) > 0.05  # a random VAE's channels differ

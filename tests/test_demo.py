@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,11 +18,10 @@ from magicpose_jax.viz import image_grid
 
 # The micro run's time is compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not running them. It
 # runs as `python -m magicpose_jax.demo --micro` in a subprocess so that XLA can be told to skip LLVM's
-# optimisations (a quarter less compile time; the micro models' run time does not matter), with a persistent
-# compilation cache kept between test sessions: ~150 s of CPU cold, ~75 s warm (2-core CPU). XLA's
-# --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE does not help here: with -O0 as well, 130 s wall / 63 s compiling
-# cold against 126 s / 61 s for -O0 alone (back to back at load ~1.5); alone it compiles slower than -O0.
-CACHE = os.path.join(tempfile.gettempdir(), "magicpose_jax_demo_smoke_jax_cache")
+# optimisations (a quarter less compile time; the micro models' run time does not matter). No persistent
+# compilation cache: CI is always cold, and writing one costs ~2 s. XLA's --xla_cpu_opt_preset=
+# CPU_OPT_PRESET_FAST_COMPILE does not help here: with -O0 as well, 130 s wall / 63 s compiling cold against 126 s /
+# 61 s for -O0 alone (back to back at load ~1.5); alone it compiles slower than -O0.
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def micro(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
          "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         os.environ.get("PYTHONPATH", "")])}
-  subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--jax-cache", CACHE],
+  subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--no-jax-cache"],
                  env=env, check=True, stdout=subprocess.DEVNULL)
   with open(os.path.join(out, "metrics.json")) as f:
     return out, json.load(f)

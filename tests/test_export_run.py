@@ -56,7 +56,7 @@ def make_tiny_run() -> str:
   config = tiny_config()
   sd, base, source = stages.load_base(config, ckpt.read_run)
   nets = stages.networks(config, sd)
-  init = jax.jit(init_params, static_argnums=0)(nets.model.config, base["unet"], jax.random.key(1))
+  init = init_params(nets.model.config, base["unet"], jax.random.key(1))
   rng = np.random.default_rng(0)
   params = {k: jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.standard_normal(x.shape).astype(np.float32),
                             init[k]) for k in stages.TRAINABLE["stage2"]}

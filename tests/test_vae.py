@@ -343,7 +343,9 @@ def test_missing_keys_take_diffusers_defaults():
 
 @pytest.mark.parametrize(("entry", "message"), [
     ({"shift_factor": 0.1159}, "shift_factor=0.1159 (only None is supported)"),
-    ({"latents_mean": [0.0] * 4}, "latents_mean="),
+    ({"latents_mean": [0.0] * 4}, "given together or not at all"),
+    ({"latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}, "3 values for 4 latent channels"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 1.0, 0.0, 1.0]}, "expected positive values"),
     ({"use_quant_conv": False}, "use_quant_conv=False"),
     ({"mid_block_add_attention": False}, "mid_block_add_attention=False"),
     ({"act_fn": "gelu"}, "act_fn='gelu'"),
@@ -365,3 +367,22 @@ def test_config_reports_every_bad_entry(tmp_path):
     VAEConfig.from_diffusers(tmp_path / "config.json")
   assert "config.json" in str(err.value) and "shift_factor=0.1" in str(err.value) and "foo (unknown key)" in str(
       err.value)
+
+
+def test_per_channel_latent_statistics_round_trip_and_match_diffusers_convention(tmp_path):
+  """`latents_mean`/`latents_std` load from and save to diffusers' config keys (which `AutoencoderKL` itself
+  keeps), and scale as diffusers' SDXL pipeline does: `(z - mean) * scaling_factor / std` (written out here in
+  numpy, independently of `scale_latents`)."""
+  mean, std = (0.1, -0.2, 0.3, 0.0), (0.5, 2.0, 1.0, 0.25)
+  config = CONFIG.replace(scaling_factor=0.5, latents_mean=mean, latents_std=std)
+  (tmp_path / "config.json").write_text(json.dumps(config.to_diffusers()))
+  assert VAEConfig.from_diffusers(tmp_path) == config
+  torch_config = TorchVAE.from_config(config.to_diffusers()).config
+  assert list(torch_config.latents_mean) == list(mean) and list(torch_config.latents_std) == list(std)
+  z = np.random.default_rng(0).standard_normal((2, 3, 3, 4)).astype(np.float32)
+  expected = (z - np.array(mean, np.float32)) * 0.5 / np.array(std, np.float32)
+  np.testing.assert_allclose(np.asarray(scale_latents(jnp.asarray(z), config)), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(unscale_latents(jnp.asarray(expected), config)), z, rtol=1e-5, atol=1e-6)
+  # Without statistics: SD's scalar scaling, unchanged.
+  np.testing.assert_allclose(np.asarray(scale_latents(jnp.asarray(z), CONFIG)), z * CONFIG.scaling_factor,
+                             rtol=1e-6)

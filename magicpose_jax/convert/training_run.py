@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from magicpose_jax.convert.controlnet import load_controlnet, save_controlnet
 from magicpose_jax.convert.diffusers import load_unet, save_unet
@@ -92,34 +91,7 @@ def is_export(folder: str | os.PathLike) -> bool:
 
 def _restore_trainable(step_dir: str, ema: bool) -> tuple[dict, Params]:
   """(meta, trainable params or their EMA) of one step folder, shape-checked against the run's record."""
-  meta_path = os.path.join(step_dir, "meta", "metadata")
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{step_dir}: no meta/metadata (not a magicpose_jax training checkpoint?)")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  name = "ema" if ema else "params"
-  where = os.path.join(step_dir, "state")
-  # Only the wanted subtree, as host numpy: no optimizer state, and any device topology (a run trained on a pod
-  # exports on a laptop).
-  with ocp.PyTreeCheckpointer() as reader:
-    try:
-      saved = dict(reader.metadata(where).item_metadata)
-    except Exception as e:  # orbax raises several types for a missing or truncated tree
-      raise ValueError(f"{where}: cannot be read as a training state ({type(e).__name__}: {e})") from e
-    if ema and not saved.get("ema"):
-      raise ValueError(f"{step_dir}: the run kept no EMA (config.ema_decay was 0); export without --ema")
-    if name not in saved:
-      raise ValueError(f"{where}: no {name!r} subtree (found {sorted(saved)}): not a training state")
-    target = {name: jax.tree.map(lambda x: np.zeros((), x.dtype), saved[name])}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    try:
-      tree = reader.restore(where, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                               partial_restore=True))[name]
-    except Exception as e:
-      raise ValueError(f"{where}: cannot be read as a training state ({type(e).__name__}: {e})") from e
-  params = jax.tree.map(np.asarray, tree)
-  ckpt.check_shapes(meta["trainable_shapes"], ckpt.shapes(params), step_dir)
-  return meta, params
+  return ckpt.read_trainable(step_dir, "ema" if ema else "params")
 
 
 def _frozen_tree(run_config: ml_collections.ConfigDict, sd: SDConfigs, base: Params) -> Params:

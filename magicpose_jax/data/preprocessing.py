@@ -295,8 +295,9 @@ def build_manifest(options: PreprocessOptions, source: FolderSource, shard_infos
     f = config.downsample_factor
     latent = {"vae": options.vae, "vae_sha256": vae_hash, "downsample_factor": f,
               "shape": [options.size // f, options.size // f, 2 * config.latent_channels],
-              "scaling_factor": config.scaling_factor,
-              "moments": "mean ++ logvar on the channel axis, unscaled (multiply samples by scaling_factor)"}
+              "scaling_factor": config.scaling_factor, "latents_mean": config.latents_mean,
+              "latents_std": config.latents_std,
+              "moments": "mean ++ logvar on the channel axis, unscaled (scale samples with models.vae.scale_latents)"}
   listing = hashlib.sha256(json.dumps([s["source_sha256"] for s in shards]).encode()).hexdigest()
   return {
       "format": records.MANIFEST_FORMAT,

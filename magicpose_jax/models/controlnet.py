@@ -25,6 +25,7 @@ import numpy as np
 
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.resnet import conv
 from magicpose_jax.models.unet import IntOrTuple, UNetConfig, remat_block
 from magicpose_jax.models.unet_blocks import DownBlock2D, MidBlock2DCrossAttn
@@ -301,7 +302,7 @@ def controlnet_params_from_unet(unet_params: Mapping[str, Any], config: ControlN
   Args:
     unet_params: the UNet's `params` tree (`UNet2DConditionModel(config.unet_config())`).
     config: the ControlNet; its shared fields must match the UNet's.
-    key: PRNG key for the hint encoder.
+    key: PRNG key for the hint encoder (concrete: it seeds a host draw, so not under `jit`).
     param_dtype: dtype of the new leaves (default: that of `unet_params["conv_in"]["kernel"]`).
 
   Raises:
@@ -324,11 +325,16 @@ def controlnet_params_from_unet(unet_params: Mapping[str, Any], config: ControlN
     raise ValueError("controlnet_params_from_unet: the UNet params do not match the ControlNet config:\n  "
                      + "\n  ".join(errors))
   params: dict = {name: jax.tree.map(lambda x: x.copy(), unet_params[name]) for name in _shared_names(config)}
-  hint = ControlNetConditioningEmbedding(config.block_out_channels[0], config.conditioning_embedding_out_channels,
-                                         param_dtype=param_dtype)
-  f = config.downsample_factor
-  params["controlnet_cond_embedding"] = hint.init(
-      key, jnp.zeros((1, f, f, config.conditioning_channels), jnp.float32))["params"]
+  # The hint encoder is drawn on the host (models/random_init.py's rules, seeded by `key`): `hint.init` would
+  # trace, compile and run it (1-4 s on a CPU) for a few small kernels. Its `conv_out` is a zero conv.
+  try:
+    seed = [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
+  except jax.errors.TracerArrayConversionError as e:
+    raise TypeError("controlnet_params_from_unet draws the hint encoder on the host: call it outside jit "
+                    "(with a concrete key)") from e
+  hint = random_params(abstract["controlnet_cond_embedding"], seed)
+  hint["conv_out"] = jax.tree.map(np.zeros_like, hint["conv_out"])
+  params["controlnet_cond_embedding"] = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), hint)
   for name, tree in abstract.items():
     if name not in params:  # the zero convs
       params[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), tree)

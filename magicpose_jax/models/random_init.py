@@ -14,6 +14,7 @@ tree by leaf name, with flax's default rules:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ def _leaf(path: tuple[Any, ...], x: jax.ShapeDtypeStruct, rng: np.random.Generat
   return (rng.standard_normal(shape, np.float32) * std).astype(dtype)
 
 
-def random_params(abstract: Any, seed: int) -> Any:
+def random_params(abstract: Any, seed: int | Sequence[int]) -> Any:
   """A numpy tree shaped like `abstract` (`jax.eval_shape(model.init, ...)["params"]`), drawn from `seed`.
 
   Deterministic: the same seed and tree give the same bytes (leaves are drawn in flattening order).

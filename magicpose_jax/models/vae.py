@@ -34,12 +34,10 @@ _DOWN_TYPES = ("DownEncoderBlock2D",)
 _UP_TYPES = ("UpDecoderBlock2D",)
 
 # diffusers config keys we accept only at the value the SD 1.x/2.x VAEs use; any other value
-# is a model we do not implement (SD3/Flux shift_factor, SDXL-style latents_mean/std, ...).
+# is a model we do not implement (SD3/Flux shift_factor, ...).
 _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
     "act_fn": "silu",
     "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
@@ -76,6 +74,9 @@ class VAEConfig:
   latent_channels: int = 4
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
+  # Per-channel latent statistics (diffusers' SDXL-pipeline convention, `scale_latents`); None: scalar scaling only.
+  latents_mean: tuple[float, ...] | None = None
+  latents_std: tuple[float, ...] | None = None
   force_upcast: bool = True  # informational: diffusers runs such VAEs in float32 in fp16 pipelines
   attention_backend: str = "auto"
 
@@ -95,6 +96,14 @@ class VAEConfig:
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
         raise ValueError(f"VAEConfig: channels {c} must divide by norm_num_groups {self.norm_num_groups}")
+    if (self.latents_mean is None) != (self.latents_std is None):
+      raise ValueError("VAEConfig: latents_mean and latents_std are given together or not at all")
+    for name in ("latents_mean", "latents_std"):
+      value = getattr(self, name)
+      if value is not None and len(value) != self.latent_channels:
+        raise ValueError(f"VAEConfig.{name}: {len(value)} values for {self.latent_channels} latent channels")
+    if self.latents_std is not None and min(self.latents_std) <= 0:
+      raise ValueError(f"VAEConfig.latents_std: expected positive values, got {self.latents_std}")
     if self.attention_backend not in available_backends():
       raise ValueError(f"VAEConfig.attention_backend: {self.attention_backend!r} not in {available_backends()}")
 
@@ -138,13 +147,20 @@ VAE_VARIANTS: dict[str, VAEConfig] = {
 
 
 def scale_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
-  """VAE latents -> the UNet's latent space: `z * scaling_factor`."""
-  return z * jnp.asarray(config.scaling_factor, z.dtype)
+  """VAE latents `[..., C]` -> the UNet's latent space: `z * scaling_factor`, or with per-channel statistics
+  `(z - latents_mean) * scaling_factor / latents_std` (diffusers' SDXL pipelines)."""
+  if config.latents_mean is None:
+    return z * jnp.asarray(config.scaling_factor, z.dtype)
+  mean, std = (jnp.asarray(v, z.dtype) for v in (config.latents_mean, config.latents_std))
+  return (z - mean) * jnp.asarray(config.scaling_factor, z.dtype) / std
 
 
 def unscale_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
-  """The UNet's latent space -> VAE latents (what `decode` takes): `z / scaling_factor`."""
-  return z / jnp.asarray(config.scaling_factor, z.dtype)
+  """The UNet's latent space -> VAE latents (what `decode` takes): the inverse of `scale_latents`."""
+  if config.latents_mean is None:
+    return z / jnp.asarray(config.scaling_factor, z.dtype)
+  mean, std = (jnp.asarray(v, z.dtype) for v in (config.latents_mean, config.latents_std))
+  return z * std / jnp.asarray(config.scaling_factor, z.dtype) + mean
 
 
 @flax.struct.dataclass

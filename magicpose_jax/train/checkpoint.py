@@ -110,15 +110,60 @@ def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], wh
     raise ValueError("\n".join(lines))
 
 
-def read_run(path: str) -> tuple[ml_collections.ConfigDict, Params]:
-  """A finished or running training run's config and trainable params (host numpy), for `init_from`."""
-  step_dir = latest_checkpoint_dir(path)
+def read_step_meta(step_dir: str) -> dict:
+  """A step folder's `meta` record (config, base source and hash, step, trainable shapes)."""
   meta_path = os.path.join(step_dir, "meta", "metadata")
-  if not os.path.exists(meta_path):
+  if not os.path.isfile(meta_path):
     raise FileNotFoundError(f"{step_dir}: no meta/metadata (not a magicpose_jax training checkpoint?)")
   with open(meta_path) as f:
-    meta = json.load(f)
-  restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-  params = jax.tree.map(np.asarray, restored["params"])
+    return json.load(f)
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+  """{"a/b/c": x} -> {"a": {"b": {"c": x}}} (the inverse of `shapes`' key paths)."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def read_trainable(step_dir: str, name: str = "params") -> tuple[dict, Params]:
+  """(meta, the state's `name` subtree: "params" or "ema") of one step folder, as host numpy in its saved dtype.
+
+  Only that subtree is read: not the optimizer state (twice the params for Adam) nor the other of params/EMA, and
+  on any device topology (a run trained on a pod reads on a laptop).
+  """
+  meta = read_step_meta(step_dir)
+  where = os.path.join(step_dir, "state")
+  if name == "ema" and not float(meta["config"].get("ema_decay", 0) or 0) > 0:
+    raise ValueError(f"{step_dir}: the run kept no EMA (config.ema_decay was 0); use its params")
+  # The subtree's structure comes from meta's shape record, not orbax's metadata (reading that costs as much as
+  # the arrays of a small run); the leaves' dtypes are the saved ones (restore args without a dtype).
+  target = {name: _nested({k: np.zeros(()) for k in meta["trainable_shapes"]})}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      tree = reader.restore(where, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                               partial_restore=True))[name]
+  except Exception as e:  # orbax raises several types for a missing, truncated or foreign tree
+    raise ValueError(f"{where}: cannot be read as a training state with a {name!r} subtree "
+                     f"({type(e).__name__}: {e})") from e
+  params = jax.tree.map(np.asarray, tree)
   check_shapes(meta["trainable_shapes"], shapes(params), step_dir)
+  return meta, params
+
+
+def read_run(path: str, with_params: bool = True) -> tuple[ml_collections.ConfigDict, Params | None]:
+  """A finished or running training run's config and trainable params (host numpy), for `init_from`.
+
+  `with_params=False`: the config alone (params None), read from the meta record without touching the arrays.
+  """
+  step_dir = latest_checkpoint_dir(path)
+  if not with_params:
+    return ml_collections.ConfigDict(read_step_meta(step_dir)["config"]), None
+  meta, params = read_trainable(step_dir)
   return ml_collections.ConfigDict(meta["config"]), params

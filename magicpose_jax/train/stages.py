@@ -128,7 +128,12 @@ def text_context(sd: SDConfigs, text_params: Params) -> np.ndarray:
   layer = "last" if sd.text_encoder.hidden_act == "quick_gelu" or sd.text_encoder.num_hidden_layers == 23 \
       else "penultimate"
   ids = empty_prompt_ids(sd.text_encoder, sd.tokenizer)
-  return np.asarray(encode_text(CLIPTextModel(sd.text_encoder), text_params, jnp.asarray(ids), layer), np.float32)
+  states = _encode_text(CLIPTextModel(sd.text_encoder), text_params, jnp.asarray(ids), layer)
+  return np.asarray(states, np.float32)
+
+
+# One program per text encoder (modules hash by their fields) instead of every op compiled and run eagerly.
+_encode_text = jax.jit(encode_text, static_argnums=(0, 3))
 
 
 def random_base(sd: SDConfigs, seed: int) -> Params:
@@ -167,26 +172,26 @@ def load_base(config: ml_collections.ConfigDict, read_run: Any = None) -> tuple[
 
   `config.base.path` (or, when empty, an `init_from` that is a "base" run or a run with a base) names it;
   with neither it is a random init from `config.seed` at the `config.model` sizes. `read_run(path)` reads a
-  training run (`train.checkpoint.read_run`: `(run_config, trainable params)`), passed in to keep this module
-  free of checkpoint code.
+  training run (`train.checkpoint.read_run`: `(run_config, trainable params)`, or `(run_config, None)` with
+  `with_params=False`), passed in to keep this module free of checkpoint code.
   """
   path = config.base.path or ""
   if not path and config.init_from and read_run is not None:
-    run_config, run_params = read_run(config.init_from)
+    run_config, _ = read_run(config.init_from, with_params=False)
     if run_config.stage == "base":
-      return _base_from_run(run_config, run_params, config.init_from, read_run)
-    return load_base(run_config, read_run)  # the init run's own base
+      return _base_from_run(run_config, read_run(config.init_from)[1], config.init_from, read_run)
+    return load_base(run_config, read_run)  # the init run's own base (its trained nets are not needed here)
   if not path:
     sd = variant_configs(config)
     label = f"random:unet={config.model.unet},vae={config.model.vae},text={config.model.text_encoder}," \
             f"sample_size={config.model.sample_size},seed={config.seed}"
     return sd, jax.tree.map(np.asarray, random_base(sd, config.seed)), label
   if read_run is not None and os.path.isdir(path) and is_training_run(path):
-    run_config, run_params = read_run(path)
+    run_config, _ = read_run(path, with_params=False)
     if run_config.stage != "base":
       raise ValueError(f"config.base.path={path}: a {run_config.stage!r} run; a base must be a 'base' run or an SD "
                        f"checkpoint")
-    return _base_from_run(run_config, run_params, path, read_run)
+    return _base_from_run(run_config, read_run(path)[1], path, read_run)
   sd, params = load_stable_diffusion(path, param_dtype=None)
   params.pop("extras", None)
   return sd, params, os.path.abspath(path)

@@ -28,6 +28,8 @@ def get_config():
   c.model.text_encoder = "tiny"
   c.model.sample_size = 16  # 64 px images through the demo's factor-4 VAE (train/autoencoder.py DEMO_VAE)
   c.model.hint_channels = (16, 32, 64)  # downsamples by 4, like DEMO_VAE
+  # The demo's base trains with a zero-terminal-SNR schedule (magicpose_jax/demo.py DEMO_SCHEDULE), which needs v.
+  c.model.prediction_type = "v_prediction"
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 20
   c.sharding.min_size = 1024

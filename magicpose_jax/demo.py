@@ -37,6 +37,7 @@ import tqdm
 
 from magicpose_jax.data.synthetic import SyntheticSource
 from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
 from magicpose_jax.eval import retarget as rt
 from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
@@ -45,6 +46,14 @@ from magicpose_jax.pose.render import render
 from magicpose_jax.train import autoencoder, loop, stages
 from magicpose_jax.viz import image_grid, save_animation, save_png
 
+# The noise schedule of the demo's base (written into base_sd; every stage over it trains and samples with it):
+# SD 1.5's betas rescaled to zero terminal SNR, "trailing" inference steps and v-prediction (Lin et al. 2024,
+# "Common Diffusion Noise Schedules and Sample Steps are Flawed"). SD's own schedule ends at SNR 0.0047: training
+# at t = 999 still shows the model 7% of the image, which on these flat-coloured figures is their colours, so it
+# learns to read colours off the "noise"; sampling then starts from pure noise, where there is nothing to read,
+# and the colours come out as a cast. `config.model.prediction_type` (configs/demo.py) must say v_prediction too.
+DEMO_SCHEDULE = SD15_SCHEDULE.replace(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                      timestep_spacing="trailing")
 SETUP_FILE = "setup.json"  # in DIR: the setup its cached phases were trained with (`Demo.setup`)
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
@@ -111,6 +120,9 @@ class Demo:
     self.budget = budget
     self.unet = unet
     self.config = config if config is not None else load_config()
+    if self.config.model.prediction_type != DEMO_SCHEDULE.prediction_type:
+      raise ValueError(f"config.model.prediction_type={self.config.model.prediction_type!r}: the demo's base trains "
+                       f"with a zero-terminal-SNR schedule, which needs {DEMO_SCHEDULE.prediction_type!r}")
     self.timings: dict[str, float] = {}
     self.cached: list[str] = []
     os.makedirs(self.out, exist_ok=True)
@@ -132,7 +144,8 @@ class Demo:
     as_json = lambda x: json.loads(json.dumps(x, default=str))
     return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),
                     "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(autoencoder.DEMO_VAE),
-                    "vae_training": dataclasses.asdict(self._vae_training())})
+                    "vae_training": dataclasses.asdict(self._vae_training()),
+                    "schedule": dataclasses.asdict(DEMO_SCHEDULE)})
 
   def _changed_setup(self, new: dict[str, Any]) -> list[str]:
     """The parts of `new` (a `setup()`) that differ from the one the folder's phases were trained with ([] if
@@ -201,7 +214,7 @@ class Demo:
     latent = data.image_size // vae_config.downsample_factor
     unet = (self.unet or VARIANTS[self.config.model.unet]).replace(sample_size=latent)
     autoencoder.write_base_pipeline(pipeline, vae_config, params, unet, CLIP_VARIANTS[self.config.model.text_encoder],
-                                    seed=self.config.seed)
+                                    seed=self.config.seed, scheduler=DEMO_SCHEDULE)
     with open(marker, "w") as f:
       json.dump({"vae": folder, "scaling_factor": vae_config.scaling_factor, "latents_mean": vae_config.latents_mean,
                  "latents_std": vae_config.latents_std, **metrics}, f, indent=2)

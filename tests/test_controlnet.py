@@ -223,6 +223,17 @@ def test_params_from_unet_copy_shared_subtrees(unet_pair, unet_apply, apply_fns)
   # A UNet of another width is refused, naming the mismatched leaf.
   with pytest.raises(ValueError, match=r"conv_in\['kernel'\]"):
     controlnet_params_from_unet(unet_params, config.replace(block_out_channels=(64, 64, 64)), jax.random.key(1))
+  # The hint encoder is a host draw from the key: the same key gives the same bytes, another key others, and the
+  # spread is flax's LeCun rule (std 1/sqrt(fan_in)) like `init`'s.
+  hint = lambda key: controlnet_params_from_unet(unet_params, config, key)["controlnet_cond_embedding"]
+  again, other = hint(jax.random.key(1)), hint(jax.random.key(2))
+  for a, b, c in zip(*(jax.tree.leaves(t) for t in (params["controlnet_cond_embedding"], again, other)), strict=True):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert not np.any(a) or np.asarray(a).tobytes() != np.asarray(c).tobytes()
+  kernel = np.asarray(params["controlnet_cond_embedding"]["blocks_5"]["kernel"])
+  assert abs(kernel.std() * np.sqrt(np.prod(kernel.shape[:-1])) - 1) < 0.1
+  with pytest.raises(TypeError, match="outside jit"):
+    jax.jit(lambda k: controlnet_params_from_unet(unet_params, config, k))(jax.random.key(1))
 
 
 def test_diffusers_round_trip_and_folder(pair, tmp_path):

@@ -2,17 +2,19 @@
 and a workdir of another model or base is refused."""
 
 import os
+import shutil
 import signal
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import train_cli
 from test_train_step import flat, tiny
 
 from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import loop
+from magicpose_jax.train import loop, stages
 
 K = 3  # checkpoint interval; the straight run does 2K steps
 
@@ -92,6 +94,23 @@ def test_sigterm_saves_and_exits_zero(cache, tmp_path):
   assert saved == [last] and 2 <= last < 1000
   run_config, params = ckpt.read_run(workdir)  # complete and readable
   assert run_config.total_steps == 1000 and "appearance" in params
+
+
+def test_read_run_reads_the_params_subtree_or_the_config_alone(straight, tmp_path):
+  step_dir = stages.latest_checkpoint_dir(straight)
+  full = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))  # the whole TrainState, independently
+  config, params = ckpt.read_run(straight)
+  ours, theirs = flat(params), flat(jax.tree.map(np.asarray, full["params"]))
+  assert sorted(ours) == sorted(theirs)
+  for k in ours:
+    assert ours[k].dtype == theirs[k].dtype, k
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  # with_params=False reads the meta record only: a copy of the run without its arrays still answers.
+  shutil.copytree(os.path.join(step_dir, "meta"), tmp_path / "checkpoints" / os.path.basename(step_dir) / "meta")
+  only, none = ckpt.read_run(str(tmp_path), with_params=False)
+  assert none is None and only.to_dict() == config.to_dict()
+  with pytest.raises(ValueError, match="cannot be read as a training state"):
+    ckpt.read_run(str(tmp_path))
 
 
 def test_stage2_starts_from_the_stage1_run(straight):

@@ -30,7 +30,7 @@ from magicpose_jax.convert.diffusers import abstract_unet_params
 from magicpose_jax.convert.flax_checkpoint import load_flax_params, save_flax_model
 from magicpose_jax.convert.stable_diffusion import SDConfigs, save_flax_pipeline
 from magicpose_jax.convert.vae import abstract_vae_params
-from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
+from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models.clip import CLIPTextConfig
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import UNetConfig
@@ -210,13 +210,14 @@ def is_saved_autoencoder(folder: str) -> bool:
 
 
 def write_base_pipeline(folder: str, vae_config: VAEConfig, vae_params: Params, unet_config: UNetConfig,
-                        text_config: CLIPTextConfig, seed: int) -> None:
+                        text_config: CLIPTextConfig, seed: int, scheduler: ScheduleConfig = SD15_SCHEDULE) -> None:
   """An SD pipeline folder (`save_flax_pipeline`) of the trained VAE with a random UNet and text encoder.
 
-  `unet_config.sample_size` should be the latent side (image side / the VAE's factor).
+  `unet_config.sample_size` should be the latent side (image side / the VAE's factor); `scheduler` is the noise
+  schedule the base (and every stage over it) trains and samples with.
   """
   abstract = {"unet": abstract_unet_params(unet_config), "text_encoder": abstract_text_encoder_params(text_config)}
   params = {**random_params(abstract, seed), "vae": vae_params}
   if jax.tree.structure(abstract_vae_params(vae_config)) != jax.tree.structure(vae_params):
     raise ValueError(f"write_base_pipeline: vae_params do not match the VAE config {vae_config}")
-  save_flax_pipeline(SDConfigs(unet_config, vae_config, text_config, SD15_SCHEDULE), params, folder)
+  save_flax_pipeline(SDConfigs(unet_config, vae_config, text_config, scheduler), params, folder)

@@ -107,7 +107,7 @@ def test_run_loads_with_its_base_and_stage():
   assert model.image_size == (32, 32)
   # `load_run(ema=True)` differs only in the trainable tree it restores (the base reload is the slow part).
   step_dir = stages.latest_checkpoint_dir(make_tiny_run())
-  _, ema = tr._restore_trainable(step_dir, ema=True)
+  _, ema = ckpt.read_trainable(step_dir, "ema")
   for name in ("appearance", "pose"):
     diff = jax.tree.map(lambda a, b: np.abs(a - b - EMA_OFFSET).max(), ema[name], model.params[name])
     assert max(jax.tree.leaves(diff)) < 1e-6

@@ -89,11 +89,6 @@ def is_export(folder: str | os.PathLike) -> bool:
 # Training runs.
 
 
-def _restore_trainable(step_dir: str, ema: bool) -> tuple[dict, Params]:
-  """(meta, trainable params or their EMA) of one step folder, shape-checked against the run's record."""
-  return ckpt.read_trainable(step_dir, "ema" if ema else "params")
-
-
 def _frozen_tree(run_config: ml_collections.ConfigDict, sd: SDConfigs, base: Params) -> Params:
   """The frozen tree the run hashed (`stages.initial_params`), for the base check."""
   dtype = np.dtype(run_config.frozen_dtype)
@@ -123,7 +118,7 @@ def load_run(path: str | os.PathLike, ema: bool = False, check_base: bool = True
     FileNotFoundError: no checkpoint there. ValueError: unreadable state, another model shape, a changed base.
   """
   step_dir = stages.latest_checkpoint_dir(os.fspath(path))
-  meta, trainable = _restore_trainable(step_dir, ema)
+  meta, trainable = ckpt.read_trainable(step_dir, "ema" if ema else "params")
   run_config = ml_collections.ConfigDict(meta["config"])
   sd, base, _ = stages.load_base(run_config, ckpt.read_run)
   nets = stages.networks(run_config, sd)

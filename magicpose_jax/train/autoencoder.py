@@ -113,28 +113,25 @@ def _encode_mean(params: Params, vae: AutoencoderKL, images: jax.Array) -> jax.A
   return vae.apply({"params": params}, _images(images), method="encode").mean
 
 
-def latent_statistics(vae: AutoencoderKL, params: Params, images: np.ndarray,
-                      batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std `[C]` of the posterior means over `images` (uint8 `[N, H, W, 3]`)."""
+def _posterior_means(vae: AutoencoderKL, params: Params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """The posterior means over `images` (uint8 `[N, H, W, 3]`), one row per latent pixel: float64 `[N*h*w, C]`."""
   means = np.concatenate([np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + batch_size])))
                           for i in range(0, len(images), batch_size)])
-  flat = means.reshape(-1, means.shape[-1]).astype(np.float64)
-  return flat.mean(0), flat.std(0)
+  return means.reshape(-1, means.shape[-1]).astype(np.float64)
 
 
 def fit_latent_scaling(config: VAEConfig, vae: AutoencoderKL, params: Params, images: np.ndarray,
-                       per_channel: bool = True) -> VAEConfig:
+                       per_channel: bool = False) -> VAEConfig:
   """`config` with the latent scaling that gives the UNet unit-variance latents over `images`.
 
-  `per_channel`: `latents_mean`/`latents_std` per channel and `scaling_factor` 1; else SD's convention, one
-  `scaling_factor = 1 / std` over all channels (what SD's 0.18215 does for its VAE).
+  SD's convention by default: one `scaling_factor = 1 / std` over all channels' values (what SD's 0.18215 does for
+  its VAE); `per_channel`: `latents_mean`/`latents_std` per channel and `scaling_factor` 1.
   """
-  mean, std = latent_statistics(vae, params, images)
+  z = _posterior_means(vae, params, images)
   if per_channel:
-    return config.replace(scaling_factor=1.0, latents_mean=tuple(float(m) for m in mean),
-                          latents_std=tuple(float(max(s, 1e-6)) for s in std))
-  overall = np.sqrt(np.mean(std ** 2 + (mean - mean.mean()) ** 2))  # the std over all channels' values at once
-  return config.replace(scaling_factor=float(1.0 / max(overall, 1e-6)), latents_mean=None, latents_std=None)
+    return config.replace(scaling_factor=1.0, latents_mean=tuple(float(m) for m in z.mean(0)),
+                          latents_std=tuple(float(max(s, 1e-6)) for s in z.std(0)))
+  return config.replace(scaling_factor=float(1.0 / max(z.std(), 1e-6)), latents_mean=None, latents_std=None)
 
 
 def _low_noise_head(quant_conv: Params, latent_channels: int, logvar: float) -> Params:

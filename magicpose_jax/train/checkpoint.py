@@ -70,7 +70,7 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return read_step_meta(os.path.join(self.directory, str(step)))
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
     """The state at `step` (placed per `abstract_state`'s shardings); restores `data_iter` in place."""

@@ -16,18 +16,21 @@ from magicpose_jax import demo
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.viz import image_grid
 
-# The micro run's time is compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not running them. It
-# runs as `python -m magicpose_jax.demo --micro` in a subprocess so that XLA can be told to skip LLVM's
-# optimisations (a quarter less compile time; the micro models' run time does not matter). No persistent
-# compilation cache: CI is always cold, and writing one costs ~2 s. XLA's --xla_cpu_opt_preset=
-# CPU_OPT_PRESET_FAST_COMPILE does not help here: with -O0 as well, 130 s wall / 63 s compiling cold against 126 s /
-# 61 s for -O0 alone (back to back at load ~1.5); alone it compiles slower than -O0.
+# The micro run's time is tracing and compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not
+# running them. It runs as `python -m magicpose_jax.demo --micro` in a subprocess so that XLA can be told to compile
+# fast (the micro models' run time does not matter): LLVM at -O0 (without it, 160 s wall / 130 s compiling against
+# 47 s / 19 s), XLA's older elemental emitters instead of the MLIR fusion emitters and one LLVM module per program
+# (back to back on the 2-core CPU: 40.5 s compiling / 75 s wall with -O0 alone, 17.7-18.6 s / 47-49 s with all
+# three). No persistent compilation cache: CI is always cold, and writing one costs ~2 s. XLA's
+# --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE does not help (slower than -O0 alone, no gain with it).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                "--xla_cpu_parallel_codegen_split_count=1")
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("demo"))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE,
          "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         os.environ.get("PYTHONPATH", "")])}
   subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--no-jax-cache"],

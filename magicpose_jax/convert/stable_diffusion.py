@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -104,7 +104,8 @@ def sd2_configs(prediction_type: str) -> SDConfigs:
 
 def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float32, variant: str | None = None,
                           ema: bool = False, configs: SDConfigs | None = None,
-                          prediction_type: str | None = None) -> tuple[SDConfigs, dict]:
+                          prediction_type: str | None = None,
+                          components: Sequence[str] = COMPONENTS) -> tuple[SDConfigs, dict]:
   """Reads a diffusers pipeline folder or an LDM single file (`.safetensors`, `.ckpt`, `.pth`).
 
   Args:
@@ -117,6 +118,8 @@ def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float3
     prediction_type: single files only: the schedule's prediction type ("epsilon", "v_prediction",
       "sample"), replacing the default's or `configs`'. Required for SD 2.x files unless `configs`
       is given: they do not say whether they are 768-v ("v_prediction") or 512-base ("epsilon").
+    components: which of "unet", "vae", "text_encoder" to return (the configs are always all three). A
+      folder reads only those; a single file is read whole.
 
   Returns:
     `(configs, params)`: params `{"unet", "vae", "text_encoder"}` (nested host numpy trees) and,
@@ -124,28 +127,37 @@ def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float3
     SD does not use (`convert.ldm.open_clip_extra_shapes`), which `save_ldm_checkpoint` writes back.
   """
   path = os.fspath(path)
+  components = tuple(components)
+  if not components or set(components) - set(COMPONENTS):
+    raise ValueError(f"components={components}: expected a non-empty subset of {COMPONENTS}")
   if os.path.isdir(path):
     if ema or configs is not None or prediction_type is not None:
       raise ValueError(f"{path}: ema=, configs= and prediction_type= apply to LDM single files only (a folder's "
                        f"scheduler/ config holds its prediction type)")
     if is_flax_model(os.path.join(path, "unet")):
-      return _load_flax_folder(path, param_dtype)
-    return _load_folder(path, param_dtype, variant)
+      return _load_flax_folder(path, param_dtype, components)
+    return _load_folder(path, param_dtype, variant, components)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Stable Diffusion checkpoint not found: {path}")
-  return _load_single_file(path, param_dtype, ema, configs, prediction_type)
+  configs, params = _load_single_file(path, param_dtype, ema, configs, prediction_type)
+  return configs, {k: v for k, v in params.items() if k in components or k == EXTRAS}
 
 
-def _load_folder(path: str, param_dtype: Any, variant: str | None) -> tuple[SDConfigs, dict]:
+def _folder_configs(path: str) -> SDConfigs:
+  return SDConfigs(UNetConfig.from_diffusers(os.path.join(path, "unet")),
+                   VAEConfig.from_diffusers(os.path.join(path, "vae")),
+                   CLIPTextConfig.from_transformers(os.path.join(path, "text_encoder")),
+                   ScheduleConfig.from_diffusers(os.path.join(path, "scheduler")), _tokenizer_dir(path))
+
+
+def _load_folder(path: str, param_dtype: Any, variant: str | None,
+                 components: tuple[str, ...]) -> tuple[SDConfigs, dict]:
   missing = [c for c in (*COMPONENTS, "scheduler") if not os.path.isdir(os.path.join(path, c))]
   if missing:
     raise FileNotFoundError(f"{path}: not a Stable Diffusion pipeline folder (missing {', '.join(missing)}/)")
-  unet_config, unet = load_unet(os.path.join(path, "unet"), param_dtype, variant)
-  vae_config, vae = load_vae(os.path.join(path, "vae"), param_dtype, variant)
-  text_config, text = load_text_encoder(os.path.join(path, "text_encoder"), param_dtype, variant)
-  scheduler = ScheduleConfig.from_diffusers(os.path.join(path, "scheduler"))
-  configs = SDConfigs(unet_config, vae_config, text_config, scheduler, _tokenizer_dir(path))
-  return configs, {"unet": unet, "vae": vae, "text_encoder": text}
+  loaders = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder}
+  params = {name: loaders[name](os.path.join(path, name), param_dtype, variant)[1] for name in components}
+  return _folder_configs(path), params
 
 
 def _tokenizer_dir(path: str) -> str | None:
@@ -153,12 +165,9 @@ def _tokenizer_dir(path: str) -> str | None:
   return tokenizer if os.path.isfile(os.path.join(tokenizer, "vocab.json")) else None
 
 
-def _load_flax_folder(path: str, param_dtype: Any) -> tuple[SDConfigs, dict]:
-  configs = SDConfigs(UNetConfig.from_diffusers(os.path.join(path, "unet")),
-                      VAEConfig.from_diffusers(os.path.join(path, "vae")),
-                      CLIPTextConfig.from_transformers(os.path.join(path, "text_encoder")),
-                      ScheduleConfig.from_diffusers(os.path.join(path, "scheduler")), _tokenizer_dir(path))
-  params = {name: load_flax_params(os.path.join(path, name)) for name in COMPONENTS}
+def _load_flax_folder(path: str, param_dtype: Any, components: tuple[str, ...]) -> tuple[SDConfigs, dict]:
+  configs = _folder_configs(path)
+  params = {name: load_flax_params(os.path.join(path, name)) for name in components}
   if os.path.isfile(os.path.join(path, EXTRAS_FILE)):
     params[EXTRAS] = read_state_dict(os.path.join(path, EXTRAS_FILE))
   if param_dtype is not None:

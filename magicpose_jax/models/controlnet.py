@@ -293,9 +293,9 @@ def _shared_names(config: ControlNetConfig) -> tuple[str, ...]:
 
 def controlnet_params_from_unet(unet_params: Mapping[str, Any], config: ControlNetConfig, key: jax.Array,
                                 param_dtype: Any = None) -> dict:
-  """A fresh ControlNet initialised from a UNet (MagicPose's `pose_init="appearance"` / `"sd"`).
+  """A fresh ControlNet initialised from a UNet (MagicPose's `pose_init="appearance"` / `"sd"`), as host numpy.
 
-  Copies (bit-equal, new buffers) `conv_in`, `time_embedding`, `down_blocks_*` and `mid_block`
+  Copies (bit-equal, new host buffers) `conv_in`, `time_embedding`, `down_blocks_*` and `mid_block`
   from `unet_params` (the appearance net's or SD's UNet); the hint encoder is random with a
   zero `conv_out`, every zero conv is zero, so the ControlNet's residuals start at exactly 0.
 
@@ -324,7 +324,8 @@ def controlnet_params_from_unet(unet_params: Mapping[str, Any], config: ControlN
   if errors:
     raise ValueError("controlnet_params_from_unet: the UNet params do not match the ControlNet config:\n  "
                      + "\n  ".join(errors))
-  params: dict = {name: jax.tree.map(lambda x: x.copy(), unet_params[name]) for name in _shared_names(config)}
+  # Host copies (np.array): a jax array's `.copy()` compiles a copy program per leaf shape.
+  params: dict = {name: jax.tree.map(np.array, unet_params[name]) for name in _shared_names(config)}
   # The hint encoder is drawn on the host (models/random_init.py's rules, seeded by `key`): `hint.init` would
   # trace, compile and run it (1-4 s on a CPU) for a few small kernels. Its `conv_out` is a zero conv.
   try:
@@ -334,10 +335,10 @@ def controlnet_params_from_unet(unet_params: Mapping[str, Any], config: ControlN
                     "(with a concrete key)") from e
   hint = random_params(abstract["controlnet_cond_embedding"], seed)
   hint["conv_out"] = jax.tree.map(np.zeros_like, hint["conv_out"])
-  params["controlnet_cond_embedding"] = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), hint)
+  params["controlnet_cond_embedding"] = jax.tree.map(lambda x: np.asarray(x, param_dtype), hint)
   for name, tree in abstract.items():
     if name not in params:  # the zero convs
-      params[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), tree)
+      params[name] = jax.tree.map(lambda s: np.zeros(s.shape, param_dtype), tree)
   if set(params) != set(abstract):
     raise AssertionError(f"ControlNet sub-trees {sorted(params)} != {sorted(abstract)}")
   return params

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from magicpose_jax.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_params_from_unet
 from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -48,7 +49,7 @@ class MagicPoseConfig:
 def init_params(config: MagicPoseConfig, unet_params: Params, key: jax.Array,
                 appearance_params: Params | None = None, pose_params: Params | None = None,
                 pose_init: str = "appearance") -> Params:
-  """MagicPose params from SD's UNet.
+  """MagicPose params from SD's UNet, as host numpy trees (`unet` is `unet_params` itself, the rest new buffers).
 
   The appearance net is a copy of SD's UNet (or of `appearance_params`, e.g. a stage-1 result). The pose
   net follows `pose_init`: "appearance" (the paper: the appearance net's encoder + mid, zero convs at
@@ -62,10 +63,12 @@ def init_params(config: MagicPoseConfig, unet_params: Params, key: jax.Array,
   params: Params = {"unet": unet_params}
   if config.use_appearance:
     source = appearance_params if appearance_params is not None else unet_params
-    params["appearance"] = jax.tree.map(jnp.array, source)  # new buffers: training donates them
+    # New host buffers (training donates the trainable ones). `np.array`, not `jnp.array`: that compiles a copy
+    # program per distinct leaf shape (~0.1 s each on a CPU, dozens per UNet).
+    params["appearance"] = jax.tree.map(np.array, source)
   if config.pose is not None:
     if pose_init == "controlnet":
-      params["pose"] = jax.tree.map(jnp.array, pose_params)
+      params["pose"] = jax.tree.map(np.array, pose_params)
     else:
       source = params["appearance"] if pose_init == "appearance" and config.use_appearance else unet_params
       params["pose"] = controlnet_params_from_unet(source, config.pose, key)

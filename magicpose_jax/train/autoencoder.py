@@ -171,12 +171,12 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
   params["quant_conv"] = _low_noise_head(params["quant_conv"], config.latent_channels, training.init_logvar)
   if training.identity_blocks:
     params = _identity_blocks(params)
-  params = jax.tree.map(jnp.asarray, params)
+  params = jax.device_put(params)  # one transfer (`jnp.asarray` per leaf compiles a program per leaf shape)
   warmup = max(1, training.steps // 20)
   lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
                                           end_value=0.1 * training.lr)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # one program, not an eager zeros_like (a compile) per leaf shape
   rng = np.random.default_rng(training.seed)
   last: dict[str, float] = {}
   for step in range(training.steps):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,25 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     f.writelines(kept)
 
 
+def _summary_writer_class() -> type:
+  """tensorboardX's `SummaryWriter`, imported without torch.
+
+  tensorboardX's writer module imports torch whenever it is installed (only to accept torch tensors, which we
+  never pass): 2 s at every training start in an environment that has torch for weight conversion. A `None` in
+  `sys.modules` makes that import fail fast (the documented way to block one), for the duration of this import.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:  # nothing to save (torch loaded) or already done
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, process 0 only)
+
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsLog:
   """Progress bar + jsonl + TensorBoard for one run."""
 
@@ -41,9 +61,7 @@ class MetricsLog:
     if not self.enabled:
       return
     truncate_jsonl(self.jsonl, start_step)
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy import, process 0 only)
-
-    self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+    self.writer = _summary_writer_class()(os.path.join(workdir, "tb"))
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
   def step(self, n: int = 1, loss: float | None = None) -> None:

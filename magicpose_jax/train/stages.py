@@ -167,40 +167,47 @@ def _cast(tree: Params, dtype: Any) -> Params:
                       else np.asarray(x), tree)
 
 
-def load_base(config: ml_collections.ConfigDict, read_run: Any = None) -> tuple[SDConfigs, Params, str]:
+def load_base(config: ml_collections.ConfigDict, read_run: Any = None,
+              with_unet: bool = True) -> tuple[SDConfigs, Params, str]:
   """The frozen base as host numpy `{"unet", "vae", "text_encoder"}`, its architectures, and a source label.
 
   `config.base.path` (or, when empty, an `init_from` that is a "base" run or a run with a base) names it;
   with neither it is a random init from `config.seed` at the `config.model` sizes. `read_run(path)` reads a
   training run (`train.checkpoint.read_run`: `(run_config, trainable params)`, or `(run_config, None)` with
-  `with_params=False`), passed in to keep this module free of checkpoint code.
+  `with_params=False`), passed in to keep this module free of checkpoint code. `with_unet=False` leaves out
+  the UNet (then a pipeline folder's `unet/` and a base run's params are not read).
   """
   path = config.base.path or ""
   if not path and config.init_from and read_run is not None:
     run_config, _ = read_run(config.init_from, with_params=False)
     if run_config.stage == "base":
-      return _base_from_run(run_config, read_run(config.init_from)[1], config.init_from, read_run)
-    return load_base(run_config, read_run)  # the init run's own base (its trained nets are not needed here)
+      return _base_from_run(run_config, config.init_from, read_run, with_unet)
+    return load_base(run_config, read_run, with_unet)  # the init run's own base (its trained nets are not needed)
   if not path:
     sd = variant_configs(config)
     label = f"random:unet={config.model.unet},vae={config.model.vae},text={config.model.text_encoder}," \
             f"sample_size={config.model.sample_size},seed={config.seed}"
-    return sd, jax.tree.map(np.asarray, random_base(sd, config.seed)), label
+    params = jax.tree.map(np.asarray, random_base(sd, config.seed))  # drawn whole: the same bytes either way
+    return sd, params if with_unet else {k: v for k, v in params.items() if k != "unet"}, label
   if read_run is not None and os.path.isdir(path) and is_training_run(path):
     run_config, _ = read_run(path, with_params=False)
     if run_config.stage != "base":
       raise ValueError(f"config.base.path={path}: a {run_config.stage!r} run; a base must be a 'base' run or an SD "
                        f"checkpoint")
-    return _base_from_run(run_config, read_run(path)[1], path, read_run)
-  sd, params = load_stable_diffusion(path, param_dtype=None)
+    return _base_from_run(run_config, path, read_run, with_unet)
+  components = ("unet", "vae", "text_encoder") if with_unet else ("vae", "text_encoder")
+  sd, params = load_stable_diffusion(path, param_dtype=None, components=components)
   params.pop("extras", None)
   return sd, params, os.path.abspath(path)
 
 
-def _base_from_run(run_config: ml_collections.ConfigDict, run_params: Params, path: str,
-                   read_run: Any) -> tuple[SDConfigs, Params, str]:
-  sd, params, label = load_base(run_config, read_run)
-  return sd, {**params, "unet": run_params["unet"]}, f"run:{os.path.abspath(path)} (trained UNet over {label})"
+def _base_from_run(run_config: ml_collections.ConfigDict, path: str, read_run: Any,
+                   with_unet: bool) -> tuple[SDConfigs, Params, str]:
+  # The run's trained UNet replaces its base's: that one is never read.
+  sd, params, label = load_base(run_config, read_run, with_unet=False)
+  if with_unet:
+    params["unet"] = read_run(path)[1]["unet"]
+  return sd, params, f"run:{os.path.abspath(path)} (trained UNet over {label})"
 
 
 def initial_params(config: ml_collections.ConfigDict, nets: Networks, sd: SDConfigs, base: Params,

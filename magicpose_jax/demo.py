@@ -21,13 +21,16 @@ Outputs in DIR: retarget.png, animation.gif (+ .mp4 if imageio-ffmpeg is install
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,6 +59,18 @@ DEMO_SCHEDULE = SD15_SCHEDULE.replace(prediction_type="v_prediction", rescale_be
                                       timestep_spacing="trailing")
 SETUP_FILE = "setup.json"  # in DIR: the setup its cached phases were trained with (`Demo.setup`)
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """One `train.loop.train` run of the demo: header number, name (its folder under runs/), config, description and
+  the phase it reads (its base or init run)."""
+
+  index: int
+  name: str
+  config: ml_collections.ConfigDict
+  text: str
+  after: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,25 +255,33 @@ class Demo:
       return
     loop.train(config, workdir)
 
-  def train_all(self) -> None:
+  def training_runs(self) -> list[TrainingRun]:
+    """The demo's training runs, in order (each after the phase it reads)."""
     b = self.budget
-    base_sd = self.path("base_sd")
+    runs = []
     c = self.run_config("base", b.base_steps)
-    c.base.path = base_sd
-    self.train_run(2, "base", c, "tiny UNet trained as plain SD on the figures (then frozen)")
+    c.base.path = self.path("base_sd")
+    runs.append(TrainingRun(2, "base", c, "tiny UNet trained as plain SD on the figures (then frozen)", "vae"))
     c = self.run_config("stage1", b.stage1_steps)
     c.base.path = self.path("runs", "base")
-    self.train_run(3, "stage1", c, "Appearance Controller over the frozen base")
+    runs.append(TrainingRun(3, "stage1", c, "Appearance Controller over the frozen base", "base"))
     c = self.run_config("stage2", b.stage2_steps)
     c.init_from = self.path("runs", "stage1")
-    self.train_run(4, "stage2", c, "Appearance + Pose Controller, from stage 1")
+    runs.append(TrainingRun(4, "stage2", c, "Appearance + Pose Controller, from stage 1", "stage1"))
     c = self.run_config("stage2", b.no_appearance_steps, use_appearance=False)
     c.base.path = self.path("runs", "base")
-    self.train_run(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller")
+    runs.append(TrainingRun(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller",
+                            "base"))
     if b.no_pose_steps > 0:
       c = self.run_config("stage2", b.no_pose_steps, use_pose=False)
       c.init_from = self.path("runs", "stage1")
-      self.train_run(5, "no_pose", c, "ablation: Appearance Controller only, stage 2 without the pose net")
+      runs.append(TrainingRun(5, "no_pose", c, "ablation: Appearance Controller only, stage 2 without the pose net",
+                              "stage1"))
+    return runs
+
+  def train_all(self) -> None:
+    for r in self.training_runs():
+      self.train_run(r.index, r.name, r.config, r.text)
 
   def variants(self) -> dict[str, str]:
     """Evaluated model -> its run."""
@@ -266,24 +289,31 @@ class Demo:
     return {"full": self.path("runs", "stage2"), "no_appearance": self.path("runs", "no_appearance"),
             "no_pose": self.path("runs", "no_pose" if b.no_pose_steps > 0 else "stage1")}
 
-  def evaluate(self) -> dict:
+  def _sampler(self) -> SamplerConfig:
+    return SamplerConfig(num_steps=self.budget.sample_steps, guidance=self.budget.guidance)
+
+  def retarget(self, name: str) -> tuple[rt.TrainedModel, rt.RetargetResult]:
+    """One evaluated model (`variants()`) on the held-out pairs."""
     b = self.budget
-    self._header(6, "evaluate", f"{b.holdout_identities} held-out identities x {b.poses_per_identity} new poses, "
-                 f"DDIM {b.sample_steps} steps, guidance {b.guidance}")
-    sampler = SamplerConfig(num_steps=b.sample_steps, guidance=b.guidance)
     pairs = rt.holdout_pairs(self.config.data, b.poses_per_identity, b.holdout_identities)
-    source = rt.synthetic_source(self.config.data)
-    results, summaries = {}, {}
-    bar = tqdm.tqdm(total=len(pairs) * 3, desc="retarget", unit="identity", dynamic_ncols=True)
-    full = None
-    for name, workdir in self.variants().items():
-      model = rt.load_trained(workdir)
-      results[name] = rt.retarget(model, source, pairs, sampler, progress=bar.update)
-      summaries[name] = rt.summary(results[name].metrics)
-      if name == "full":
-        full = model
+    self._header(6, f"evaluate {name}", f"{len(pairs)} held-out identities x {b.poses_per_identity} new poses, "
+                 f"DDIM {b.sample_steps} steps, guidance {b.guidance}")
+    bar = tqdm.tqdm(total=len(pairs), desc=f"retarget {name}", unit="identity", dynamic_ncols=True)
+    model = rt.load_trained(self.variants()[name])
+    result = rt.retarget(model, rt.synthetic_source(self.config.data), pairs, self._sampler(), progress=bar.update)
     bar.close()
-    animation = self.animate(full, source, sampler)
+    return model, result
+
+  def evaluate(self, retargeted: dict[str, tuple[rt.TrainedModel, rt.RetargetResult]] | None = None) -> dict:
+    """Scores every variant (`retargeted`: those already done by `retarget`), animates the full model and writes
+    the grid."""
+    retargeted = dict(retargeted or {})
+    for name in self.variants():
+      if name not in retargeted:
+        retargeted[name] = self.retarget(name)
+    results = {name: retargeted[name][1] for name in self.variants()}
+    summaries = {name: rt.summary(r.metrics) for name, r in results.items()}
+    animation = self.animate(retargeted["full"][0], rt.synthetic_source(self.config.data), self._sampler())
     self.write_grid(results, summaries)
     return {"summaries": summaries, "results": results, "animation": animation}
 
@@ -319,16 +349,23 @@ class Demo:
                for n in names]
     save_png(image_grid(rows, column_titles=titles, row_labels=labels, caption=caption), self.path("retarget.png"))
 
-  def run(self) -> dict:
-    """All phases; returns (and writes) metrics.json's content."""
+  def phases(self) -> dict[str, tuple[Callable[[], Any], tuple[str, ...]]]:
+    """name -> (what it does, the phases it needs), in the sequential order: the VAE, the training runs, and the
+    retargeting of each evaluated model (`evaluate <variant>`, as soon as its run is trained)."""
+    phases: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {"vae": (self.train_vae, ())}
+    for r in self.training_runs():
+      phases[r.name] = (functools.partial(self.train_run, r.index, r.name, r.config, r.text), (r.after,))
+    for name, workdir in self.variants().items():
+      phases[f"evaluate {name}"] = (functools.partial(self.retarget, name), (os.path.basename(workdir),))
+    return phases
+
+  def run(self, jobs: int = 1) -> dict:
+    """All phases; returns (and writes) metrics.json's content. `jobs`: phases run at once (`run_phases`)."""
     t0 = time.perf_counter()
-    for name, phase in (("vae", self.train_vae), ("training", self.train_all)):
-      start = time.perf_counter()
-      phase()
-      self.timings[name] = round(time.perf_counter() - start, 1)
+    done = run_phases(self.phases(), jobs, self.timings)
     start = time.perf_counter()
-    evaluation = self.evaluate()
-    self.timings["evaluate"] = round(time.perf_counter() - start, 1)
+    evaluation = self.evaluate({name: done[f"evaluate {name}"] for name in self.variants()})
+    self.timings["grid and animation"] = round(time.perf_counter() - start, 1)
     self.timings["total"] = round(time.perf_counter() - t0, 1)
     s = evaluation["summaries"]
     claims = {
@@ -349,6 +386,59 @@ class Demo:
     with open(self.path("metrics.json"), "w") as f:
       json.dump(report, f, indent=2)
     return report
+
+
+def run_phases(phases: dict[str, tuple[Callable[[], Any], tuple[str, ...]]], jobs: int = 1,
+               seconds: dict[str, float] | None = None) -> dict[str, Any]:
+  """Runs every phase (name -> (fn, names it needs)) once after the phases it needs; returns name -> fn's result.
+
+  `jobs=1`: one after another in the dict's order, in this thread. `jobs>1`: up to that many at once in threads,
+  the earliest ready first. On a small model the phases are mostly tracing and compiling, and XLA compiles without
+  holding the GIL: two at once use both cores of a 2-core machine where one leaves the second mostly idle. The
+  first failure is raised once the phases already running end (none is started after it). `seconds`, if given,
+  receives each phase's wall time.
+  """
+  unknown = {need for _, needs in phases.values() for need in needs} - set(phases)
+  if unknown:
+    raise ValueError(f"run_phases: phases need unknown phases {sorted(unknown)}")
+  if jobs < 1:
+    raise ValueError(f"jobs={jobs}: expected >= 1")
+  seconds = {} if seconds is None else seconds
+
+  def timed(name: str) -> Any:
+    start = time.perf_counter()
+    result = phases[name][0]()
+    seconds[name] = round(time.perf_counter() - start, 1)
+    return result
+
+  results: dict[str, Any] = {}
+  pending = list(phases)
+  ready = lambda: [n for n in pending if all(need in results for need in phases[n][1])]
+  if jobs == 1:
+    while pending:
+      if not ready():
+        raise ValueError(f"run_phases: a cycle among {pending}")
+      name = ready()[0]
+      pending.remove(name)
+      results[name] = timed(name)
+    return results
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    running: dict[concurrent.futures.Future, str] = {}
+    while pending or running:
+      for name in ready()[: jobs - len(running)]:
+        pending.remove(name)
+        running[pool.submit(timed, name)] = name
+      if not running:
+        raise ValueError(f"run_phases: a cycle among {pending}")
+      finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in finished:
+        name = running.pop(future)
+        if future.exception() is not None:
+          pending.clear()  # start nothing more; the pool's exit waits for the running ones
+          concurrent.futures.wait(running)
+          raise future.exception()
+        results[name] = future.result()
+  return results
 
 
 def interpolate_poses(keyframes: list[Pose], inbetweens: int) -> list[Pose]:
@@ -387,6 +477,10 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
   parser.add_argument("--config", default=CONFIG_FILE, help="training config file (default configs/demo.py)")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="phases run at once where they do not depend on each other (ablations beside the main "
+                      "runs, evaluation beside training); 2 makes --micro 5-14 s faster on 2 cores, where the "
+                      "phases are mostly compiling (the full demo's phases are compute-bound); output then interleaves")
   parser.add_argument("--jax-cache", default="", help="persistent compilation cache folder (default DIR/jax_cache)")
   parser.add_argument("--no-jax-cache", action="store_true",
                       help="no persistent compilation cache (writing it costs ~2 s a run that only pays back later)")
@@ -399,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET) if args.micro else \
       Demo(args.out, DEMO, load_config(args.config), args.fresh)
-  report = demo.run()
+  report = demo.run(args.jobs)
   print_report(report)
   return report
 

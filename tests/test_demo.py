@@ -7,6 +7,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from magicpose_jax.viz import image_grid
 # fast (the micro models' run time does not matter): LLVM at -O0 (without it, 160 s wall / 130 s compiling against
 # 47 s / 19 s), XLA's older elemental emitters instead of the MLIR fusion emitters and one LLVM module per program
 # (back to back on the 2-core CPU: 40.5 s compiling / 75 s wall with -O0 alone, 17.7-18.6 s / 47-49 s with all
-# three). No persistent compilation cache: CI is always cold, and writing one costs ~2 s. XLA's
+# three). `--jobs 2`: the ablation and the evaluations run beside the main chain of phases (XLA compiles one while
+# Python traces another). No persistent compilation cache: CI is always cold, and writing one costs ~2 s. XLA's
 # --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE does not help (slower than -O0 alone, no gain with it).
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                 "--xla_cpu_parallel_codegen_split_count=1")
@@ -33,7 +36,7 @@ def micro(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE,
          "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         os.environ.get("PYTHONPATH", "")])}
-  subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--no-jax-cache"],
+  subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--no-jax-cache", "--jobs", "2"],
                  env=env, check=True, stdout=subprocess.DEVNULL)
   with open(os.path.join(out, "metrics.json")) as f:
     return out, json.load(f)
@@ -101,3 +104,57 @@ def test_phases_trained_with_another_setup_are_retrained(tmp_path):
   os.makedirs(os.path.join(out, "vae"))
   os.remove(os.path.join(out, demo.SETUP_FILE))  # a folder from before setup.json: cannot be checked
   assert demo.Demo(out, other, unet=demo.MICRO_UNET) and not os.path.exists(os.path.join(out, "vae"))
+
+
+def _recording_phases(log, fail=None, sleep=0.0):
+  """The demo's dependency shape: a -> b -> c, a -> d, c -> e, d -> f; each phase logs its start and end."""
+  needs = {"a": (), "b": ("a",), "c": ("b",), "d": ("a",), "e": ("c",), "f": ("d",)}
+
+  def phase(name):
+    def fn():
+      log.append(("start", name, threading.get_ident()))
+      time.sleep(sleep)
+      if name == fail:
+        raise RuntimeError(f"{name} failed")
+      log.append(("end", name, threading.get_ident()))
+      return name.upper()
+    return fn
+
+  return {n: (phase(n), deps) for n, deps in needs.items()}, needs
+
+
+def test_run_phases_in_order_in_this_thread():
+  log, seconds = [], {}
+  phases, _ = _recording_phases(log)
+  assert demo.run_phases(phases, 1, seconds) == {n: n.upper() for n in phases}
+  assert [e[1] for e in log if e[0] == "start"] == list(phases)  # the dict's order
+  assert {e[2] for e in log} == {threading.get_ident()} and set(seconds) == set(phases)
+
+
+def test_run_phases_two_at_once_respect_what_each_needs():
+  log = []
+  phases, needs = _recording_phases(log, sleep=0.05)
+  assert demo.run_phases(phases, 2) == {n: n.upper() for n in phases}
+  order = [(kind, name) for kind, name, _ in log]
+  for name, deps in needs.items():
+    for dep in deps:
+      assert order.index(("end", dep)) < order.index(("start", name)), (dep, name)
+  running, most = set(), 0
+  for kind, name in order:
+    running = running | {name} if kind == "start" else running - {name}
+    most = max(most, len(running))
+  assert most == 2  # b and d (then c/e beside d/f) overlap, never more than two
+
+
+def test_run_phases_stop_at_the_first_failure():
+  for jobs in (1, 2):
+    log = []
+    phases, _ = _recording_phases(log, fail="b", sleep=0.05)
+    with pytest.raises(RuntimeError, match="b failed"):
+      demo.run_phases(phases, jobs)
+    started = {name for kind, name, _ in log if kind == "start"}
+    assert not started & {"c", "e"}, jobs  # nothing that needs the failed phase ran
+  with pytest.raises(ValueError, match="unknown phases.*'z'"):
+    demo.run_phases({"a": (lambda: 0, ("z",))})
+  with pytest.raises(ValueError, match="cycle"):
+    demo.run_phases({"a": (lambda: 0, ("b",)), "b": (lambda: 0, ("a",))}, 2)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from test_unet_parity import ATOL, CONFIGS, _check, _inputs
 from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
-from magicpose_jax.convert.diffusers import unet_key_table
+from magicpose_jax.convert.diffusers import abstract_unet_params, unet_key_table
+from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import UNet2DConditionModel
 
 
@@ -124,8 +125,8 @@ def test_reference_mask_drops_the_reference_per_row(remat):
   model = UNet2DConditionModel(config)
   sample, t, context = _inputs(config, seed=13)
   reference, _, _ = _inputs(config, seed=14)
-  params = jax.jit(model.init)(jax.random.key(13), sample, t, context)["params"]
-  app_params = jax.jit(model.init)(jax.random.key(14), sample, t, context)["params"]
+  # Host draws of flax's init rules: a jitted `model.init` compiles for ~40 s (one RNG program per param).
+  params, app_params = (random_params(abstract_unet_params(config), seed) for seed in (13, 14))
   apply = jax.jit(model.apply, static_argnames="return_reference_states")
   _, states = apply({"params": app_params}, reference, t, context, return_reference_states=True)
   with_ref = apply({"params": params}, sample, t, context, reference_states=states)

@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	MAGICPOSE_XLA_DEFAULTS=1 $(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check magicpose_jax tests benchmarks configs

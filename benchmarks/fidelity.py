@@ -50,17 +50,18 @@ def scaled(budget: demo.Budget, scale: float) -> demo.Budget:
 class Fidelity(demo.Demo):
   """The demo's phases plus the no-augmentation runs; every variant evaluated on the same pairs."""
 
-  def train_all(self) -> None:
-    super().train_all()
+  def training_runs(self) -> list[demo.TrainingRun]:
     b = self.budget
     c = self.run_config("stage1", b.stage1_steps)
     c.base.path = self.path("runs", "base")
     c.data.augment.enabled = False
-    self.train_run(5, "no_augmentation_stage1", c, "ablation: stage 1 without data augmentation")
+    stage1 = demo.TrainingRun(5, "no_augmentation_stage1", c, "ablation: stage 1 without data augmentation", "base")
     c = self.run_config("stage2", b.stage2_steps)
     c.init_from = self.path("runs", "no_augmentation_stage1")
     c.data.augment.enabled = False
-    self.train_run(5, "no_augmentation", c, "ablation: stage 2 without data augmentation")
+    stage2 = demo.TrainingRun(5, "no_augmentation", c, "ablation: stage 2 without data augmentation",
+                              "no_augmentation_stage1")
+    return [*super().training_runs(), stage1, stage2]
 
   def variants(self) -> dict[str, str]:
     return {**super().variants(), "no_augmentation": self.path("runs", "no_augmentation")}

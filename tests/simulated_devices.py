@@ -15,7 +15,8 @@ def run_script(script: str, devices: int = 8, timeout: float = 300) -> str:
 
   Raises AssertionError with the script's stderr tail when it exits non-zero.
   """
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
                         cwd=ROOT, check=False)

@@ -2,6 +2,7 @@
 and in range, and a second run reuses the finished phases."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -19,21 +20,19 @@ from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.viz import image_grid
 
 # The micro run's time is tracing and compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not
-# running them. It runs as `python -m magicpose_jax.demo --micro` in a subprocess so that XLA can be told to compile
-# fast (the micro models' run time does not matter): LLVM at -O0 (without it, 160 s wall / 130 s compiling against
-# 47 s / 19 s), XLA's older elemental emitters instead of the MLIR fusion emitters and one LLVM module per program
-# (back to back on the 2-core CPU: 40.5 s compiling / 75 s wall with -O0 alone, 17.7-18.6 s / 47-49 s with all
-# three). `--jobs 2`: the ablation and the evaluations run beside the main chain of phases (XLA compiles one while
-# Python traces another). No persistent compilation cache: CI is always cold, and writing one costs ~2 s. XLA's
-# --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE does not help (slower than -O0 alone, no gain with it).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
-                "--xla_cpu_parallel_codegen_split_count=1")
+# running them. XLA compiles fast there as in every test (conftest.py's FAST_COMPILE): LLVM at -O0 (without it,
+# 160 s wall / 130 s compiling against 47 s / 19 s), XLA's older elemental emitters instead of the MLIR fusion
+# emitters and one LLVM module per program (back to back on the 2-core CPU: 40.5 s compiling / 75 s wall with -O0
+# alone, 17.7-18.6 s / 47-49 s with all three). `--jobs 2`: the ablation and the evaluations run beside the main
+# chain of phases (XLA compiles one while Python traces another). No persistent compilation cache: CI is always
+# cold, and writing one costs ~2 s. XLA's --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE does not help (slower
+# than -O0 alone, no gain with it).
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("demo"))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE,
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS: conftest's FAST_COMPILE
          "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         os.environ.get("PYTHONPATH", "")])}
   subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--out", out, "--no-jax-cache", "--jobs", "2"],
@@ -158,3 +157,22 @@ def test_run_phases_stop_at_the_first_failure():
     demo.run_phases({"a": (lambda: 0, ("z",))})
   with pytest.raises(ValueError, match="cycle"):
     demo.run_phases({"a": (lambda: 0, ("b",)), "b": (lambda: 0, ("a",))}, 2)
+
+
+def test_every_phase_needs_only_known_phases(tmp_path):
+  """The demo's and the fidelity benchmark's phase graphs: every run and evaluation after what it reads."""
+  spec = importlib.util.spec_from_file_location(
+      "fidelity", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                               "fidelity.py"))
+  fidelity = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fidelity)
+  for cls in (demo.Demo, fidelity.Fidelity):
+    d = cls(str(tmp_path / cls.__name__), demo.MICRO, unet=demo.MICRO_UNET)
+    phases = d.phases()
+    order = list(phases)
+    for name, (_, needs) in phases.items():
+      assert all(order.index(n) < order.index(name) for n in needs), (cls.__name__, name, needs)
+    assert phases["stage2"][1] == ("stage1",) and phases["evaluate full"][1] == ("stage2",)
+    assert phases["evaluate no_pose"][1] == ("stage1",)  # no_pose_steps=0: the stage-1 model
+  assert fidelity.Fidelity(str(tmp_path / "f"), demo.MICRO, unet=demo.MICRO_UNET).phases()["no_augmentation"][1] \
+      == ("no_augmentation_stage1",)

@@ -18,7 +18,7 @@ def env(cache_dir: str, devices: int | None = None) -> dict:
   e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   e["JAX_PLATFORMS"] = "cpu"
   if devices:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = f"{e.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
   return e
 
 

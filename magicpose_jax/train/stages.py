@@ -25,7 +25,7 @@ import numpy as np
 
 from magicpose_jax.convert.clip import abstract_text_encoder_params
 from magicpose_jax.convert.diffusers import abstract_unet_params
-from magicpose_jax.convert.stable_diffusion import SDConfigs, load_stable_diffusion
+from magicpose_jax.convert.stable_diffusion import COMPONENTS, SDConfigs, load_stable_diffusion
 from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, encode_text
@@ -195,7 +195,7 @@ def load_base(config: ml_collections.ConfigDict, read_run: Any = None,
       raise ValueError(f"config.base.path={path}: a {run_config.stage!r} run; a base must be a 'base' run or an SD "
                        f"checkpoint")
     return _base_from_run(run_config, path, read_run, with_unet)
-  components = ("unet", "vae", "text_encoder") if with_unet else ("vae", "text_encoder")
+  components = COMPONENTS if with_unet else tuple(c for c in COMPONENTS if c != "unet")
   sd, params = load_stable_diffusion(path, param_dtype=None, components=components)
   params.pop("extras", None)
   return sd, params, os.path.abspath(path)

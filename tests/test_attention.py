@@ -87,14 +87,22 @@ def _loss_and_grads(backend, q, k, v, w):
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
 
 
+def _cpu_fused_runs() -> bool:
+  return attention.backend_supports("cpu_fused", *_qkv(1, 8, 8, 1, 8)) is None
+
+
 @pytest.mark.parametrize(("shape", "backend"), [(s, "flash") for s in FLASH_SHAPES]
+                         + [(s, "cpu_fused") for s in FLASH_SHAPES]
                          + [(FLASH_SHAPES[0], "xla_chunked"), (FLASH_SHAPES[3], "auto")])
 def test_flash_outputs_and_gradients_match_xla(shape, backend, monkeypatch):
-  monkeypatch.setattr(attention, "CHUNK_LOGITS_BYTES", SMALL_BUDGET)  # makes auto pick flash, flash chunk
+  """flash (and cpu_fused, whose backward is flash's) vs xla: outputs, loss and gradients."""
+  monkeypatch.setattr(attention, "CHUNK_LOGITS_BYTES", SMALL_BUDGET)  # several flash chunks per head
   b, nq, nk, _, _ = shape
   assert attention.query_chunk_size(b, nq, nk) < nq
+  if backend == "cpu_fused" and not _cpu_fused_runs():
+    pytest.skip(f"cpu_fused cannot run here: {attention.backend_supports('cpu_fused', *_qkv(*shape))}")
   if backend == "auto" and jax.default_backend() == "cpu":
-    assert attention.auto_backend(*_qkv(*shape)) == "flash"
+    assert attention.auto_backend(*_qkv(*shape)) == ("cpu_fused" if _cpu_fused_runs() else "flash")
   q, k, v = _qkv(*shape, seed=5)
   w = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
   out = jax.jit(lambda *a: attend(*a, backend=backend))(q, k, v)
@@ -194,7 +202,8 @@ def test_unknown_backend_is_an_error():
 
 
 def test_registry_lists_the_documented_backends():
-  assert {"auto", "xla", "xla_chunked", "flash", "dot_product", "cudnn", "splash"} <= set(available_backends())
+  assert {"auto", "xla", "xla_chunked", "flash", "cpu_fused", "dot_product", "cudnn", "splash"} <= set(
+      available_backends())
 
 
 def test_auto_picks_per_platform_and_shape():
@@ -202,6 +211,8 @@ def test_auto_picks_per_platform_and_shape():
   platform = jax.default_backend()
   if platform == "gpu":
     assert attention.auto_backend(*large) == "dot_product"  # float32: cuDNN cannot run it
+  elif platform == "cpu" and _cpu_fused_runs():  # float32 on one CPU device: the fused kernel at any size
+    assert attention.auto_backend(*small) == attention.auto_backend(*large) == "cpu_fused"
   else:
     assert attention.auto_backend(*small) == "xla"
     assert attention.auto_backend(*large) == "flash"

@@ -13,8 +13,11 @@ Backends:
     in the backward (FlashAttention-2). Any platform, dtype and `Nk`.
   * `xla_chunked`: the old name of `flash` (configs use it). It used to loop over
     every (batch x head, query chunk), which ran each device over the global batch.
-  * `auto`: `auto_backend` -- CPU: `flash` when the logits outgrow `CHUNK_LOGITS_BYTES`,
-    else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
+  * `cpu_fused`: the fused C++ kernel of `models/cpu_attention.cc` (built on first use with
+    the machine's C++ compiler): one 48-query block of one head at a time, logits kept in
+    cache, on XLA's intra-op threads. CPU, float32, one device; the backward is `flash`'s.
+  * `auto`: `auto_backend` -- CPU: `cpu_fused` where it runs, else `flash` when the logits
+    outgrow `CHUNK_LOGITS_BYTES`, else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
     long sequences, else `xla`; others: `flash` for long sequences, else `xla`.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
@@ -39,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magicpose_jax.models import splash_attention
+from magicpose_jax.models import cpu_attention, splash_attention
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +62,13 @@ class AttentionBackend:
 
 _BACKENDS: dict[str, AttentionBackend] = {}
 _WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(backend: str, reason: str, message: str, level: int = logging.WARNING) -> None:
+  """Logs `message` the first time `backend` meets `reason` in this process."""
+  if (backend, reason) not in _WARNED:
+    _WARNED.add((backend, reason))
+    _log.log(level, message)
 
 
 def register_backend(name: str, fn: AttentionFn, supports: SupportsFn | None = None) -> None:
@@ -200,6 +210,63 @@ def _flash_core_bwd(chunk, residuals, d_out):
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 
+def _flash_backward(q, k, v, out, lse, d_out):
+  """`flash`'s backward in `[B, N, H, D]` layout: grads wrt (scaled) q, k, v from out and the `[B, H, Nq]` lse."""
+  b, nq, _, _ = q.shape
+  chunk = query_chunk_size(b, nq, k.shape[1])
+  pad = -(-nq // chunk) * chunk - nq
+  heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, N, H, D] -> [H, B, N, D]
+  # Padded query rows (zero q, output, cotangent and lse) contribute nothing to dk and dv.
+  pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
+  lse_h = jnp.pad(lse.transpose(1, 0, 2), ((0, 0), (0, 0), (0, pad)))  # [H, B, Nq + pad]
+  dq, dk, dv = _flash_core_bwd(chunk, (pad_rows(heads_first(q)), heads_first(k), heads_first(v),
+                                       pad_rows(heads_first(out)), lse_h), pad_rows(heads_first(d_out)))
+  back = lambda x: x.transpose(1, 2, 0, 3)
+  return back(dq[:, :, :nq]), back(dk), back(dv)
+
+
+@jax.custom_vjp
+def _cpu_fused_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return cpu_attention.forward(q, k, v)[0]
+
+
+def _cpu_fused_core_fwd(q, k, v):
+  out, lse = cpu_attention.forward(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _cpu_fused_core_bwd(residuals, d_out):
+  return _flash_backward(*residuals, d_out)
+
+
+_cpu_fused_core.defvjp(_cpu_fused_core_fwd, _cpu_fused_core_bwd)
+
+
+def cpu_fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`xla_attention`'s function by the fused CPU kernel (`models/cpu_attention.cc`); backward as `flash`'s.
+
+  Args:
+    q: `[B, Nq, H, D]` float32 queries.
+    k: `[B, Nk, H, D]` float32 keys.
+    v: `[B, Nk, H, D]` float32 values.
+
+  Returns:
+    `[B, Nq, H, D]`.
+  """
+  d = q.shape[-1]
+  return _cpu_fused_core(q * jnp.asarray(d**-0.5, q.dtype), k, v)
+
+
+def _cpu_fused_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  if jax.default_backend() != "cpu":
+    return f"the fused CPU kernel runs on CPU (platform is {jax.default_backend()!r})"
+  if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
+    return f"the fused CPU kernel takes float32, got {q.dtype}/{k.dtype}/{v.dtype}"
+  if jax.device_count() > 1:  # a custom call is not partitioned: under jit over a mesh its inputs would be gathered
+    return f"the fused CPU kernel runs on one device ({jax.device_count()} here)"
+  return cpu_attention.unavailable_reason()
+
+
 def _logits_bytes(q: jax.Array, k: jax.Array) -> int:
   """Bytes of the float32 `[B, H, Nq, Nk]` logits of one-block attention."""
   b, nq, h, _ = q.shape
@@ -269,8 +336,9 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
   """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
 
-  CPU: `flash` once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, else `xla` (one block is
-  fastest while it stays cache-sized). GPU: `cudnn` where it applies, else `dot_product`
+  CPU: `cpu_fused` where it runs (float32, one device, the kernel built), else `flash` once the
+  float32 logits outgrow `CHUNK_LOGITS_BYTES`, else `xla` (one block is fastest while it stays
+  cache-sized). GPU: `cudnn` where it applies, else `dot_product`
   (XLA's own choice). TPU: `splash` for long sequences, else `xla`. Others: `flash` for long
   sequences, else `xla`. The GPU and TPU rules are the kernels' documented sweet spots, not yet
   measured here: `benchmarks/attention.py` on the device says per shape.
@@ -279,6 +347,11 @@ def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
   if platform == "gpu":
     return "cudnn" if _cudnn_supports(q, k, v) is None else "dot_product"
   long = _logits_bytes(q, k) > CHUNK_LOGITS_BYTES
+  if platform == "cpu":
+    reason = _cpu_fused_supports(q, k, v)
+    if reason is None:
+      return "cpu_fused"
+    _warn_once("auto", reason, f"not using the fused CPU kernel: {reason}", logging.INFO)
   if platform == "tpu":
     return "splash" if long else "xla"
   return "flash" if long else "xla"
@@ -291,6 +364,7 @@ def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 register_backend("xla", xla_attention)
 register_backend("flash", flash_attention)
 register_backend("xla_chunked", flash_attention)  # the old name (configs use it)
+register_backend("cpu_fused", cpu_fused_attention, _cpu_fused_supports)
 register_backend("auto", _auto)
 register_backend("dot_product", _dot_product)
 register_backend("cudnn", _cudnn, _cudnn_supports)
@@ -319,10 +393,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla") -> ja
   chosen = _BACKENDS[backend]
   reason = chosen.supports(q, k, v)
   if reason is not None:
-    if (backend, reason) not in _WARNED:
-      _WARNED.add((backend, reason))
-      _log.warning("attention backend %r cannot run q%s k%s %s: %s; using 'xla'",
-                   backend, tuple(q.shape), tuple(k.shape), q.dtype, reason)
+    _warn_once(backend, reason, f"attention backend {backend!r} cannot run q{tuple(q.shape)} k{tuple(k.shape)} "
+               f"{q.dtype}: {reason}; using 'xla'")
     chosen = _BACKENDS["xla"]
   return chosen.fn(q, k, v)
 

@@ -9,13 +9,14 @@ from collections.abc import Callable
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
-def alternate(ours: Callable[[], object], reference: Callable[[], object], iters: int,
-              clock: str = "wall") -> tuple[float, float]:
-  """Median seconds of `ours` and `reference`, after one warm-up each, run alternately.
+def alternate_samples(ours: Callable[[], object], reference: Callable[[], object], iters: int,
+                      clock: str = "wall") -> tuple[list[float], list[float]]:
+  """Seconds of each of `iters` runs of `ours` and `reference`, after one warm-up each, run alternately.
 
-  Alternating makes drifting machine load (other processes, thermal limits) hit both alike. `clock="process"`
-  counts this process's CPU seconds (all its threads) instead of wall time: with one thread each it measures the
-  work done, not the share of a loaded machine this process got.
+  Alternating makes drifting machine load (other processes, thermal limits, a noisy neighbour on a shared host)
+  hit both alike; the i-th runs of the two are neighbours in time. `clock="process"` counts this process's CPU
+  seconds (all its threads) instead of wall time: with one thread each it measures the work done, not the share
+  of a loaded machine this process got.
   """
   now = CLOCKS[clock]
   ours(), reference()
@@ -25,4 +26,18 @@ def alternate(ours: Callable[[], object], reference: Callable[[], object], iters
       start = now()
       fn()
       acc.append(now() - start)
-  return statistics.median(times[0]), statistics.median(times[1])
+  return times
+
+
+def alternate(ours: Callable[[], object], reference: Callable[[], object], iters: int,
+              clock: str = "wall") -> tuple[float, float]:
+  """Median seconds of `ours` and `reference` over `alternate_samples`."""
+  ours_s, ref_s = alternate_samples(ours, reference, iters, clock)
+  return statistics.median(ours_s), statistics.median(ref_s)
+
+
+def paired_ratio(ours: list[float], reference: list[float]) -> float:
+  """Median over i of ours[i] / reference[i]: each ratio compares runs made back to back, so a machine whose
+  speed drifts between runs (seen here: one model's runs spread over 6-13 s in a minute) moves it far less than
+  it moves either median."""
+  return statistics.median(o / r for o, r in zip(ours, reference, strict=True))

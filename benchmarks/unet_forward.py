@@ -3,14 +3,16 @@
     python benchmarks/unet_forward.py                 # full SD 1.5, batch 1, 64×64 latents, fp32
     python benchmarks/unet_forward.py --variant tiny  # seconds, for a smoke run
 
-Prints both median times after warm-up, their ratio (goal: ours / PyTorch <= 1.0),
-and our compile time. Needs the test/reference extra (torch, diffusers).
+Prints both median times after warm-up, their ratio, the median ratio of back-to-back pairs
+(goal: ours / PyTorch <= 1.0; robust to a machine whose speed drifts), every run, and our
+compile time. Needs the test/reference extra (torch, diffusers).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -39,7 +41,7 @@ def main() -> None:
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
-  from timing import alternate  # noqa: PLC0415
+  from timing import alternate_samples, paired_ratio  # noqa: PLC0415
 
   from magicpose_jax.convert.diffusers import unet_key_table  # noqa: PLC0415
   from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415
@@ -68,14 +70,19 @@ def main() -> None:
     with torch.inference_mode():
       return tmodel(x_t, t_t, c_t).sample
 
-  jax_s, torch_s = alternate(run_jax, run_torch, args.iters, args.clock)
+  jax_runs, torch_runs = alternate_samples(run_jax, run_torch, args.iters, args.clock)
+  jax_s, torch_s = statistics.median(jax_runs), statistics.median(torch_runs)
   err = np.abs(np.asarray(run_jax()) - run_torch().numpy().transpose(0, 2, 3, 1)).max()
 
   print(f"UNet forward: variant={args.variant} batch={args.batch} latents={args.size}x{args.size} fp32, "
         f"threads={threads} (both), {args.clock} clock, jax {jax.__version__}, torch {torch.__version__}")
   print(f"  ours (jit, {args.backend:>11}) : {jax_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
   print(f"  diffusers (PyTorch)     : {torch_s * 1e3:9.1f} ms")
-  print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (goal <= 1.00)")
+  print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (of the medians)")
+  print(f"  paired ratio            : {paired_ratio(jax_runs, torch_runs):9.2f}x   (median of back-to-back pairs; "
+        "goal <= 1.00)")
+  print(f"  runs, ours     (s)      : {' '.join(f'{t:.2f}' for t in jax_runs)}")
+  print(f"  runs, PyTorch  (s)      : {' '.join(f'{t:.2f}' for t in torch_runs)}")
   print(f"  max |ours - PyTorch|    : {err:.2e}")
 
 

@@ -122,3 +122,15 @@ def test_kernel_rejects_mismatched_shapes():
   q, k, v = _qkv(1, 8, 8, 2, 8)
   with pytest.raises(Exception, match="heads or head dims differ"):
     jax.jit(cpu_attention.forward)(q, k[..., :4], v[..., :4])
+
+
+@pytest.mark.parametrize("shape", [(2, 50, 77, 3, 40), (1, 97, 194, 2, 8)])
+def test_gradients_of_one_block_shapes_match_xla(shape):
+  """Below the chunk budget the backward is autodiff of the one-block einsums (chunked: test_attention.py)."""
+  q, k, v = _qkv(*shape, seed=6)
+  assert attention._logits_bytes(q, k) <= attention.CHUNK_LOGITS_BYTES
+  w = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)
+  grads = {b: jax.jit(jax.grad(lambda q, k, v, b=b: jnp.sum(attention.attend(q, k, v, b) * w), argnums=(0, 1, 2)))(
+      q, k, v) for b in ("cpu_fused", "xla")}
+  for name, g, ref in zip("qkv", grads["cpu_fused"], grads["xla"], strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=1e-5, err_msg=f"d{name}")

@@ -96,12 +96,16 @@ def _to_groups(x: jax.Array) -> jax.Array:
   return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # [B*H, N, D]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Reference attention: `[B,Nq,H,D]`, `[B,Nk,H,D]`, `[B,Nk,H,D]` -> `[B,Nq,H,D]`."""
+def _xla_scaled(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`xla_attention` of `[B, Nq, H, D]` queries already scaled by 1/sqrt(D)."""
   b, nq, h, d = q.shape
-  q = q * jnp.asarray(d**-0.5, q.dtype)
   out = _grouped_attention(_to_groups(q), _to_groups(k), _to_groups(v))  # [B*H, Nq, D]
   return out.reshape(b, h, nq, d).transpose(0, 2, 1, 3)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Reference attention: `[B,Nq,H,D]`, `[B,Nk,H,D]`, `[B,Nk,H,D]` -> `[B,Nq,H,D]`."""
+  return _xla_scaled(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v)
 
 
 # Largest float32 logits block the chunked backend materialises at once (and the size
@@ -225,6 +229,26 @@ def _flash_backward(q, k, v, out, lse, d_out):
   return back(dq[:, :, :nq]), back(dk), back(dv)
 
 
+def _one_block_backward(q, k, v, out, lse, d_out):
+  """The same gradients as `_flash_backward`, all heads and queries in one block (logits within the budget).
+
+  The chunked loop's per-head, per-chunk steps cost more than they save at these sizes.
+  """
+  b, nq, h, d = q.shape
+  f32 = jnp.float32
+  qg, kg, vg, og, dog = (_to_groups(x) for x in (q, k, v, out, d_out))  # [B*H, N, D]
+  logits = jnp.einsum("gqd,gkd->gqk", qg, kg, preferred_element_type=f32)
+  p = jnp.exp(logits - lse.reshape(b * h, nq, 1))  # the forward's probabilities
+  delta = jnp.sum(dog.astype(f32) * og.astype(f32), axis=-1, keepdims=True)  # [B*H, Nq, 1]
+  dv = jnp.einsum("gqk,gqd->gkd", p.astype(dog.dtype), dog, preferred_element_type=f32)
+  dp = jnp.einsum("gqd,gkd->gqk", dog, vg, preferred_element_type=f32)
+  ds = (p * (dp - delta)).astype(q.dtype)
+  dq = jnp.einsum("gqk,gkd->gqd", ds, kg, preferred_element_type=f32)
+  dk = jnp.einsum("gqk,gqd->gkd", ds, qg, preferred_element_type=f32)
+  back = lambda x, like: x.reshape(b, h, -1, d).transpose(0, 2, 1, 3).astype(like.dtype)
+  return back(dq, q), back(dk, k), back(dv, v)
+
+
 @jax.custom_vjp
 def _cpu_fused_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return cpu_attention.forward(q, k, v)[0]
@@ -236,7 +260,10 @@ def _cpu_fused_core_fwd(q, k, v):
 
 
 def _cpu_fused_core_bwd(residuals, d_out):
-  return _flash_backward(*residuals, d_out)
+  q, k, v, out, lse = residuals
+  if _logits_bytes(q, k) <= CHUNK_LOGITS_BYTES:
+    return _one_block_backward(q, k, v, out, lse, d_out)
+  return _flash_backward(q, k, v, out, lse, d_out)
 
 
 _cpu_fused_core.defvjp(_cpu_fused_core_fwd, _cpu_fused_core_bwd)

@@ -4,7 +4,9 @@ Gradients (`cpu_fused` backend, flash's backward) are checked against `xla` in t
 CPU parity test of a UNet against diffusers runs it through `auto`.
 """
 
+import ctypes
 import os
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,17 @@ def test_gradients_of_one_block_shapes_match_xla(shape):
       q, k, v) for b in ("cpu_fused", "xla")}
   for name, g, ref in zip("qkv", grads["cpu_fused"], grads["xla"], strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+def test_eight_lane_build_matches_float64():
+  """The AVX2 (8-lane, 16-register) micro-kernels, built for x86-64-v3 whatever this CPU has."""
+  path = cpu_attention.build(cpu_attention.find_compiler(), march="x86-64-v3")
+  cpu_attention.register(ctypes.cdll.LoadLibrary(str(path)), "magicpose_test_attention_avx2")
+  for shape in SHAPES:
+    q, k, v = _qkv(*shape, seed=8)
+    q = q * np.float32(shape[-1] ** -0.5)
+    out, lse = jax.jit(lambda q, k, v: cpu_attention.forward(q, k, v, "magicpose_test_attention_avx2"))(q, k, v)
+    ref_out, ref_lse = _numpy_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, err_msg=str(shape))
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6, err_msg=str(shape))

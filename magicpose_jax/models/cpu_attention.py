@@ -61,33 +61,36 @@ def _cpu_identity() -> str:
   return "\n".join(sorted(set(wanted))) or platform.machine()
 
 
-def _flags() -> list[str]:
-  return ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir()]
+def _flags(march: str) -> list[str]:
+  return ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir()]
 
 
-def library_path(compiler: str) -> pathlib.Path:
-  """Where the library for this source, jaxlib, compiler and CPU is cached."""
+def library_path(compiler: str, march: str = "native") -> pathlib.Path:
+  """Where the library for this source, jaxlib, compiler, target and CPU is cached."""
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jax.lib.__version__.encode(), compiler.encode(), " ".join(_flags()).encode(),
+  for part in (SOURCE.read_bytes(), jax.lib.__version__.encode(), compiler.encode(), " ".join(_flags(march)).encode(),
                _cpu_identity().encode()):
     key.update(part + b"\0")
   cache = pathlib.Path(os.environ.get("MAGICPOSE_CACHE_DIR", pathlib.Path.home() / ".cache" / "magicpose_jax"))
   return cache / "cpu_attention" / f"cpu_attention-{key.hexdigest()[:16]}.so"
 
 
-def build(compiler: str) -> pathlib.Path:
-  """Compiles `cpu_attention.cc` into the cache (unless it is there); returns the library's path.
+def build(compiler: str, march: str = "native") -> pathlib.Path:
+  """Compiles `cpu_attention.cc` for `-march=march` into the cache (unless it is there); returns the library's path.
+
+  The kernel's vectors are 16 lanes where the target has AVX-512, else 8 (the tests also build `x86-64-v3`,
+  AVX2, to check that path on an AVX-512 machine).
 
   Raises:
     RuntimeError: the compiler failed or timed out; the message holds its command and output.
   """
-  path = library_path(compiler)
+  path = library_path(compiler, march)
   if path.exists():
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [compiler, *_flags(), str(SOURCE), "-o", tmp]
+  cmd = [compiler, *_flags(march), str(SOURCE), "-o", tmp]
   try:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, check=False)
     if result.returncode:
@@ -112,8 +115,13 @@ def _load() -> str | None:
     lib = ctypes.cdll.LoadLibrary(str(build(compiler)))
   except (RuntimeError, OSError) as e:
     return str(e)
-  jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
+  register(lib, FFI_TARGET)
   return None
+
+
+def register(lib: ctypes.CDLL, target: str) -> None:
+  """Registers a loaded kernel library's handler as the CPU FFI target `target`."""
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
 
 
 def unavailable_reason() -> str | None:
@@ -124,13 +132,14 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, target: str = FFI_TARGET) -> tuple[jax.Array, jax.Array]:
   """The kernel: `softmax(q·kᵀ)·v` and its log-sum-exp, float32, on CPU; `q` already scaled.
 
   Args:
     q: `[..., Nq, H, D]` float32 queries, the 1/sqrt(D) scale applied.
     k: `[..., Nk, H, D]` float32 keys.
     v: `[..., Nk, H, D]` float32 values.
+    target: the FFI target (another build registered with `register`, in tests).
 
   Returns:
     out `[..., Nq, H, D]` and lse `[..., H, Nq]` (float32), the log-sum-exp of each query's logits.
@@ -140,7 +149,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Ar
     raise RuntimeError(f"the CPU attention kernel is unavailable: {reason}")
   *lead, nq, h, _ = q.shape
   call = jax.ffi.ffi_call(
-      FFI_TARGET,
+      target,
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((*lead, h, nq), jnp.float32)),
       vmap_method="broadcast_all")  # the kernel treats every leading dimension as batch
   return call(q, k, v)

@@ -211,8 +211,9 @@ def test_auto_picks_per_platform_and_shape():
   platform = jax.default_backend()
   if platform == "gpu":
     assert attention.auto_backend(*large) == "dot_product"  # float32: cuDNN cannot run it
-  elif platform == "cpu" and _cpu_fused_runs():  # float32 on one CPU device: the fused kernel at any size
-    assert attention.auto_backend(*small) == attention.auto_backend(*large) == "cpu_fused"
+  elif platform == "cpu" and _cpu_fused_runs():  # float32 on one CPU device: the fused kernel for long sequences
+    assert attention.auto_backend(*small) == "xla"
+    assert attention.auto_backend(*large) == "cpu_fused"
   else:
     assert attention.auto_backend(*small) == "xla"
     assert attention.auto_backend(*large) == "flash"

@@ -1,7 +1,7 @@
 """The fused CPU attention kernel (models/cpu_attention.cc): values against float64 numpy, its build and cache.
 
-Gradients (`cpu_fused` backend, flash's backward) are checked against `xla` in test_attention.py, and every
-CPU parity test of a UNet against diffusers runs it through `auto`.
+Gradients (`cpu_fused` backend, flash's backward) are checked against `xla` in test_attention.py, and the UNet
+against diffusers with `attention_backend="cpu_fused"` in test_unet_parity.py.
 """
 
 import ctypes
@@ -91,15 +91,17 @@ def test_vmapped_leading_dims_are_batch():
   np.testing.assert_allclose(np.asarray(out).reshape(ref.shape), np.asarray(ref), atol=1e-5)
 
 
-def test_auto_uses_it_for_float32_only(monkeypatch):
+def test_auto_uses_it_for_long_float32_sequences(monkeypatch):
   q, k, v = _qkv(1, 64, 128, 2, 40)
+  assert attention.auto_backend(q, k, v) == "xla"  # 64 KiB of logits: one block
+  monkeypatch.setattr(attention, "CHUNK_LOGITS_BYTES", 32 * 2**10)
   assert attention.auto_backend(q, k, v) == "cpu_fused"
   bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
   assert "float32" in attention.backend_supports("cpu_fused", *bf)
-  assert attention.auto_backend(*bf) == "xla"
+  assert attention.auto_backend(*bf) == "flash"
   monkeypatch.setenv(cpu_attention.DISABLE_ENV, "0")
   assert "disabled" in cpu_attention.unavailable_reason()
-  assert attention.auto_backend(q, k, v) == "xla"
+  assert attention.auto_backend(q, k, v) == "flash"
 
 
 def test_build_is_cached_and_failures_name_the_command(tmp_path, monkeypatch):

@@ -53,9 +53,9 @@ def _check(ours, ref):
   assert err <= ATOL, f"max abs error {err:.3g} > {ATOL}"
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_unet_matches_diffusers(name):
-  config = CONFIGS[name]
+@pytest.mark.parametrize(("name", "backend"), [(name, "auto") for name in CONFIGS] + [("sd1", "cpu_fused")])
+def test_unet_matches_diffusers(name, backend):
+  config = CONFIGS[name].replace(attention_backend=backend)
   tmodel, params = _pair(config)
   sample, t, context = _inputs(config)
   with torch.no_grad():

@@ -16,8 +16,8 @@ Backends:
   * `cpu_fused`: the fused C++ kernel of `models/cpu_attention.cc` (built on first use with
     the machine's C++ compiler): one 48-query block of one head at a time, logits kept in
     cache, on XLA's intra-op threads. CPU, float32, one device; the backward is `flash`'s.
-  * `auto`: `auto_backend` -- CPU: `cpu_fused` where it runs, else `flash` when the logits
-    outgrow `CHUNK_LOGITS_BYTES`, else `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
+  * `auto`: `auto_backend` -- CPU: when the logits outgrow `CHUNK_LOGITS_BYTES`, `cpu_fused`
+    where it runs, else `flash`; below that `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
     long sequences, else `xla`; others: `flash` for long sequences, else `xla`.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
@@ -363,18 +363,19 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
   """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
 
-  CPU: `cpu_fused` where it runs (float32, one device, the kernel built), else `flash` once the
-  float32 logits outgrow `CHUNK_LOGITS_BYTES`, else `xla` (one block is fastest while it stays
-  cache-sized). GPU: `cudnn` where it applies, else `dot_product`
-  (XLA's own choice). TPU: `splash` for long sequences, else `xla`. Others: `flash` for long
-  sequences, else `xla`. The GPU and TPU rules are the kernels' documented sweet spots, not yet
-  measured here: `benchmarks/attention.py` on the device says per shape.
+  CPU: once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, `cpu_fused` where it runs (float32,
+  one device, the kernel built), else `flash`; below that `xla` (one block is fastest while it stays
+  cache-sized: there the kernel's 48-row blocks and per-call setup measured up to 1.3x slower).
+  GPU: `cudnn` where it applies, else `dot_product` (XLA's own choice). TPU: `splash` for long
+  sequences, else `xla`. Others: `flash` for long sequences, else `xla`. The GPU and TPU rules are
+  the kernels' documented sweet spots, not yet measured here: `benchmarks/attention.py` on the
+  device says per shape.
   """
   platform = jax.default_backend()
   if platform == "gpu":
     return "cudnn" if _cudnn_supports(q, k, v) is None else "dot_product"
   long = _logits_bytes(q, k) > CHUNK_LOGITS_BYTES
-  if platform == "cpu":
+  if platform == "cpu" and long:
     reason = _cpu_fused_supports(q, k, v)
     if reason is None:
       return "cpu_fused"

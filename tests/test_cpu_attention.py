@@ -152,3 +152,12 @@ def test_eight_lane_build_matches_float64():
     ref_out, ref_lse = _numpy_attention(q, k, v)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, err_msg=str(shape))
     np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6, err_msg=str(shape))
+
+
+def test_unusable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
+  monkeypatch.setattr(cpu_attention.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  built = cpu_attention.build(cpu_attention.find_compiler())
+  assert built.exists() and str(built).startswith(str(tmp_path / "tmp"))

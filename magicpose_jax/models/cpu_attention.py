@@ -71,8 +71,21 @@ def library_path(compiler: str, march: str = "native") -> pathlib.Path:
   for part in (SOURCE.read_bytes(), jax.lib.__version__.encode(), compiler.encode(), " ".join(_flags(march)).encode(),
                _cpu_identity().encode()):
     key.update(part + b"\0")
+  return _cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+
+
+def _cache_dir() -> pathlib.Path:
+  """`$MAGICPOSE_CACHE_DIR` (default `~/.cache/magicpose_jax`)/cpu_attention, or a temporary folder if that
+  cannot be created (a read-only home): the kernel is then rebuilt once per boot rather than lost."""
   cache = pathlib.Path(os.environ.get("MAGICPOSE_CACHE_DIR", pathlib.Path.home() / ".cache" / "magicpose_jax"))
-  return cache / "cpu_attention" / f"cpu_attention-{key.hexdigest()[:16]}.so"
+  try:
+    (cache / "cpu_attention").mkdir(parents=True, exist_ok=True)
+    return cache / "cpu_attention"
+  except OSError as e:
+    fallback = pathlib.Path(tempfile.gettempdir()) / f"magicpose_jax-{os.getuid()}" / "cpu_attention"
+    _log.warning("cannot create %s (%s); caching the CPU attention kernel in %s", cache / "cpu_attention", e, fallback)
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
 
 
 def build(compiler: str, march: str = "native") -> pathlib.Path:
@@ -87,7 +100,6 @@ def build(compiler: str, march: str = "native") -> pathlib.Path:
   path = library_path(compiler, march)
   if path.exists():
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
   cmd = [compiler, *_flags(march), str(SOURCE), "-o", tmp]

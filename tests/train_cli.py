@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from simulated_devices import with_device_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,7 +20,7 @@ def env(cache_dir: str, devices: int | None = None) -> dict:
   e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   e["JAX_PLATFORMS"] = "cpu"
   if devices:
-    e["XLA_FLAGS"] = f"{e.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    e["XLA_FLAGS"] = with_device_count(e.get("XLA_FLAGS", ""), devices)
   return e
 
 

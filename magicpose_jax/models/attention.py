@@ -96,6 +96,16 @@ def _to_groups(x: jax.Array) -> jax.Array:
   return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # [B*H, N, D]
 
 
+def _scale_queries(q: jax.Array) -> jax.Array:
+  """`q * 1/sqrt(D)` in q's dtype, as every backend applies it."""
+  return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+  """`[B, N, H, D]` -> `[H, B, N, D]`: one head is contiguous (the layout of the flash loops)."""
+  return x.transpose(2, 0, 1, 3)
+
+
 def _xla_scaled(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """`xla_attention` of `[B, Nq, H, D]` queries already scaled by 1/sqrt(D)."""
   b, nq, h, d = q.shape
@@ -105,7 +115,7 @@ def _xla_scaled(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Reference attention: `[B,Nq,H,D]`, `[B,Nk,H,D]`, `[B,Nk,H,D]` -> `[B,Nq,H,D]`."""
-  return _xla_scaled(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v)
+  return _xla_scaled(_scale_queries(q), k, v)
 
 
 # Largest float32 logits block the chunked backend materialises at once (and the size
@@ -132,6 +142,17 @@ def query_chunk_size(b: int, nq: int, nk: int, max_bytes: int | None = None) -> 
   chunk = min(nq, max(chunk, MIN_QUERY_CHUNK))
   n_chunks = -(-nq // chunk)
   return -(-nq // n_chunks)
+
+
+def _query_chunks(b: int, nq: int, nk: int, max_bytes: int | None = None) -> tuple[int, int]:
+  """(`query_chunk_size`, the padding rows that make `nq` a whole number of chunks)."""
+  chunk = query_chunk_size(b, nq, nk, max_bytes)
+  return chunk, -(-nq // chunk) * chunk - nq
+
+
+def _pad_queries(x: jax.Array, pad: int) -> jax.Array:
+  """Zero rows appended on the query axis (2) of a heads-first `[H, B, Nq, ...]` array."""
+  return jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3)) if pad else x
 
 
 def _chunks_first(x: jax.Array, n_chunks: int) -> jax.Array:
@@ -217,14 +238,11 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 def _flash_backward(q, k, v, out, lse, d_out):
   """`flash`'s backward in `[B, N, H, D]` layout: grads wrt (scaled) q, k, v from out and the `[B, H, Nq]` lse."""
   b, nq, _, _ = q.shape
-  chunk = query_chunk_size(b, nq, k.shape[1])
-  pad = -(-nq // chunk) * chunk - nq
-  heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, N, H, D] -> [H, B, N, D]
+  chunk, pad = _query_chunks(b, nq, k.shape[1])
   # Padded query rows (zero q, output, cotangent and lse) contribute nothing to dk and dv.
-  pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
-  lse_h = jnp.pad(lse.transpose(1, 0, 2), ((0, 0), (0, 0), (0, pad)))  # [H, B, Nq + pad]
-  dq, dk, dv = _flash_core_bwd(chunk, (pad_rows(heads_first(q)), heads_first(k), heads_first(v),
-                                       pad_rows(heads_first(out)), lse_h), pad_rows(heads_first(d_out)))
+  rows = lambda x: _pad_queries(_heads_first(x), pad)
+  lse_h = _pad_queries(lse.transpose(1, 0, 2), pad)  # [H, B, Nq + pad]
+  dq, dk, dv = _flash_core_bwd(chunk, (rows(q), _heads_first(k), _heads_first(v), rows(out), lse_h), rows(d_out))
   back = lambda x: x.transpose(1, 2, 0, 3)
   return back(dq[:, :, :nq]), back(dk), back(dv)
 
@@ -280,8 +298,7 @@ def cpu_fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Returns:
     `[B, Nq, H, D]`.
   """
-  d = q.shape[-1]
-  return _cpu_fused_core(q * jnp.asarray(d**-0.5, q.dtype), k, v)
+  return _cpu_fused_core(_scale_queries(q), k, v)
 
 
 def _cpu_fused_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
@@ -323,20 +340,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_bytes: int | N
   Returns:
     `[B, Nq, H, D]`.
   """
-  b, nq, _, d = q.shape
-  nk = k.shape[1]
+  b, nq, _, _ = q.shape
   max_bytes = CHUNK_LOGITS_BYTES if max_bytes is None else max_bytes
   if _logits_bytes(q, k) <= max_bytes:
     return xla_attention(q, k, v)
-  chunk = query_chunk_size(b, nq, nk, max_bytes)
-  n_chunks = -(-nq // chunk)
-  q = q * jnp.asarray(d**-0.5, q.dtype)
-  heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, N, H, D] -> [H, B, N, D]: one head is contiguous
-  qh = heads_first(q)
-  pad = n_chunks * chunk - nq
-  if pad:  # padded queries see real keys (no NaNs), get zero cotangents, and are cut off below
-    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0)))
-  out = _flash_core(qh, heads_first(k), heads_first(v), chunk)[:, :, :nq]  # [H, B, Nq, D]
+  chunk, pad = _query_chunks(b, nq, k.shape[1], max_bytes)
+  # Padded queries see real keys (no NaNs), get zero cotangents, and are cut off below.
+  qh = _pad_queries(_heads_first(_scale_queries(q)), pad)
+  out = _flash_core(qh, _heads_first(k), _heads_first(v), chunk)[:, :, :nq]  # [H, B, Nq, D]
   return out.transpose(1, 2, 0, 3)
 
 

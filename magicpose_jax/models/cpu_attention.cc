@@ -25,7 +25,6 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"

@@ -46,8 +46,9 @@ _lock = threading.Lock()
 def find_compiler() -> str | None:
   """The C++ compiler to build with: `$CXX`, else the first of c++, g++, clang++ on PATH; None if none."""
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+    path = shutil.which(name) if name else None
+    if path:
+      return path
   return None
 
 

@@ -1,97 +1,102 @@
-"""Matrix products of one SD 1.5 UNet forward: XLA's dot vs our CPU kernel vs PyTorch, same threads, one run.
+"""Matrix products of one SD 1.5 UNet forward: XLA:CPU's dot vs PyTorch's (MKL), same threads, one run.
 
-    python benchmarks/matmul.py                  # every linear-layer and im2col shape, 2 threads (all cores)
-    python benchmarks/matmul.py --threads 1      # one thread each (pin with taskset for steadier numbers)
+    python benchmarks/matmul.py                          # 2 threads (every core), wall clock
+    taskset -c 1 python benchmarks/matmul.py --threads 1 --clock process   # one pinned core: CPU seconds
 
-Shapes (batch 1, 64x64 latents): the attention projections, the GEGLU and output projections of the
-feed-forward, the cross-attention keys/values of the 77 text tokens, per level, and the 16x16 / 8x8
-convolutions that `models/conv.py` runs as one im2col product. Each is timed three ways in turn, after a
-warm-up: `jnp.dot` under jit (XLA:CPU's YNNPACK dot), `cpu_matmul.matmul` (models/cpu_matmul.cc) and
-`torch.nn.functional.linear`; medians of --iters runs. The last lines weight each shape by how often one
-forward runs it, and print the totals and ratios. Needs the test/reference extra (torch).
+Shapes (batch 1, 64x64 latents): per level, the attention projections, the cross-attention keys/values of the
+77 text tokens, the GEGLU and output projections of the feed-forward, the 1x1 `proj_in`/`proj_out`, and the
+16x16 / 8x8 3x3 convolutions that `models/conv.py` runs as one im2col product. Each shape is timed `jnp.dot`
+under jit against `torch.nn.functional.linear` on --copies different operand pairs in turn (the UNet reads every
+weight once per forward: caches are not warm for it either), each round's order drawn at random; medians of
+the rounds. The last lines weight each shape by how often one forward runs it. This is where our UNet forward
+loses to PyTorch's (README, "Tests and benchmarks"). Needs the test/reference extra (torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
-import time
 
-# (M, K, N, times per UNet forward) for SD 1.5 at 64x64 latents.
-LEVELS = ((4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1))  # (tokens, channels, transformers)
-# The 3x3 convolutions at 16x16 and 8x8 (resnets' conv1/conv2 by input channels, the 8->16 upsampler's conv).
+# (tokens, channels, transformer blocks) per level of SD 1.5 at 64x64 latents.
+LEVELS = ((4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1))
+# The 3x3 convolutions at 16x16 and 8x8 as im2col products (resnets' conv1/conv2 by input channels, the
+# 8 -> 16 upsampler's conv): (M, 9 * C_in, C_out, count).
 IM2COL = ((256, 9 * 1280, 1280, 7), (256, 9 * 2560, 1280, 2), (256, 9 * 1920, 1280, 1), (256, 9 * 640, 1280, 1),
           (64, 9 * 1280, 1280, 11), (64, 9 * 2560, 1280, 3))
 
 
 def shapes() -> list[tuple[int, int, int, int]]:
+  """(M, K, N, times per UNet forward)."""
   out = []
   for n, c, blocks in LEVELS:
-    out += [(n, c, c, 6 * blocks),       # to_q, to_k, to_v, to_out (self), to_q, to_out (cross)
-            (77, 768, c, 2 * blocks),    # cross-attention to_k, to_v
-            (n, c, 8 * c, blocks),       # GEGLU proj (dim -> 2 x 4 dim)
-            (n, 4 * c, c, blocks),       # ff out
-            (n, c, c, 2 * blocks)]       # proj_in, proj_out (1x1 convs)
+    out += [(n, c, c, 8 * blocks),      # to_q, to_k, to_v, to_out (self), to_q, to_out (cross), proj_in, proj_out
+            (77, 768, c, 2 * blocks),   # cross-attention to_k, to_v  (proj_in/out: 1x1 convs in SD 1.5, same product)
+            (n, c, 8 * c, blocks),      # GEGLU proj (dim -> 2 x 4 dim)
+            (n, 4 * c, c, blocks)]      # feed-forward out
   return out + list(IM2COL)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--iters", type=int, default=9)
-  parser.add_argument("--threads", type=int, default=0, help="threads for all three (0: every core)")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds over every operand copy")
+  parser.add_argument("--copies", type=int, default=3, help="different operand pairs per shape")
+  parser.add_argument("--threads", type=int, default=0, help="threads for both (0: every core)")
+  parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                      help="wall time, or this process's CPU time (meaningful with --threads 1)")
   args = parser.parse_args()
   threads = args.threads or os.cpu_count()
   if args.threads == 1:  # before jax is imported: one Eigen thread, no intra-op pool
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                "intra_op_parallelism_threads=1").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  sys.path.insert(0, os.path.dirname(__file__))
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
-
-  from magicpose_jax.models import cpu_matmul  # noqa: PLC0415
+  from timing import CLOCKS  # noqa: PLC0415
 
   torch.set_num_threads(threads)
-  reason = cpu_matmul.unavailable_reason()
-  if reason is not None:
-    raise SystemExit(f"the CPU matmul kernel is unavailable: {reason}")
-  xla_dot, kernel = jax.jit(jnp.dot), jax.jit(cpu_matmul.matmul)
-  rng = np.random.default_rng(0)
-  print(f"Matmuls of one SD 1.5 UNet forward (64x64 latents), fp32, threads={threads} (all three), "
-        f"jax {jax.__version__}, torch {torch.__version__}; median ms of {args.iters} runs")
-  print(f"  {'M x K x N':>20} {'x':>3} {'XLA':>8} {'kernel':>8} {'PyTorch':>8} {'kernel/XLA':>10} {'kernel/torch':>12}")
-  totals = np.zeros(3)
+  now = CLOCKS[args.clock]
+  dot = jax.jit(jnp.dot)
+  rng, order = np.random.default_rng(0), random.Random(0)
+  print(f"Matmuls of one SD 1.5 UNet forward (64x64 latents), fp32, threads={threads} (both), {args.clock} clock, "
+        f"jax {jax.__version__}, torch {torch.__version__}; median ms over {args.rounds} x {args.copies} runs")
+  print(f"  {'M x K x N':>20} {'x':>3} {'XLA':>8} {'PyTorch':>8} {'XLA/torch':>9}")
+  totals = np.zeros(2)
   for m, k, n, count in shapes():
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    b = (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-    aj, bj = jax.device_put(a), jax.device_put(b)
-    at, bt = torch.from_numpy(a), torch.from_numpy(b.T.copy())  # nn.Linear's [out, in] weight
+    pairs = [(rng.standard_normal((m, k), dtype=np.float32),
+              (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32))
+             for _ in range(args.copies)]
+    ours = [(jax.device_put(a), jax.device_put(b)) for a, b in pairs]
+    theirs = [(torch.from_numpy(a), torch.from_numpy(b.T.copy())) for a, b in pairs]  # nn.Linear's [out, in]
 
-    def run_torch(at=at, bt=bt):
+    def run_xla(i, ours=ours):
+      dot(*ours[i]).block_until_ready()
+
+    def run_torch(i, theirs=theirs):
       with torch.inference_mode():
-        return torch.nn.functional.linear(at, bt)
+        torch.nn.functional.linear(*theirs[i])
 
-    runs = (lambda aj=aj, bj=bj: xla_dot(aj, bj).block_until_ready(),
-            lambda aj=aj, bj=bj: kernel(aj, bj).block_until_ready(), run_torch)
-    for fn in runs:
-      fn()
-    times: list[list[float]] = [[], [], []]
-    for _ in range(args.iters):
-      for fn, acc in zip(runs, times, strict=True):
-        start = time.perf_counter()
-        fn()
-        acc.append(time.perf_counter() - start)
+    runs = (run_xla, run_torch)
+    for i in range(args.copies):
+      for fn in runs:
+        fn(i)
+    times: list[list[float]] = [[], []]
+    for _ in range(args.rounds):
+      for i in range(args.copies):
+        for j in order.sample(range(2), 2):
+          start = now()
+          runs[j](i)
+          times[j].append(now() - start)
     ms = np.array([statistics.median(t) * 1e3 for t in times])
     totals += count * ms
-    print(f"  {f'{m} x {k} x {n}':>20} {count:>3} {ms[0]:8.2f} {ms[1]:8.2f} {ms[2]:8.2f} "
-          f"{ms[1] / ms[0]:10.2f} {ms[1] / ms[2]:12.2f}")
-  print(f"  per forward (ms)     : XLA {totals[0]:.0f}, kernel {totals[1]:.0f}, PyTorch {totals[2]:.0f}")
-  print(f"  kernel / XLA         : {totals[1] / totals[0]:.2f}x")
-  print(f"  kernel / PyTorch     : {totals[1] / totals[2]:.2f}x   (XLA / PyTorch {totals[0] / totals[2]:.2f}x)")
+    print(f"  {f'{m} x {k} x {n}':>20} {count:>3} {ms[0]:8.2f} {ms[1]:8.2f} {ms[0] / ms[1]:9.2f}")
+  print(f"  per forward (ms)     : XLA {totals[0]:.0f}, PyTorch {totals[1]:.0f}")
+  print(f"  XLA / PyTorch        : {totals[0] / totals[1]:.2f}x")
 
 
 if __name__ == "__main__":

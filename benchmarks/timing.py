@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -10,19 +11,24 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def alternate_samples(ours: Callable[[], object], reference: Callable[[], object], iters: int,
-                      clock: str = "wall") -> tuple[list[float], list[float]]:
-  """Seconds of each of `iters` runs of `ours` and `reference`, after one warm-up each, run alternately.
+                      clock: str = "wall", seed: int = 0) -> tuple[list[float], list[float]]:
+  """Seconds of each of `iters` runs of `ours` and `reference`, after one warm-up each, run in pairs.
 
-  Alternating makes drifting machine load (other processes, thermal limits, a noisy neighbour on a shared host)
-  hit both alike; the i-th runs of the two are neighbours in time. `clock="process"` counts this process's CPU
-  seconds (all its threads) instead of wall time: with one thread each it measures the work done, not the share
-  of a loaded machine this process got.
+  Pairing makes drifting machine load (other processes, thermal limits, a noisy neighbour on a shared host)
+  hit both alike; the i-th runs of the two are neighbours in time. Which of a pair runs first is drawn at random
+  (seeded): whatever runs right after the other pays for the caches it left cold (and for PyTorch's OpenMP
+  threads still spinning), and in a fixed order that cost always fell on the same side (measured on matmuls:
+  up to 15%). `clock="process"` counts this process's CPU seconds (all its threads) instead of wall time: with one
+  thread each it measures the work done, not the share of a loaded machine this process got.
   """
   now = CLOCKS[clock]
+  order = random.Random(seed)
   ours(), reference()
   times: tuple[list[float], list[float]] = ([], [])
   for _ in range(iters):
-    for fn, acc in ((ours, times[0]), (reference, times[1])):
+    pair = [(ours, times[0]), (reference, times[1])]
+    order.shuffle(pair)
+    for fn, acc in pair:
       start = now()
       fn()
       acc.append(now() - start)

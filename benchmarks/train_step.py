@@ -37,6 +37,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # magicpose_jax; the referen
 import argparse
 import dataclasses
 import importlib.util
+import random
 import statistics
 import tempfile
 import time
@@ -298,16 +299,19 @@ class Timing:
 
 
 def alternate(fns: list[Callable[[], Any]], iters: int) -> list[Timing]:
-  """Medians of each of `fns`, after one warm-up each, run alternately (as `benchmarks/timing.py` does).
+  """Medians of each of `fns`, after one warm-up each, run in rounds (as `benchmarks/timing.py` does).
 
-  Alternating makes drifting load from other processes hit every function alike.
+  Rounds make drifting load from other processes hit every function alike; each round's order is drawn at
+  random (seeded), so the cost of running right after another function (cold caches) falls on none in particular.
   """
   for fn in fns:
     fn()
   wall: list[list[float]] = [[] for _ in fns]
   cpu: list[list[float]] = [[] for _ in fns]
+  order = random.Random(0)
   for _ in range(iters):
-    for i, fn in enumerate(fns):
+    for i in order.sample(range(len(fns)), len(fns)):
+      fn = fns[i]
       w, c = time.perf_counter(), time.process_time()
       fn()
       cpu[i].append(time.process_time() - c)

@@ -1,12 +1,11 @@
-"""The fused CPU attention kernel (models/cpu_attention.cc): values against float64 numpy, the `auto` rule.
-
-The build and cache of the kernels' library are tested in test_cpu_kernels.py.
+"""The fused CPU attention kernel (models/cpu_attention.cc): values against float64 numpy, its build and cache.
 
 Gradients (`cpu_fused` backend, flash's backward) are checked against `xla` in test_attention.py, and the UNet
 against diffusers with `attention_backend="cpu_fused"` in test_unet_parity.py.
 """
 
 import ctypes
+import os
 import platform
 
 import jax
@@ -14,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magicpose_jax.models import attention, cpu_attention, cpu_kernels
+from magicpose_jax.models import attention, cpu_attention
 
 pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"),
-              pytest.mark.skipif(cpu_kernels.find_compiler() is None,
+              pytest.mark.skipif(cpu_attention.find_compiler() is None,
                                  reason="no C++ compiler here (auto then runs flash)")]
 
 # (B, Nq, Nk, H, D): query counts off the 48-row block, key counts off the key panel (77 text tokens, 1 key),
@@ -105,6 +104,24 @@ def test_auto_uses_it_for_long_float32_sequences(monkeypatch):
   assert attention.auto_backend(q, k, v) == "flash"
 
 
+def test_build_is_cached_and_failures_name_the_command(tmp_path, monkeypatch):
+  compiler = cpu_attention.find_compiler()
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(tmp_path / "cache"))
+  built = cpu_attention.build(compiler)
+  assert built.parent == tmp_path / "cache" / "cpu_attention" and built.exists()
+  stamp = built.stat().st_mtime_ns
+  assert cpu_attention.build(compiler) == built and built.stat().st_mtime_ns == stamp  # no rebuild
+  assert os.listdir(built.parent) == [built.name]  # no temporary files left
+
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+  assert cpu_attention.library_path(compiler) != built  # the key covers the source
+  with pytest.raises(RuntimeError, match=r"building the CPU attention kernel failed \(.*broken\.cc"):
+    cpu_attention.build(compiler)
+  assert os.listdir(built.parent) == [built.name]
+
+
 def test_kernel_rejects_mismatched_shapes():
   q, k, v = _qkv(1, 8, 8, 2, 8)
   with pytest.raises(Exception, match="heads or head dims differ"):
@@ -126,12 +143,21 @@ def test_gradients_of_one_block_shapes_match_xla(shape):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
 def test_eight_lane_build_matches_float64():
   """The AVX2 (8-lane, 16-register) micro-kernels, built for x86-64-v3 whatever this CPU has."""
-  path = cpu_kernels.build(cpu_kernels.find_compiler(), march="x86-64-v3")
-  cpu_kernels.register(ctypes.cdll.LoadLibrary(str(path)), suffix="_avx2")
+  path = cpu_attention.build(cpu_attention.find_compiler(), march="x86-64-v3")
+  cpu_attention.register(ctypes.cdll.LoadLibrary(str(path)), "magicpose_test_attention_avx2")
   for shape in SHAPES:
     q, k, v = _qkv(*shape, seed=8)
     q = q * np.float32(shape[-1] ** -0.5)
-    out, lse = jax.jit(lambda q, k, v: cpu_attention.forward(q, k, v, cpu_attention.FFI_TARGET + "_avx2"))(q, k, v)
+    out, lse = jax.jit(lambda q, k, v: cpu_attention.forward(q, k, v, "magicpose_test_attention_avx2"))(q, k, v)
     ref_out, ref_lse = _numpy_attention(q, k, v)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, err_msg=str(shape))
     np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6, err_msg=str(shape))
+
+
+def test_unusable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
+  monkeypatch.setattr(cpu_attention.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  built = cpu_attention.build(cpu_attention.find_compiler())
+  assert built.exists() and str(built).startswith(str(tmp_path / "tmp"))

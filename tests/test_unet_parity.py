@@ -11,7 +11,6 @@ import torch
 from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
-from magicpose_jax.models import conv, cpu_kernels, matmul
 from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 ATOL = 1e-4
@@ -63,24 +62,6 @@ def test_unet_matches_diffusers(name, backend):
     ref = nhwc(tmodel(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
   ours = jax.jit(UNet2DConditionModel(config).apply)({"params": params}, sample, t, context)
   _check(ours, ref)
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu" or cpu_kernels.find_compiler() is None,
-                    reason="the CPU matmul kernel")
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
-def test_unet_with_every_product_on_the_cpu_matmul_kernel_matches_diffusers(name, monkeypatch):
-  """Dense layers, 1x1 convolutions and 3x3 convolutions through im2col, all on models/cpu_matmul.cc."""
-  monkeypatch.setattr(matmul, "MIN_ROWS", 1)
-  monkeypatch.setattr(matmul, "MIN_MACS", 0)
-  monkeypatch.setattr(conv, "IM2COL_MIN_CHANNELS", 1)
-  config = CONFIGS[name]
-  tmodel, params = _pair(config)
-  sample, t, context = _inputs(config)
-  with torch.no_grad():
-    ref = nhwc(tmodel(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
-  forward = jax.jit(UNet2DConditionModel(config).apply)
-  assert "magicpose_cpu_matmul" in forward.lower({"params": params}, sample, t, context).as_text()
-  _check(forward({"params": params}, sample, t, context), ref)
 
 
 def test_additional_residuals_match_diffusers():

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magicpose_jax.models import cpu_attention, matmul, splash_attention
+from magicpose_jax.models import cpu_attention, splash_attention
 
 _log = logging.getLogger(__name__)
 
@@ -457,8 +457,7 @@ class Attention(nn.Module):
                extra_kv: jax.Array | None = None) -> jax.Array:
     """`x [B, N, C]`, `context [B, M, Dc]` (None: self-attention), `extra_kv [B, R, C]`."""
     dense = lambda features, name, bias=False: nn.Dense(
-        features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=matmul.dot_general,
-        name=name)
+        features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     inner = self.heads * self.head_dim
     kv_in = x if context is None else context
     if extra_kv is not None:

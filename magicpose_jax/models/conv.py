@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from magicpose_jax.models import matmul
-
 # Take the im2col path on CPU when the input map has at most this many pixels per image and at least this many
 # channels. Measured with benchmarks/conv.py (fp32, batch 1, 2-core Sapphire Rapids, loaded): at 16x16 and 8x8
 # with 640-2560 input channels im2col takes 0.5-0.8x Eigen's forward time and 0.26-0.55x its forward+backward
@@ -62,7 +60,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, in
   ho, wo = hp - kh + 1, wp - kw + 1
   # Channel index (i * kw + j) * Cin + c matches the row-major reshape of the HWIO kernel below.
   cols = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-  out = matmul.matmul(cols.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision)
+  out = jnp.dot(cols.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision=precision)
   return out.reshape(b, ho, wo, cout)
 
 
@@ -76,11 +74,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
            and all(d == 1 for d in (rhs_dilation or (1, 1))) and not isinstance(padding, str))
   if plain and use_im2col(lhs.shape, rhs.shape):
     return im2col_conv(lhs, rhs, [tuple(p) for p in padding], precision)
-  if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding) and lhs.dtype == rhs.dtype:
-    # A 1x1 convolution is a [B*H*W, Cin] x [Cin, Cout] product: the CPU matmul kernel's, where it applies.
-    b, h, w, cin = lhs.shape
-    if matmul.kernel_unsupported(b * h * w, cin, rhs.shape[3], lhs.dtype) is None:
-      return matmul.matmul(lhs.reshape(b * h * w, cin), rhs.reshape(cin, -1), precision).reshape(b, h, w, -1)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, precision=precision, **kwargs)

@@ -5,7 +5,7 @@
 //
 // q: [..., Nq, H, D], k and v: [..., Nk, H, D], float32, the scale already applied to q
 // (magicpose_jax/models/attention.py does that, as its `xla` backend does). The leading
-// dimensions are one flattened batch. Built by magicpose_jax/models/cpu_kernels.py, called from cpu_attention.py.
+// dimensions are one flattened batch. Built and loaded by magicpose_jax/models/cpu_attention.py.
 //
 // Why: XLA:CPU runs attention as separate matmul, exp and reduction ops over [rows, Nk]
 // logits blocks, each parallelised (or not) on its own; PyTorch's CPU flash kernel fuses them
@@ -17,18 +17,29 @@
 // intra-op thread pool.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace magicpose;  // NOLINT: the shared vector type and helpers
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#else
+constexpr int kLanes = 8, kRegisters = 16;  // AVX2's ymm; GCC splits the vectors on narrower ISAs
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // Query rows per task: a multiple of every micro-kernel's row count (6 for q.k; 8, 6, 4, 2 for p.v).
 constexpr int kQueryBlock = 48;
@@ -48,6 +59,16 @@ constexpr int PvRowsFor(int nv) {
   }
   return 1;
 }
+
+inline vf Load(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+
+inline void Store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+
+inline vf Splat(float s) { return vf{} + s; }
 
 inline float ReduceMax(vf x) {
   float m = x[0];
@@ -241,6 +262,34 @@ void QueryBlock(const Shape& sh, const float* q, const float* kp, const float* v
     for (int d = 0; d < dim; ++d) dst[d] = o[r * dp + d] * inv;
     lse[(b * sh.heads + h) * sh.nq + q0 + r] = row_max[r] + std::log(row_sum[r]);
   }
+}
+
+// Runs fn(0..n-1) on the calling thread and up to num_threads - 1 pool tasks. Items are claimed
+// from an atomic counter, so a task the pool starts late finds nothing left and returns
+// without touching fn; the caller waits only for items already claimed.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto worker = [state, n, f]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*f)(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t tasks = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule(decltype(worker)(worker));  // a copy: Schedule takes it by value
+  worker();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magicpose_jax.models import matmul
 from magicpose_jax.models.attention import Attention
 from magicpose_jax.models.resnet import conv
 
@@ -29,8 +28,7 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
-    return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, dot_general=matmul.dot_general,
-                    name="net_2")(h)
+    return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
 
 
 class GEGLU(nn.Module):
@@ -42,8 +40,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Dense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                 dot_general=matmul.dot_general, name="proj")(x)
+    h = nn.Dense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
     h, gate = jnp.split(h, 2, axis=-1)  # 2 x [B, N, features]
     return h * nn.gelu(gate, approximate=False)  # diffusers' GEGLU uses the exact (erf) GELU
 
@@ -104,8 +101,7 @@ class Transformer2DModel(nn.Module):
     b, hgt, wid, c = x.shape
     inner = self.heads * self.head_dim
     if self.use_linear_projection:
-      proj = lambda name, f: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype,
-                                      dot_general=matmul.dot_general, name=name)
+      proj = lambda name, f: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     else:
       proj = lambda name, f: conv(f, 1, name, self.dtype, self.param_dtype)
     h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,

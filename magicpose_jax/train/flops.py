@@ -5,13 +5,11 @@ Three sources of a step's FLOP count, each with its blind spot:
 * `compiled_flops(compiled)`: XLA's `cost_analysis()` of the compiled step. Per device for an SPMD program
   (the partitioned module). XLA counts a `while`/`scan` body ONCE, whatever its trip count, so the scanned
   micro-batches of `grad_accum_steps > 1`, a `lax.map` over query chunks (the `xla_chunked`/flash CPU attention)
-  and the sampler's scan are under-counted; custom calls (cuDNN flash, splash, the CPU attention and matmul
-  kernels) count 0 FLOPs.
+  and the sampler's scan are under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs.
   It includes remat recomputation: it is what the device executes ("hardware FLOPs").
 * `lowered_flops(lowered)` of `loop_free_config(config)`: the same step with `xla` attention and no
   accumulation, lowered but not compiled, so nothing is looped or hidden in a custom call (global, before
-  partitioning); the CPU matmul kernel's calls (`models/cpu_matmul.cc`, float32 on CPU) are counted from
-  their operand shapes. What `benchmarks/memory_plan.py` reports as "model TFLOP".
+  partitioning). What `benchmarks/memory_plan.py` reports as "model TFLOP".
 * `unet_forward_flops` / `train_step_flops`: an analytic count of convolutions, dense layers and attention
   (2 FLOPs per multiply-add; norms, activations and the optimizer update are left out: well under 1 %),
   independent of XLA. `train_step_flops(...).model` is the MFU numerator (no recomputation, the PaLM
@@ -25,13 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from magicpose_jax.models import cpu_matmul
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.unet import UNetConfig
 from magicpose_jax.models.vae import VAEConfig
@@ -112,24 +108,11 @@ def compiled_flops(compiled: Any) -> float | None:
 
 
 def lowered_flops(lowered: Any) -> float | None:
-  """FLOPs of a lowered, not yet compiled, program (global, before partitioning and fusion).
-
-  XLA's cost analysis counts a custom call as no FLOPs, so the CPU matmul kernel's calls are added: 2 M K N each.
-  """
+  """FLOPs of a lowered, not yet compiled, program (global, before partitioning and fusion)."""
   try:
-    counted = _flops_of(lowered.cost_analysis())
+    return _flops_of(lowered.cost_analysis())
   except (AttributeError, NotImplementedError, RuntimeError):
     return None
-  return None if counted is None else counted + _matmul_kernel_flops(lowered.as_text())
-
-
-# A `models/cpu_matmul.cc` call in lowered StableHLO text; its operand types give M, K and N.
-_MATMUL_CALL = re.compile(rf"custom_call @{cpu_matmul.FFI_TARGET}\(.*? : "
-                          r"\(tensor<(\d+)x(\d+)xf32>, tensor<\d+x(\d+)xf32>\) ->")
-
-
-def _matmul_kernel_flops(text: str) -> float:
-  return float(sum(2 * int(m) * int(k) * int(n) for m, k, n in _MATMUL_CALL.findall(text)))
 
 
 def loop_free_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

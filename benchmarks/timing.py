@@ -47,3 +47,16 @@ def paired_ratio(ours: list[float], reference: list[float]) -> float:
   speed drifts between runs (seen here: one model's runs spread over 6-13 s in a minute) moves it far less than
   it moves either median."""
   return statistics.median(o / r for o, r in zip(ours, reference, strict=True))
+
+
+def paired_ratio_interval(ours: list[float], reference: list[float], level: float = 0.9, draws: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+  """A bootstrap interval for `paired_ratio`: the pairs resampled with replacement `draws` times (seeded), the
+  (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled medians. A goal such as `<= 1.0` is met only
+  where the whole interval is under it; an interval across it says the runs cannot tell."""
+  ratios = [o / r for o, r in zip(ours, reference, strict=True)]
+  rng = random.Random(seed)
+  medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+  lo = medians[int((1 - level) / 2 * (draws - 1))]
+  hi = medians[int((1 + level) / 2 * (draws - 1))]
+  return lo, hi

@@ -4,8 +4,8 @@
     python benchmarks/unet_forward.py --variant tiny  # seconds, for a smoke run
 
 Prints both median times after warm-up, their ratio, the median ratio of back-to-back pairs
-(goal: ours / PyTorch <= 1.0; robust to a machine whose speed drifts), every run, and our
-compile time. Needs the test/reference extra (torch, diffusers).
+(goal: ours / PyTorch <= 1.0; robust to a machine whose speed drifts) with a 90% bootstrap interval over the
+pairs, every run, and our compile time. Needs the test/reference extra (torch, diffusers).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
-  from timing import alternate_samples, paired_ratio  # noqa: PLC0415
+  from timing import alternate_samples, paired_ratio, paired_ratio_interval  # noqa: PLC0415
 
   from magicpose_jax.convert.diffusers import unet_key_table  # noqa: PLC0415
   from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415
@@ -79,8 +79,9 @@ def main() -> None:
   print(f"  ours (jit, {args.backend:>11}) : {jax_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
   print(f"  diffusers (PyTorch)     : {torch_s * 1e3:9.1f} ms")
   print(f"  ratio ours / PyTorch    : {jax_s / torch_s:9.2f}x   (of the medians)")
+  lo, hi = paired_ratio_interval(jax_runs, torch_runs)
   print(f"  paired ratio            : {paired_ratio(jax_runs, torch_runs):9.2f}x   (median of back-to-back pairs; "
-        "goal <= 1.00)")
+        f"90% bootstrap interval {lo:.2f}-{hi:.2f}; goal <= 1.00)")
   print(f"  runs, ours     (s)      : {' '.join(f'{t:.2f}' for t in jax_runs)}")
   print(f"  runs, PyTorch  (s)      : {' '.join(f'{t:.2f}' for t in torch_runs)}")
   print(f"  max |ours - PyTorch|    : {err:.2e}")

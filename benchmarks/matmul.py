@@ -20,6 +20,8 @@ import random
 import statistics
 import sys
 
+from timing import CLOCKS, add_thread_arguments, threads_for_both
+
 # (tokens, channels, transformer blocks) per level of SD 1.5 at 64x64 latents.
 LEVELS = ((4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1))
 # The 3x3 convolutions at 16x16 and 8x8 as im2col products (resnets' conv1/conv2 by input channels, the
@@ -43,21 +45,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds over every operand copy")
   parser.add_argument("--copies", type=int, default=3, help="different operand pairs per shape")
-  parser.add_argument("--threads", type=int, default=0, help="threads for both (0: every core)")
-  parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                      help="wall time, or this process's CPU time (meaningful with --threads 1)")
+  add_thread_arguments(parser)
   args = parser.parse_args()
-  threads = args.threads or os.cpu_count()
-  if args.threads == 1:  # before jax is imported: one Eigen thread, no intra-op pool
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
+  threads = threads_for_both(args.threads)  # before jax is imported
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(__file__))
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
-  from timing import CLOCKS  # noqa: PLC0415
 
   torch.set_num_threads(threads)
   now = CLOCKS[args.clock]

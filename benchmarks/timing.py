@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
+  """`--threads` and `--clock`, as the jax-vs-PyTorch CPU benchmarks take them."""
+  parser.add_argument("--threads", type=int, default=0,
+                      help="threads for both (0: every core). 1 with --clock process measures work on a loaded machine")
+  parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                      help="wall time, or this process's CPU time (meaningful with --threads 1)")
+
+
+def threads_for_both(threads: int) -> int:
+  """The thread count both libraries get: `threads`, or every core for 0 (XLA's CPU client uses them all). For 1
+  it sets XLA's flags for one Eigen thread and no intra-op pool, so call it before jax is imported."""
+  if threads == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
+  return threads or os.cpu_count()
 
 
 def alternate_samples(ours: Callable[[], object], reference: Callable[[], object], iters: int,

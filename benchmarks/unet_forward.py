@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 
+from timing import add_thread_arguments, alternate_samples, paired_ratio, paired_ratio_interval, threads_for_both
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,24 +26,15 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=64, help="latent height = width")
   parser.add_argument("--iters", type=int, default=5, help="timed runs of each, alternating")
   parser.add_argument("--backend", default="auto", help="our attention backend (see models/attention.py)")
-  parser.add_argument("--threads", type=int, default=0,
-                      help="threads for both (0: every core). 1 with --clock process measures work on a loaded machine")
-  parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                      help="wall time, or this process's CPU time (meaningful with --threads 1)")
+  add_thread_arguments(parser)
   args = parser.parse_args()
-
-  # Same threads for both: XLA's CPU client uses every core, so PyTorch gets cpu_count() too, unless --threads.
-  threads = args.threads or os.cpu_count()
-  if args.threads == 1:  # before jax is imported: one Eigen thread, no intra-op pool
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
+  threads = threads_for_both(args.threads)  # before jax is imported
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
-  from timing import alternate_samples, paired_ratio, paired_ratio_interval  # noqa: PLC0415
 
   from magicpose_jax.convert.diffusers import unet_key_table  # noqa: PLC0415
   from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415

@@ -20,8 +20,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
+
+from timing import CLOCKS
 
 # (level, Nq, heads, head_dim) of SD 1.5's transformer blocks for 512x512 images (64x64 latents).
 LEVELS = (("64x64", 4096, 8, 40), ("32x32", 1024, 8, 80), ("16x16", 256, 8, 160), ("mid", 64, 8, 160))
@@ -98,7 +99,7 @@ def main() -> None:
   parser.add_argument("--only", default="", help="run only shapes whose name contains this (e.g. 64x64)")
   parser.add_argument("--no-backward", action="store_true", help="forward times only")
   parser.add_argument("--torch", action="store_true", help="also time torch SDPA (CPU, or CUDA when JAX is on GPU)")
-  parser.add_argument("--clock", default="wall", choices=("wall", "process"),
+  parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                       help="wall time, or this process's CPU time (use with one pinned core under load)")
   args = parser.parse_args()
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -108,7 +109,7 @@ def main() -> None:
 
   from magicpose_jax.models import attention  # noqa: PLC0415
 
-  clock = time.perf_counter if args.clock == "wall" else time.process_time
+  clock = CLOCKS[args.clock]
   dtype = jnp.dtype(args.dtype)
   platform = jax.default_backend()
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -18,7 +18,6 @@ import argparse
 import os
 import random
 import statistics
-import sys
 
 from timing import CLOCKS, add_thread_arguments, threads_for_both
 
@@ -49,7 +48,6 @@ def main() -> None:
   args = parser.parse_args()
   threads = threads_for_both(args.threads)  # before jax is imported
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.dirname(__file__))
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415

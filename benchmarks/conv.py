@@ -1,16 +1,18 @@
-"""3x3 convolutions on this machine: XLA's `lax` conv vs our im2col path vs PyTorch, forward and forward+backward.
+"""3x3 convolutions on this machine: XLA's `lax` conv vs our im2col and Winograd paths vs PyTorch, forward and
+forward+backward.
 
     python benchmarks/conv.py                 # the SD 1.5 UNet's 3x3 conv shapes at 64x64 latents, batch 1
     python benchmarks/conv.py --batch 2 --shapes mid
 
-Prints one row per shape (median ms of alternating runs after warm-up) and which path
-`magicpose_jax.models.conv.use_im2col` picks; the rule's thresholds come from this table.
+Prints one row per shape (median ms of runs after warm-up, each round in a random, seeded order) and which path
+`magicpose_jax.models.conv` picks (`use_im2col`, `use_winograd`); the rules' thresholds come from this table.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import time
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicpose_jax.models.conv import im2col_conv, use_im2col
+from magicpose_jax.models.conv import im2col_conv, use_im2col, use_winograd, winograd_conv
 
 # (H = W, C_in, C_out) of every distinct 3x3 stride-1 conv in the SD 1.5 UNet at 64x64 latents.
 SD15 = [(64, 320, 320), (64, 640, 320), (64, 960, 320), (64, 640, 640), (32, 320, 640), (32, 640, 640),
@@ -36,6 +38,10 @@ def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def im2col(x: jax.Array, w: jax.Array) -> jax.Array:
   return im2col_conv(x, w, ((1, 1), (1, 1)))
+
+
+def winograd(x: jax.Array, w: jax.Array) -> jax.Array:
+  return winograd_conv(x, w, ((1, 1), (1, 1)))
 
 
 def with_grads(conv):
@@ -58,7 +64,8 @@ def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> d
   x = jnp.asarray(rng.standard_normal((batch, h, h, cin), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * (9 * cin) ** -0.5)
   calls = {name: functools.partial(jax.jit(f), x, w) for name, f in [
-      ("lax", lax_conv), ("im2col", im2col), ("lax_fb", with_grads(lax_conv)), ("im2col_fb", with_grads(im2col))]}
+      ("lax", lax_conv), ("im2col", im2col), ("winograd", winograd), ("lax_fb", with_grads(lax_conv)),
+      ("im2col_fb", with_grads(im2col)), ("winograd_fb", with_grads(winograd))]}
   if torch is not None:
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_(True)
@@ -76,9 +83,12 @@ def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> d
   for f in calls.values():  # compile / warm up
     jax.block_until_ready(f())
   times = {name: [] for name in calls}
-  for _ in range(runs):  # alternate, so load changes hit every variant alike
-    for name, f in calls.items():
-      times[name] += _time(f, 1)
+  order = random.Random(0)
+  for _ in range(runs):  # alternate, so load changes hit every variant alike; shuffled, so no variant always
+    names = list(calls)  # runs right after the same other one (and pays for the caches it left cold)
+    order.shuffle(names)
+    for name in names:
+      times[name] += _time(calls[name], 1)
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -95,14 +105,17 @@ def main() -> None:
 
   shapes = {"sd15": SD15, "mid": MID, "hint": HINT}[args.shapes]
   print(f"{jax.default_backend()} {jax.devices()[0].device_kind}, batch {args.batch}, fp32, median of {args.runs} ms")
-  print("| H=W | C_in | C_out | lax fwd | im2col fwd | torch fwd | lax f+b | im2col f+b | torch f+b | picks |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| H=W | C_in | C_out | lax fwd | im2col fwd | Winograd fwd | torch fwd | lax f+b | im2col f+b "
+        "| Winograd f+b | torch f+b | picks |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for h, cin, cout in shapes:
     t = measure(h, cin, cout, args.batch, args.runs, torch)
     ms = lambda k, t=t: f"{t[k] * 1e3:.1f}" if k in t else "-"
-    pick = "im2col" if use_im2col((args.batch, h, h, cin), (3, 3, cin, cout)) else "lax"
-    print(f"| {h} | {cin} | {cout} | {ms('lax')} | {ms('im2col')} | {ms('torch')} | {ms('lax_fb')} "
-          f"| {ms('im2col_fb')} | {ms('torch_fb')} | {pick} |", flush=True)
+    x_shape, k_shape = (args.batch, h, h, cin), (3, 3, cin, cout)
+    pick = ("im2col" if use_im2col(x_shape, k_shape) else
+            "Winograd" if use_winograd(x_shape, k_shape, ((1, 1), (1, 1))) else "lax")
+    print(f"| {h} | {cin} | {cout} | {ms('lax')} | {ms('im2col')} | {ms('winograd')} | {ms('torch')} "
+          f"| {ms('lax_fb')} | {ms('im2col_fb')} | {ms('winograd_fb')} | {ms('torch_fb')} | {pick} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The im2col convolution path equals XLA's own convolution (values and gradients), and flax's `Conv` takes it
-where `use_im2col` says so, with unchanged parameters."""
+"""The im2col and Winograd convolution paths equal XLA's own convolution (values against float64, gradients), and
+flax's `Conv` takes them where `use_im2col` / `use_winograd` say so, with unchanged parameters."""
 
 import flax.linen as nn
 import jax
@@ -67,3 +67,81 @@ def test_flax_conv_dispatches_to_im2col_with_the_same_params(monkeypatch):
   calls.clear()
   strided.apply(params, x)
   assert not calls
+
+
+def _float64_conv(x, w, padding):
+  """Direct convolution in float64 numpy: the independent reference for both paths' errors."""
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+  kh, kw = w.shape[:2]
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  return sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + ho, j:j + wo], np.asarray(w[i, j], np.float64))
+             for i in range(kh) for j in range(kw))
+
+
+@pytest.mark.parametrize(("shape", "cout", "padding"), [
+    ((2, 8, 8, 16), 24, ((1, 1), (1, 1))),
+    ((1, 6, 10, 12), 8, ((1, 1), (1, 1))),  # non-square map
+    ((1, 5, 7, 8), 8, ((0, 1), (2, 1))),  # odd input, asymmetric padding, even output (4x8)
+    ((1, 4, 4, 8), 8, ((0, 0), (0, 0))),  # "valid": one 2x2 output tile per image
+    ((1, 16, 16, 256), 64, ((1, 1), (1, 1))),  # a long channel sum
+])
+def test_winograd_matches_float64_and_xla_gradients(shape, cout, padding):
+  """fp32 unit-scale outputs: max abs error against float64 <= 1e-5 and <= 4x XLA's own (F(2x2, 3x3)'s transforms
+  have coefficients 0, +-1, +-1/2, so it stays at direct convolution's accuracy; measured 1-2x)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1]), jnp.float32)
+  ref = _float64_conv(x, w, padding)
+  ours = np.asarray(jax.jit(lambda x, w: conv_module.winograd_conv(x, w, padding))(x, w))
+  assert ours.shape == ref.shape
+  assert np.std(ref) > 0.3
+  err, xla_err = np.abs(ours - ref).max(), np.abs(np.asarray(_lax(x, w, padding)) - ref).max()
+  assert err <= 1e-5 and err <= 4 * max(xla_err, 1e-7), (err, xla_err)
+  probe = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w)
+  for g_ours, g_ref in zip(grad(lambda x, w: conv_module.winograd_conv(x, w, padding)),
+                           grad(lambda x, w: _lax(x, w, padding)), strict=True):
+    np.testing.assert_allclose(g_ours, g_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_winograd_kernel_is_g_g_transposed():
+  """`winograd_kernel` is `G g G^T` per channel pair, here against the textbook matrices in float64."""
+  g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+  w = np.random.default_rng(2).standard_normal((3, 3, 5, 7)).astype(np.float32)
+  ref = np.einsum("ui,ijco,vj->uvco", g, w.astype(np.float64), g).reshape(16, 5, 7)
+  np.testing.assert_allclose(conv_module.winograd_kernel(jnp.asarray(w)), ref, atol=1e-6)
+
+
+def test_winograd_rejects_what_it_cannot_tile():
+  x = jnp.zeros((1, 5, 8, 4))
+  with pytest.raises(ValueError, match=r"even output sizes, got 5x8"):
+    conv_module.winograd_conv(x, jnp.zeros((3, 3, 4, 4)), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match=r"3x3 kernel"):
+    conv_module.winograd_conv(x, jnp.zeros((5, 5, 4, 4)), ((2, 2), (2, 2)))
+
+
+def test_rule_picks_winograd_on_large_wide_fp32_cpu_maps():
+  same = ((1, 1), (1, 1))
+  assert conv_module.use_winograd((1, 32, 32, 640), (3, 3, 640, 640), same, jnp.float32, "cpu")
+  assert conv_module.use_winograd((1, 32, 32, 320), (3, 3, 320, 640), same, jnp.float32, "cpu")
+  assert conv_module.use_winograd((2, 64, 64, 960), (3, 3, 960, 320), same, jnp.float32, "cpu")
+  assert not conv_module.use_winograd((1, 64, 64, 320), (3, 3, 320, 320), same, jnp.float32, "cpu")  # narrow
+  assert not conv_module.use_winograd((1, 16, 16, 1280), (3, 3, 1280, 1280), same, jnp.float32, "cpu")  # im2col's
+  assert not conv_module.use_winograd((1, 33, 32, 640), (3, 3, 640, 640), same, jnp.float32, "cpu")  # odd rows
+  assert not conv_module.use_winograd((1, 32, 32, 640), (1, 1, 640, 640), ((0, 0), (0, 0)), jnp.float32, "cpu")
+  assert not conv_module.use_winograd((1, 32, 32, 640), (3, 3, 640, 640), same, jnp.bfloat16, "cpu")
+  assert not conv_module.use_winograd((1, 32, 32, 640), (3, 3, 640, 640), same, jnp.float32, "gpu")
+
+
+def test_flax_conv_dispatches_to_winograd_with_the_same_params(monkeypatch):
+  """A 3x3 conv on a 32x32x640 map takes the Winograd path (counted) and matches flax's plain lax conv."""
+  calls = []
+  real = conv_module.winograd_conv
+  monkeypatch.setattr(conv_module, "winograd_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+  layer = conv(16, 3, "conv", jnp.float32, jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 32, 32, 640)), jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  ours = layer.apply(params, x)
+  assert calls, "expected the Winograd path"
+  plain = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1))).apply(params, x)
+  np.testing.assert_allclose(ours, plain, atol=1e-4)

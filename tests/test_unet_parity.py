@@ -11,6 +11,7 @@ import torch
 from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
+from magicpose_jax.models import conv as conv_module
 from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 ATOL = 1e-4
@@ -61,6 +62,33 @@ def test_unet_matches_diffusers(name, backend):
   with torch.no_grad():
     ref = nhwc(tmodel(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
   ours = jax.jit(UNet2DConditionModel(config).apply)({"params": params}, sample, t, context)
+  _check(ours, ref)
+
+
+# Thresholds that send every eligible conv of the tiny configs down one CPU path (the defaults keep them on lax).
+FORCED_CONV_PATHS = {
+    "im2col": {"IM2COL_MAX_PIXELS": 10**9, "IM2COL_MIN_CHANNELS": 0},
+    "winograd": {"IM2COL_MIN_CHANNELS": 10**9, "IM2COL_MAX_PIXELS": 0, "WINOGRAD_MIN_CHANNELS": 0},
+}
+
+
+@pytest.mark.parametrize("path", sorted(FORCED_CONV_PATHS))
+@pytest.mark.parametrize("size", [(16, 16), (10, 14)])  # 10x14: odd maps (5x7) below, which stay on lax
+def test_unet_matches_diffusers_with_convs_on_each_cpu_path(monkeypatch, path, size):
+  """The full SD UNet uses im2col only at 16x16/8x8 and Winograd only at 32x32/64x64, which the tiny configs
+  do not reach: force each path onto every 3x3 conv that it can take, count its calls, check parity."""
+  for name, value in FORCED_CONV_PATHS[path].items():
+    monkeypatch.setattr(conv_module, name, value)
+  calls = []
+  real = getattr(conv_module, f"{path}_conv")
+  monkeypatch.setattr(conv_module, f"{path}_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+  config = CONFIGS["sd1"]
+  tmodel, params = _pair(config, seed=7)
+  sample, t, context = _inputs(config, batch=1, height=size[0], width=size[1], seed=7)
+  with torch.no_grad():
+    ref = nhwc(tmodel(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
+  ours = UNet2DConditionModel(config).apply({"params": params}, sample, t, context)
+  assert len(calls) >= 10, f"expected the {path} path on most 3x3 convs, got {len(calls)} calls"
   _check(ours, ref)
 
 

@@ -13,31 +13,34 @@ from magicpose_jax.models.resnet import conv
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _lax(x, w, padding):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN,
+def _lax(x, w, padding, strides=(1, 1)):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
                                       precision=jax.lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize(("shape", "kernel", "padding"), [
-    ((2, 8, 8, 16), (3, 3, 16, 24), ((1, 1), (1, 1))),
-    ((1, 5, 7, 12), (3, 3, 12, 8), ((1, 1), (1, 1))),  # odd, non-square map
-    ((2, 6, 6, 8), (3, 3, 8, 8), ((0, 2), (1, 0))),  # asymmetric padding changes the output size
-    ((1, 6, 6, 8), (1, 1, 8, 4), ((0, 0), (0, 0))),
-    ((1, 9, 9, 4), (5, 5, 4, 6), ((2, 2), (2, 2))),
+@pytest.mark.parametrize(("shape", "kernel", "padding", "strides"), [
+    ((2, 8, 8, 16), (3, 3, 16, 24), ((1, 1), (1, 1)), (1, 1)),
+    ((1, 5, 7, 12), (3, 3, 12, 8), ((1, 1), (1, 1)), (1, 1)),  # odd, non-square map
+    ((2, 6, 6, 8), (3, 3, 8, 8), ((0, 2), (1, 0)), (1, 1)),  # asymmetric padding changes the output size
+    ((1, 6, 6, 8), (1, 1, 8, 4), ((0, 0), (0, 0)), (1, 1)),
+    ((1, 9, 9, 4), (5, 5, 4, 6), ((2, 2), (2, 2)), (1, 1)),
+    ((1, 16, 16, 8), (3, 3, 8, 8), ((1, 1), (1, 1)), (2, 2)),  # the SD downsampler: 16x16 -> 8x8
+    ((2, 7, 9, 4), (3, 3, 4, 6), ((1, 1), (0, 2)), (2, 3)),  # odd sizes, unequal strides
 ])
-def test_im2col_equals_xla_convolution_and_its_gradients(shape, kernel, padding):
+def test_im2col_equals_xla_convolution_and_its_gradients(shape, kernel, padding, strides):
   """fp32, max abs error <= 1e-5 on unit-scale outputs (only the summation order differs)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   w = jnp.asarray(rng.standard_normal(kernel) / np.sqrt(np.prod(kernel[:3])), jnp.float32)
-  ours = conv_module.im2col_conv(x, w, padding, precision=jax.lax.Precision.HIGHEST)
-  ref = _lax(x, w, padding)
+  ours = conv_module.im2col_conv(x, w, padding, jax.lax.Precision.HIGHEST, strides)
+  ref = _lax(x, w, padding, strides)
   assert ours.shape == ref.shape
   np.testing.assert_allclose(ours, ref, atol=1e-5)
   probe = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
   grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w)
-  for g_ours, g_ref in zip(grad(lambda x, w: conv_module.im2col_conv(x, w, padding, jax.lax.Precision.HIGHEST)),
-                           grad(lambda x, w: _lax(x, w, padding)), strict=True):
+  for g_ours, g_ref in zip(grad(lambda x, w: conv_module.im2col_conv(x, w, padding, jax.lax.Precision.HIGHEST,
+                                                                     strides)),
+                           grad(lambda x, w: _lax(x, w, padding, strides)), strict=True):
     np.testing.assert_allclose(g_ours, g_ref, atol=1e-4, rtol=1e-5)
 
 
@@ -63,10 +66,13 @@ def test_flax_conv_dispatches_to_im2col_with_the_same_params(monkeypatch):
   assert calls, "expected the im2col path"
   plain = nn.Conv(32, (3, 3), padding=((1, 1), (1, 1))).apply(params, x)  # flax's default lax path
   np.testing.assert_allclose(ours, plain, atol=1e-4)
-  strided = conv(32, 3, "down", jnp.float32, jnp.float32, stride=2)  # stride 2 stays on lax
+  strided = conv(32, 3, "down", jnp.float32, jnp.float32, stride=2)  # the downsampler's 8x8 -> 4x4 too
   calls.clear()
-  strided.apply(params, x)
-  assert not calls
+  ours = strided.apply(params, x)
+  assert calls, "expected the im2col path for the strided conv"
+  plain = nn.Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))).apply(params, x)
+  assert ours.shape == plain.shape == (1, 4, 4, 32)
+  np.testing.assert_allclose(ours, plain, atol=1e-4)
 
 
 def _float64_conv(x, w, padding):

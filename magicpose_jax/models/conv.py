@@ -1,13 +1,13 @@
 """2-D convolutions (NHWC inputs, HWIO kernels) with the implementation chosen per shape.
 
-XLA:CPU lowers `lax.conv_general_dilated` to Eigen's spatial convolution, which is fast on large maps but
-2-3x slower than PyTorch's oneDNN on small maps with many channels: an SD 1.5 UNet's 16x16 and 8x8 levels at
+XLA:CPU's convolution (a YNNPACK fusion in jaxlib 0.10.2; Eigen's spatial convolution before) is fast on large
+maps but 2-3x slower than PyTorch's oneDNN on small maps with many channels: an SD 1.5 UNet's 16x16 and 8x8 levels at
 1280-2560 channels (`benchmarks/conv.py`). There, `im2col` (the k*k shifted views concatenated on the channel
 axis, then one `[B*H*W, k*k*Cin] x [k*k*Cin, Cout]` matmul) runs at matmul speed instead. Its extra
 `[B, H, W, k*k*Cin]` buffer is small exactly where it is used. GPUs and TPUs keep `lax` (cuDNN / the TPU
 convolution units are the fast path there).
 
-On the 32x32 and 64x64 levels, where Eigen's convolution already runs near the cores' peak, the 3x3 convs take
+On the 32x32 and 64x64 levels, where XLA's convolution already runs at 120-190 GFLOP/s on 2 cores, the 3x3 convs take
 Winograd's minimal filtering F(2x2, 3x3) instead (Lavin & Gray 2016): each 4x4 input tile and the 3x3 kernel
 are taken to a 4x4 transform domain, where a 2x2 output tile is 16 independent products over the channels, so
 the multiplies drop 2.25x (16 instead of 36 per tile) and run as one batched `[16, tiles, Cin] x [16, Cin, Cout]`
@@ -32,9 +32,9 @@ from jax import lax
 
 # Take the im2col path on CPU when the input map has at most this many pixels per image and at least this many
 # channels. Measured with benchmarks/conv.py (fp32, batch 1, 2-core Sapphire Rapids, loaded): at 16x16 and 8x8
-# with 640-2560 input channels im2col takes 0.5-0.8x Eigen's forward time and 0.26-0.55x its forward+backward
-# time; at 32x32 and 64x64 Eigen's forward is as fast or faster; at <= 256 channels (tiny/mid configs) Eigen wins
-# or ties.
+# with 640-2560 input channels im2col takes 0.5-0.8x XLA's forward time and 0.26-0.55x its forward+backward
+# time; at 32x32 and 64x64 XLA's forward is as fast or faster; at <= 256 channels (tiny/mid configs) XLA wins
+# or ties. Stride 2 likewise: the last downsampler (16x16 -> 8x8, 1280 channels) took 20 ms against XLA's 69 ms.
 IM2COL_MAX_PIXELS = 256
 IM2COL_MIN_CHANNELS = 640
 # Take Winograd F(2x2, 3x3) on CPU for fp32 3x3 convs with even output sizes on larger maps than im2col's, when
@@ -57,7 +57,7 @@ def _is_nhwc(dimension_numbers: Any) -> bool:
 
 
 def use_im2col(input_shape: Sequence[int], kernel_shape: Sequence[int], platform: str | None = None) -> bool:
-  """Whether `conv_general_dilated` takes the im2col path for an NHWC input and HWIO kernel (stride 1)."""
+  """Whether `conv_general_dilated` takes the im2col path for an NHWC input and HWIO kernel (any stride)."""
   platform = platform or jax.default_backend()
   _, h, w, cin = input_shape
   kh, kw = kernel_shape[:2]
@@ -162,18 +162,20 @@ _winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
-                precision: Any = None) -> jax.Array:
-  """Stride-1 convolution as one matmul: `x [B, H, W, Cin]`, `kernel [kh, kw, Cin, Cout]` -> `[B, H', W', Cout]`.
+                precision: Any = None, strides: Sequence[int] = (1, 1)) -> jax.Array:
+  """Convolution as one matmul: `x [B, H, W, Cin]`, `kernel [kh, kw, Cin, Cout]` -> `[B, H', W', Cout]`.
 
-  `padding` is `((top, bottom), (left, right))`; `H' = H + top + bottom - kh + 1` (likewise `W'`).
+  `padding` is `((top, bottom), (left, right))`; `H' = (H + top + bottom - kh) // stride + 1` (likewise `W'`).
   """
   kh, kw, cin, cout = kernel.shape
   (top, bottom), (left, right) = padding
+  sh, sw = strides
   x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   b, hp, wp, _ = x.shape
-  ho, wo = hp - kh + 1, wp - kw + 1
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
   # Channel index (i * kw + j) * Cin + c matches the row-major reshape of the HWIO kernel below.
-  cols = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+  cols = jnp.concatenate([x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+                          for i in range(kh) for j in range(kw)], axis=-1)
   out = jnp.dot(cols.reshape(b * ho * wo, kh * kw * cin), kernel.reshape(kh * kw * cin, cout), precision=precision)
   return out.reshape(b, ho, wo, cout)
 
@@ -185,10 +187,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   """`lax.conv_general_dilated`, through `im2col_conv` / `winograd_conv` where `use_im2col` / `use_winograd` say
   they are faster."""
   plain = (lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1 and not kwargs
-           and tuple(window_strides) == (1, 1) and all(d == 1 for d in (lhs_dilation or (1, 1)))
-           and all(d == 1 for d in (rhs_dilation or (1, 1))) and not isinstance(padding, str))
+           and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and not isinstance(padding, str))
   if plain and use_im2col(lhs.shape, rhs.shape):
-    return im2col_conv(lhs, rhs, [tuple(p) for p in padding], precision)
+    return im2col_conv(lhs, rhs, [tuple(p) for p in padding], precision, tuple(window_strides))
+  plain = plain and tuple(window_strides) == (1, 1)
   if plain and use_winograd(lhs.shape, rhs.shape, [tuple(p) for p in padding], jnp.result_type(lhs, rhs)):
     return winograd_conv(lhs, rhs, [tuple(p) for p in padding], precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

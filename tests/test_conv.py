@@ -131,7 +131,11 @@ def test_rule_picks_winograd_on_large_wide_fp32_cpu_maps():
   assert conv_module.use_winograd((1, 32, 32, 640), (3, 3, 640, 640), same, jnp.float32, "cpu")
   assert conv_module.use_winograd((1, 32, 32, 320), (3, 3, 320, 640), same, jnp.float32, "cpu")
   assert conv_module.use_winograd((2, 64, 64, 960), (3, 3, 960, 320), same, jnp.float32, "cpu")
+  assert conv_module.use_winograd((1, 128, 128, 512), (3, 3, 512, 512), same, jnp.float32, "cpu")  # SD VAE
   assert not conv_module.use_winograd((1, 64, 64, 320), (3, 3, 320, 320), same, jnp.float32, "cpu")  # narrow
+  # 0.5 GiB of transformed input: over WINOGRAD_MAX_TRANSFORM_BYTES, kept on XLA's conv.
+  assert not conv_module.use_winograd((1, 256, 256, 512), (3, 3, 512, 256), same, jnp.float32, "cpu")
+  assert not conv_module.use_winograd((16, 64, 64, 1280), (3, 3, 1280, 640), same, jnp.float32, "cpu")
   assert not conv_module.use_winograd((1, 16, 16, 1280), (3, 3, 1280, 1280), same, jnp.float32, "cpu")  # im2col's
   assert not conv_module.use_winograd((1, 33, 32, 640), (3, 3, 640, 640), same, jnp.float32, "cpu")  # odd rows
   assert not conv_module.use_winograd((1, 32, 32, 640), (1, 1, 640, 640), ((0, 0), (0, 0)), jnp.float32, "cpu")

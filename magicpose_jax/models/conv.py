@@ -42,8 +42,14 @@ IM2COL_MIN_CHANNELS = 640
 # threads, shuffled order, weight transform included): at 32x32 0.63-0.89x XLA's forward time at 320-1920 -> 640
 # and 1280 -> 1280 channels; at 64x64 0.77-0.96x at 640-960 -> 320 and 640 -> 640, but 1.2x at 320 -> 320, where
 # the transforms' memory traffic outweighs the saved multiplies; at 16x16 and 8x8 im2col stays faster (the
-# transformed kernel, 16/9 of the kernel's bytes, is rebuilt on every call and dominates there).
-WINOGRAD_MIN_CHANNELS = 640
+# transformed kernel, 16/9 of the kernel's bytes, is rebuilt on every call and dominates there). The SD VAE's
+# decoder shapes: 0.65-0.84x at 512 -> 512/256 channels on 64-256 px maps, 0.99x at 256 -> 256, 1.2-1.35x at
+# 256/128 -> 128 on 512 px maps.
+WINOGRAD_MIN_CHANNELS = 512
+# ... and when its transformed input and output (16 values per 2x2 output tile and channel, 4x the maps' bytes)
+# stay under this many bytes each, so a large batch or map does not add gigabytes of temporaries (a 256x256x512
+# map would need 0.5 GiB); those keep XLA's convolution.
+WINOGRAD_MAX_TRANSFORM_BYTES = 256 * 2**20
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lax's (lhs, rhs, out) specs for NHWC x HWIO -> NHWC
 
@@ -68,12 +74,14 @@ def use_winograd(input_shape: Sequence[int], kernel_shape: Sequence[int], paddin
                  dtype: Any = jnp.float32, platform: str | None = None) -> bool:
   """Whether `conv_general_dilated` takes `winograd_conv` for an NHWC input and HWIO kernel (stride 1)."""
   platform = platform or jax.default_backend()
-  _, h, w, cin = input_shape
+  b, h, w, cin = input_shape
   kh, kw, _, cout = kernel_shape
   (top, bottom), (left, right) = padding
+  ho, wo = h + top + bottom - 2, w + left + right - 2
+  transform_bytes = 16 * b * (ho // 2) * (wo // 2) * max(cin, cout) * jnp.dtype(dtype).itemsize
   return (platform == "cpu" and (kh, kw) == (3, 3) and jnp.dtype(dtype) == jnp.float32
-          and (h + top + bottom - 2) % 2 == 0 and (w + left + right - 2) % 2 == 0
-          and h * w > IM2COL_MAX_PIXELS and max(cin, cout) >= WINOGRAD_MIN_CHANNELS)
+          and ho % 2 == 0 and wo % 2 == 0 and h * w > IM2COL_MAX_PIXELS
+          and max(cin, cout) >= WINOGRAD_MIN_CHANNELS and transform_bytes <= WINOGRAD_MAX_TRANSFORM_BYTES)
 
 
 # F(2x2, 3x3) transforms (Lavin & Gray 2016, eq. 7): Y = A^T [(G g G^T) * (B^T d B)] A for a 4x4 input tile d,

@@ -155,3 +155,20 @@ def test_flax_conv_dispatches_to_winograd_with_the_same_params(monkeypatch):
   assert calls, "expected the Winograd path"
   plain = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1))).apply(params, x)
   np.testing.assert_allclose(ours, plain, atol=1e-4)
+
+
+def test_env_switch_keeps_every_conv_on_lax(monkeypatch):
+  calls = []
+  for name in ("im2col_conv", "winograd_conv"):
+    real = getattr(conv_module, name)
+    monkeypatch.setattr(conv_module, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+  layer = conv(16, 3, "conv", jnp.float32, jnp.float32)
+  x = jnp.ones((1, 32, 32, 640), jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  monkeypatch.setenv("MAGICPOSE_CPU_CONV", "lax")
+  layer.apply(params, x)
+  layer.apply(params, x[:, :8, :8])
+  assert not calls
+  monkeypatch.setenv("MAGICPOSE_CPU_CONV", "winograd")
+  with pytest.raises(ValueError, match="MAGICPOSE_CPU_CONV must be 'auto' or 'lax', got 'winograd'"):
+    layer.apply(params, x)

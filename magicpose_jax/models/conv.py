@@ -15,6 +15,9 @@ matmul. Its transforms have coefficients 0, +-1 and +-1/2 only (exact in fp32), 
 convolution's (measured ~1.7x its max error against float64, `tests/test_conv.py`). The larger tiles, F(4x4, 3x3),
 would save 4x but carry 2e-5 relative errors per layer, too much for 1e-4 parity through a UNet.
 
+`MAGICPOSE_CPU_CONV=lax` (read when a conv is traced) keeps every conv on `lax.conv_general_dilated`; the default
+`auto` applies the rules below.
+
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so `flax.linen.Conv` takes it as its
 `conv_general_dilated` attribute and the parameters (`kernel [kh, kw, Cin, Cout]`, `bias`) are unchanged.
 """
@@ -22,6 +25,7 @@ would save 4x but carry 2e-5 relative errors per layer, too much for 1e-4 parity
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -188,15 +192,22 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, in
   return out.reshape(b, ho, wo, cout)
 
 
+def _cpu_paths_enabled() -> bool:
+  mode = os.environ.get("MAGICPOSE_CPU_CONV", "auto")
+  if mode not in ("auto", "lax"):
+    raise ValueError(f"MAGICPOSE_CPU_CONV must be 'auto' or 'lax', got {mode!r}")
+  return mode == "auto"
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          precision: Any = None, **kwargs: Any) -> jax.Array:
   """`lax.conv_general_dilated`, through `im2col_conv` / `winograd_conv` where `use_im2col` / `use_winograd` say
   they are faster."""
-  plain = (lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1 and not kwargs
-           and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
-           and not isinstance(padding, str))
+  plain = (_cpu_paths_enabled() and lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
+           and not kwargs and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1))) and not isinstance(padding, str))
   if plain and use_im2col(lhs.shape, rhs.shape):
     return im2col_conv(lhs, rhs, [tuple(p) for p in padding], precision, tuple(window_strides))
   plain = plain and tuple(window_strides) == (1, 1)

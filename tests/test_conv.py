@@ -165,6 +165,8 @@ def test_env_switch_keeps_every_conv_on_lax(monkeypatch):
   layer = conv(16, 3, "conv", jnp.float32, jnp.float32)
   x = jnp.ones((1, 32, 32, 640), jnp.float32)
   params = layer.init(jax.random.key(0), x)
+  assert calls, "expected the Winograd path by default"
+  calls.clear()
   monkeypatch.setenv("MAGICPOSE_CPU_CONV", "lax")
   layer.apply(params, x)
   layer.apply(params, x[:, :8, :8])

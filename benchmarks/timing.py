@@ -29,29 +29,37 @@ def threads_for_both(threads: int) -> int:
   return threads or os.cpu_count()
 
 
-def alternate_samples(ours: Callable[[], object], reference: Callable[[], object], iters: int,
-                      clock: str = "wall", seed: int = 0) -> tuple[list[float], list[float]]:
-  """Seconds of each of `iters` runs of `ours` and `reference`, after one warm-up each, run in pairs.
+def shuffled_samples(fns: dict[str, Callable[[], object]], iters: int, clock: str = "wall",
+                     seed: int = 0) -> dict[str, list[float]]:
+  """Seconds of each of `iters` runs of every function in `fns`, after one warm-up each, run in rounds.
 
-  Pairing makes drifting machine load (other processes, thermal limits, a noisy neighbour on a shared host)
-  hit both alike; the i-th runs of the two are neighbours in time. Which of a pair runs first is drawn at random
-  (seeded): whatever runs right after the other pays for the caches it left cold (and for PyTorch's OpenMP
-  threads still spinning), and in a fixed order that cost always fell on the same side (measured on matmuls:
-  up to 15%). `clock="process"` counts this process's CPU seconds (all its threads) instead of wall time: with one
-  thread each it measures the work done, not the share of a loaded machine this process got.
+  Each round runs every function once, so drifting machine load (other processes, thermal limits, a noisy
+  neighbour on a shared host) hits all alike; the i-th runs are neighbours in time. The order within a round is
+  drawn at random (seeded): whatever runs right after another pays for the caches it left cold (and for
+  PyTorch's OpenMP threads still spinning), and in a fixed order that cost always fell on the same side
+  (measured on matmuls: up to 15%). `clock="process"` counts this process's CPU seconds (all its threads) instead
+  of wall time: with one thread each it measures the work done, not the share of a loaded machine it got.
   """
   now = CLOCKS[clock]
   order = random.Random(seed)
-  ours(), reference()
-  times: tuple[list[float], list[float]] = ([], [])
+  for fn in fns.values():
+    fn()
+  times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(iters):
-    pair = [(ours, times[0]), (reference, times[1])]
-    order.shuffle(pair)
-    for fn, acc in pair:
+    names = list(fns)
+    order.shuffle(names)
+    for name in names:
       start = now()
-      fn()
-      acc.append(now() - start)
+      fns[name]()
+      times[name].append(now() - start)
   return times
+
+
+def alternate_samples(ours: Callable[[], object], reference: Callable[[], object], iters: int,
+                      clock: str = "wall", seed: int = 0) -> tuple[list[float], list[float]]:
+  """`shuffled_samples` of two functions: (ours' seconds, reference's seconds), run in back-to-back pairs."""
+  times = shuffled_samples({"ours": ours, "reference": reference}, iters, clock, seed)
+  return times["ours"], times["reference"]
 
 
 def alternate(ours: Callable[[], object], reference: Callable[[], object], iters: int,

@@ -2,6 +2,7 @@
 
     python benchmarks/unet_forward.py                 # full SD 1.5, batch 1, 64×64 latents, fp32
     python benchmarks/unet_forward.py --variant tiny  # seconds, for a smoke run
+    python benchmarks/unet_forward.py --lax-conv      # also ours with every conv on XLA's (MAGICPOSE_CPU_CONV=lax)
 
 Prints both median times after warm-up, their ratio, the median ratio of back-to-back pairs
 (goal: ours / PyTorch <= 1.0; robust to a machine whose speed drifts) with a 90% bootstrap interval over the
@@ -16,7 +17,7 @@ import statistics
 import sys
 import time
 
-from timing import add_thread_arguments, alternate_samples, paired_ratio, paired_ratio_interval, threads_for_both
+from timing import add_thread_arguments, paired_ratio, paired_ratio_interval, shuffled_samples, threads_for_both
 
 
 def main() -> None:
@@ -26,6 +27,8 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=64, help="latent height = width")
   parser.add_argument("--iters", type=int, default=5, help="timed runs of each, alternating")
   parser.add_argument("--backend", default="auto", help="our attention backend (see models/attention.py)")
+  parser.add_argument("--lax-conv", action="store_true",
+                      help="also time ours with every conv on XLA's (no im2col/Winograd), in the same rounds")
   add_thread_arguments(parser)
   args = parser.parse_args()
   threads = threads_for_both(args.threads)  # before jax is imported
@@ -56,6 +59,12 @@ def main() -> None:
   compiled = jax.jit(model.apply).lower({"params": params}, sample, t, context).compile()
   compile_s = time.perf_counter() - start
   run_jax = lambda: compiled({"params": params}, sample, t, context).block_until_ready()
+  fns = {"ours": run_jax}
+  if args.lax_conv:  # the conv rules are read at trace time
+    os.environ["MAGICPOSE_CPU_CONV"] = "lax"
+    compiled_lax = jax.jit(model.apply).lower({"params": params}, sample, t, context).compile()
+    del os.environ["MAGICPOSE_CPU_CONV"]
+    fns["ours_lax_conv"] = lambda: compiled_lax({"params": params}, sample, t, context).block_until_ready()
 
   x_t, t_t, c_t = torch.from_numpy(sample.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(context)
 
@@ -63,7 +72,8 @@ def main() -> None:
     with torch.inference_mode():
       return tmodel(x_t, t_t, c_t).sample
 
-  jax_runs, torch_runs = alternate_samples(run_jax, run_torch, args.iters, args.clock)
+  runs = shuffled_samples(fns | {"torch": run_torch}, args.iters, args.clock)
+  jax_runs, torch_runs = runs["ours"], runs["torch"]
   jax_s, torch_s = statistics.median(jax_runs), statistics.median(torch_runs)
   err = np.abs(np.asarray(run_jax()) - run_torch().numpy().transpose(0, 2, 3, 1)).max()
 
@@ -78,6 +88,14 @@ def main() -> None:
   print(f"  runs, ours     (s)      : {' '.join(f'{t:.2f}' for t in jax_runs)}")
   print(f"  runs, PyTorch  (s)      : {' '.join(f'{t:.2f}' for t in torch_runs)}")
   print(f"  max |ours - PyTorch|    : {err:.2e}")
+  if args.lax_conv:
+    lax_runs = runs["ours_lax_conv"]
+    print(f"  ours, XLA convs only    : {statistics.median(lax_runs) * 1e3:9.1f} ms   (MAGICPOSE_CPU_CONV=lax)")
+    for name, a, b in (("ours / XLA convs only   ", jax_runs, lax_runs),
+                       ("XLA convs only / PyTorch", lax_runs, torch_runs)):
+      lo, hi = paired_ratio_interval(a, b)
+      print(f"  {name}: {paired_ratio(a, b):9.2f}x   (paired; 90% interval {lo:.2f}-{hi:.2f})")
+    print(f"  runs, XLA convs (s)     : {' '.join(f'{t:.2f}' for t in lax_runs)}")
 
 
 if __name__ == "__main__":

@@ -47,17 +47,24 @@ def test_im2col_equals_xla_convolution_and_its_gradients(shape, kernel, padding,
 def test_rule_picks_im2col_only_on_small_wide_cpu_maps():
   assert conv_module.use_im2col((1, 16, 16, 1280), (3, 3, 1280, 1280), "cpu")
   assert conv_module.use_im2col((2, 8, 8, 2560), (3, 3, 2560, 1280), "cpu")
-  assert not conv_module.use_im2col((1, 64, 64, 320), (3, 3, 320, 320), "cpu")  # large map: Eigen is faster
+  assert not conv_module.use_im2col((1, 64, 64, 320), (3, 3, 320, 320), "cpu")  # large map: XLA's conv is faster
   assert not conv_module.use_im2col((1, 16, 16, 128), (3, 3, 128, 128), "cpu")  # few channels
   assert not conv_module.use_im2col((1, 8, 8, 1280), (1, 1, 1280, 1280), "cpu")  # 1x1 is a matmul already
   assert not conv_module.use_im2col((1, 16, 16, 1280), (3, 3, 1280, 1280), "gpu")
 
 
+def _count_calls(monkeypatch, *names):
+  """Wrap `conv_module.<name>` for each name so every call (at trace time) appends to the returned list."""
+  calls = []
+  for name in names:
+    real = getattr(conv_module, name)
+    monkeypatch.setattr(conv_module, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+  return calls
+
+
 def test_flax_conv_dispatches_to_im2col_with_the_same_params(monkeypatch):
   """A 3x3 conv on an 8x8x640 map takes the im2col path (counted), matches XLA's conv, same param tree."""
-  calls = []
-  real = conv_module.im2col_conv
-  monkeypatch.setattr(conv_module, "im2col_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+  calls = _count_calls(monkeypatch, "im2col_conv")
   layer = conv(32, 3, "conv", jnp.float32, jnp.float32)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 8, 8, 640)), jnp.float32)
   params = layer.init(jax.random.key(0), x)
@@ -145,9 +152,7 @@ def test_rule_picks_winograd_on_large_wide_fp32_cpu_maps():
 
 def test_flax_conv_dispatches_to_winograd_with_the_same_params(monkeypatch):
   """A 3x3 conv on a 32x32x640 map takes the Winograd path (counted) and matches flax's plain lax conv."""
-  calls = []
-  real = conv_module.winograd_conv
-  monkeypatch.setattr(conv_module, "winograd_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+  calls = _count_calls(monkeypatch, "winograd_conv")
   layer = conv(16, 3, "conv", jnp.float32, jnp.float32)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 32, 32, 640)), jnp.float32)
   params = layer.init(jax.random.key(0), x)
@@ -158,10 +163,7 @@ def test_flax_conv_dispatches_to_winograd_with_the_same_params(monkeypatch):
 
 
 def test_env_switch_keeps_every_conv_on_lax(monkeypatch):
-  calls = []
-  for name in ("im2col_conv", "winograd_conv"):
-    real = getattr(conv_module, name)
-    monkeypatch.setattr(conv_module, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+  calls = _count_calls(monkeypatch, "im2col_conv", "winograd_conv")
   layer = conv(16, 3, "conv", jnp.float32, jnp.float32)
   x = jnp.ones((1, 32, 32, 640), jnp.float32)
   params = layer.init(jax.random.key(0), x)

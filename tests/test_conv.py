@@ -176,3 +176,27 @@ def test_env_switch_keeps_every_conv_on_lax(monkeypatch):
   monkeypatch.setenv("MAGICPOSE_CPU_CONV", "winograd")
   with pytest.raises(ValueError, match="MAGICPOSE_CPU_CONV must be 'auto' or 'lax', got 'winograd'"):
     layer.apply(params, x)
+
+
+def test_unet_gradients_through_winograd_equal_xla_convs(monkeypatch):
+  """The custom VJP under per-block remat (`dots_saveable`; ~50 s, so one policy): gradients wrt params and input
+  of a tiny UNet with every eligible 3x3 conv forced onto Winograd equal those with MAGICPOSE_CPU_CONV=lax
+  (relative 1e-5 of each leaf's scale)."""
+  from test_unet_parity import CONFIGS, _inputs  # noqa: PLC0415
+
+  from magicpose_jax.models.unet import UNet2DConditionModel  # noqa: PLC0415
+
+  for name, value in {"IM2COL_MIN_CHANNELS": 10**9, "IM2COL_MAX_PIXELS": 0, "WINOGRAD_MIN_CHANNELS": 0}.items():
+    monkeypatch.setattr(conv_module, name, value)
+  calls = _count_calls(monkeypatch, "winograd_conv")
+  config = CONFIGS["sd1"].replace(remat_policy="dots_saveable")
+  model = UNet2DConditionModel(config)
+  sample, t, context = _inputs(config, batch=1)
+  params = model.init(jax.random.key(0), sample, t, context)
+  grad = jax.jit(jax.grad(lambda p, s: jnp.sum(model.apply(p, s, t, context) ** 2), argnums=(0, 1)))
+  ours = grad(params, sample)
+  assert calls
+  monkeypatch.setenv("MAGICPOSE_CPU_CONV", "lax")
+  ref = jax.jit(jax.grad(lambda p, s: jnp.sum(model.apply(p, s, t, context) ** 2), argnums=(0, 1)))(params, sample)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)

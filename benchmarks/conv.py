@@ -30,6 +30,9 @@ SD15 = [(64, 320, 320), (64, 640, 320), (64, 960, 320), (64, 640, 640), (32, 320
 # The ControlNet hint encoder's stride-1 convs (channels 16/32/96/256) on a 256 px pose image (the "mid" model).
 HINT = [(256, 3, 16), (256, 16, 16), (128, 32, 32), (64, 96, 96), (32, 256, 320)]
 MID = [(32, 64, 64), (16, 128, 128), (16, 256, 128), (8, 256, 256), (8, 512, 256), (4, 256, 256), (4, 512, 256)]
+# The SD VAE decoder's 3x3 convs on a 512 px image (latents 64x64), where only lax and Winograd are candidates.
+VAE = [(64, 512, 512), (128, 512, 512), (256, 512, 512), (256, 512, 256), (256, 256, 256), (512, 256, 128),
+       (512, 128, 128)]
 
 
 def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -58,14 +61,16 @@ def _time(fn, runs: int) -> list[float]:
   return out
 
 
-def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> dict[str, float]:
+def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None, paths=("lax", "im2col", "winograd"),
+            backward: bool = True) -> dict[str, float]:
   """Median seconds of each variant for one `[batch, h, h, cin]` x `[3, 3, cin, cout]` conv."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, h, h, cin), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * (9 * cin) ** -0.5)
-  calls = {name: functools.partial(jax.jit(f), x, w) for name, f in [
-      ("lax", lax_conv), ("im2col", im2col), ("winograd", winograd), ("lax_fb", with_grads(lax_conv)),
-      ("im2col_fb", with_grads(im2col)), ("winograd_fb", with_grads(winograd))]}
+  convs = {"lax": lax_conv, "im2col": im2col, "winograd": winograd}
+  variants = [(name, convs[name]) for name in paths]
+  variants += [(f"{name}_fb", with_grads(convs[name])) for name in paths] if backward else []
+  calls = {name: functools.partial(jax.jit(f), x, w) for name, f in variants}
   if torch is not None:
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_(True)
@@ -79,7 +84,7 @@ def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> d
       tx.grad = tw.grad = None
       return tx
 
-    calls |= {"torch": torch_fwd, "torch_fb": torch_fb}
+    calls |= {"torch": torch_fwd} | ({"torch_fb": torch_fb} if backward else {})
   for f in calls.values():  # compile / warm up
     jax.block_until_ready(f())
   times = {name: [] for name in calls}
@@ -94,7 +99,9 @@ def measure(h: int, cin: int, cout: int, batch: int, runs: int, torch=None) -> d
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", choices=("sd15", "mid", "hint"), default="sd15")
+  parser.add_argument("--shapes", choices=("sd15", "mid", "hint", "vae"), default="sd15",
+                      help="vae: the SD VAE decoder's shapes, lax and Winograd only (im2col's buffer would be GiBs)")
+  parser.add_argument("--forward-only", dest="backward", action="store_false", help="skip forward+backward")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--no-torch", dest="torch", action="store_false")
@@ -103,13 +110,14 @@ def main() -> None:
   if args.torch:
     import torch  # noqa: PLC0415
 
-  shapes = {"sd15": SD15, "mid": MID, "hint": HINT}[args.shapes]
+  shapes = {"sd15": SD15, "mid": MID, "hint": HINT, "vae": VAE}[args.shapes]
+  paths = ("lax", "winograd") if args.shapes == "vae" else ("lax", "im2col", "winograd")
   print(f"{jax.default_backend()} {jax.devices()[0].device_kind}, batch {args.batch}, fp32, median of {args.runs} ms")
   print("| H=W | C_in | C_out | lax fwd | im2col fwd | Winograd fwd | torch fwd | lax f+b | im2col f+b "
         "| Winograd f+b | torch f+b | picks |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for h, cin, cout in shapes:
-    t = measure(h, cin, cout, args.batch, args.runs, torch)
+    t = measure(h, cin, cout, args.batch, args.runs, torch, paths, args.backward)
     ms = lambda k, t=t: f"{t[k] * 1e3:.1f}" if k in t else "-"
     x_shape, k_shape = (args.batch, h, h, cin), (3, 3, cin, cout)
     pick = ("im2col" if use_im2col(x_shape, k_shape) else

@@ -2,15 +2,18 @@
 
     python benchmarks/vae_clip.py               # SD 1.5 VAE (512² image) and ViT-L/14 text encoder, fp32
     python benchmarks/vae_clip.py --size 256    # smaller image
+    python benchmarks/vae_clip.py --lax-conv    # also our VAE with every conv on XLA's (MAGICPOSE_CPU_CONV=lax)
 
-Prints median times after warm-up (runs alternate between the two), the ratios
-(goal: ours / PyTorch <= 1.0), our compile times and the max abs differences.
+Prints median times after warm-up (runs in rounds, each round's order drawn at random), the ratios of the medians
+and the paired ratios with their 90% bootstrap intervals (goal: ours / PyTorch <= 1.0), our compile times and
+the max abs differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -18,7 +21,10 @@ import time
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", type=int, default=512, help="image height = width")
-  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=3, help="timed VAE rounds")
+  parser.add_argument("--clip-iters", type=int, default=21, help="timed CLIP rounds (a 0.1 s run)")
+  parser.add_argument("--lax-conv", action="store_true",
+                      help="also time our VAE with every conv on XLA's (no im2col/Winograd), in the same rounds")
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -27,7 +33,7 @@ def main() -> None:
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   from diffusers import AutoencoderKL as TorchVAE  # noqa: PLC0415
-  from timing import alternate  # noqa: PLC0415
+  from timing import paired_ratio, paired_ratio_interval, shuffled_samples  # noqa: PLC0415
 
   from magicpose_jax.convert.clip import clip_key_table, normalize_state_dict  # noqa: PLC0415
   from magicpose_jax.convert.vae import vae_key_table  # noqa: PLC0415
@@ -50,6 +56,12 @@ def main() -> None:
   start = time.perf_counter()
   vae_fn = jax.jit(roundtrip).lower(vae_params, image).compile()
   vae_compile = time.perf_counter() - start
+  vae_fns = {"ours": lambda: vae_fn(vae_params, image).block_until_ready()}
+  if args.lax_conv:  # the conv rules are read at trace time
+    os.environ["MAGICPOSE_CPU_CONV"] = "lax"
+    vae_lax = jax.jit(roundtrip).lower(vae_params, image).compile()
+    del os.environ["MAGICPOSE_CPU_CONV"]
+    vae_fns["ours, XLA convs only"] = lambda: vae_lax(vae_params, image).block_until_ready()
   image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
 
   def torch_vae():
@@ -72,16 +84,24 @@ def main() -> None:
     with torch.inference_mode():
       return tclip(ids_t).last_hidden_state
 
-  vae_ours, vae_ref = alternate(lambda: vae_fn(vae_params, image).block_until_ready(), torch_vae, args.iters)
-  clip_ours, clip_ref = alternate(lambda: clip_fn(clip_params, ids).block_until_ready(), torch_clip, args.iters)
+  vae_runs = shuffled_samples(vae_fns | {"PyTorch": torch_vae}, args.iters)
+  clip_runs = shuffled_samples({"ours": lambda: clip_fn(clip_params, ids).block_until_ready(),
+                                "PyTorch": torch_clip}, args.clip_iters)
   vae_err = np.abs(np.asarray(vae_fn(vae_params, image)) - torch_vae().numpy().transpose(0, 2, 3, 1)).max()
   clip_err = np.abs(np.asarray(clip_fn(clip_params, ids)) - torch_clip().numpy()).max()
 
   print(f"SD 1.5 VAE + CLIP text, fp32, threads={threads} (both), jax {jax.__version__}, torch {torch.__version__}")
-  print(f"  VAE encode+decode {args.size}x{args.size}: ours {vae_ours * 1e3:8.1f} ms (compile {vae_compile:.1f} s)"
-        f"  PyTorch {vae_ref * 1e3:8.1f} ms  ratio {vae_ours / vae_ref:.2f}x  max|diff| {vae_err:.1e}")
-  print(f"  CLIP text 1x77:           ours {clip_ours * 1e3:8.1f} ms (compile {clip_compile:.1f} s)"
-        f"  PyTorch {clip_ref * 1e3:8.1f} ms  ratio {clip_ours / clip_ref:.2f}x  max|diff| {clip_err:.1e}")
+  for name, runs, compile_s, err in ((f"VAE encode+decode {args.size}x{args.size}", vae_runs, vae_compile, vae_err),
+                                     ("CLIP text 1x77", clip_runs, clip_compile, clip_err)):
+    print(f"  {name}: compile {compile_s:.1f} s, max|ours - PyTorch| {err:.1e}, {len(runs['PyTorch'])} rounds")
+    for label, times in runs.items():
+      print(f"    {label:22s} {statistics.median(times) * 1e3:9.1f} ms  runs (s): "
+            + " ".join(f"{t:.2f}" for t in times))
+    for label, times in runs.items():
+      if label != "PyTorch":
+        lo, hi = paired_ratio_interval(times, runs["PyTorch"])
+        print(f"    {label} / PyTorch: {statistics.median(times) / statistics.median(runs['PyTorch']):.2f}x of "
+              f"medians, {paired_ratio(times, runs['PyTorch']):.2f}x paired (90% interval {lo:.2f}-{hi:.2f})")
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ IM2COL_MIN_CHANNELS = 640
 # decoder shapes: 0.65-0.84x at 512 -> 512/256 channels on 64-256 px maps, 0.99x at 256 -> 256, 1.2-1.35x at
 # 256/128 -> 128 on 512 px maps.
 WINOGRAD_MIN_CHANNELS = 512
-# ... and when its transformed input and output (16 values per 2x2 output tile and channel, 4x the maps' bytes)
-# stay under this many bytes each, so a large batch or map does not add gigabytes of temporaries (a 256x256x512
-# map would need 0.5 GiB); those keep XLA's convolution.
+# Its transformed input and output hold 16 values per 2x2 output tile and channel, 4x the maps' bytes: where
+# they would pass this many bytes each (a 256x256x512 map: 0.5 GiB), `winograd_conv` runs bands of output rows
+# one after the other, each under it, so a large batch or map adds no gigabytes of temporaries.
 WINOGRAD_MAX_TRANSFORM_BYTES = 256 * 2**20
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lax's (lhs, rhs, out) specs for NHWC x HWIO -> NHWC
@@ -78,14 +78,12 @@ def use_winograd(input_shape: Sequence[int], kernel_shape: Sequence[int], paddin
                  dtype: Any = jnp.float32, platform: str | None = None) -> bool:
   """Whether `conv_general_dilated` takes `winograd_conv` for an NHWC input and HWIO kernel (stride 1)."""
   platform = platform or jax.default_backend()
-  b, h, w, cin = input_shape
+  _, h, w, cin = input_shape
   kh, kw, _, cout = kernel_shape
   (top, bottom), (left, right) = padding
   ho, wo = h + top + bottom - 2, w + left + right - 2
-  transform_bytes = 16 * b * (ho // 2) * (wo // 2) * max(cin, cout) * jnp.dtype(dtype).itemsize
   return (platform == "cpu" and (kh, kw) == (3, 3) and jnp.dtype(dtype) == jnp.float32
-          and ho % 2 == 0 and wo % 2 == 0 and h * w > IM2COL_MAX_PIXELS
-          and max(cin, cout) >= WINOGRAD_MIN_CHANNELS and transform_bytes <= WINOGRAD_MAX_TRANSFORM_BYTES)
+          and ho % 2 == 0 and wo % 2 == 0 and h * w > IM2COL_MAX_PIXELS and max(cin, cout) >= WINOGRAD_MIN_CHANNELS)
 
 
 # F(2x2, 3x3) transforms (Lavin & Gray 2016, eq. 7): Y = A^T [(G g G^T) * (B^T d B)] A for a 4x4 input tile d,
@@ -122,6 +120,7 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
   likewise `W'`) must have even `H'` and `W'` (2x2 output tiles). Gradients are XLA's convolution's (a custom
   VJP): differentiating through the transforms instead took 3-5x lax's forward+backward time
   (`benchmarks/conv.py`), which matters wherever a gradient crosses a frozen UNet (MagicPose's stage 1).
+  Where the transformed maps would pass `WINOGRAD_MAX_TRANSFORM_BYTES`, bands of output rows run one by one.
   """
   if kernel.shape[:2] != (3, 3):
     raise ValueError(f"winograd_conv needs a 3x3 kernel, got kernel shape {kernel.shape}")
@@ -130,7 +129,15 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
   if ho % 2 or wo % 2:
     raise ValueError(f"winograd_conv needs even output sizes, got {ho}x{wo} (input {x.shape[1]}x{x.shape[2]} "
                      f"padded by {padding})")
-  return _winograd_conv(x, kernel, ((top, bottom), (left, right)), precision)
+  b, _, _, cin = x.shape
+  tile_row_bytes = 16 * b * (wo // 2) * max(cin, kernel.shape[-1]) * jnp.dtype(x.dtype).itemsize
+  band = max(1, WINOGRAD_MAX_TRANSFORM_BYTES // tile_row_bytes)  # tile rows (2 output rows each) per band
+  if band >= ho // 2:
+    return _winograd_conv(x, kernel, ((top, bottom), (left, right)), precision)
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  # Output rows [2r, 2(r + n)) read padded rows [2r, 2(r + n) + 2): bands overlap by two input rows.
+  return jnp.concatenate([_winograd_conv(x[:, 2 * r:2 * min(r + band, ho // 2) + 2], kernel, ((0, 0), (0, 0)),
+                                         precision) for r in range(0, ho // 2, band)], axis=1)
 
 
 def _lax_nhwc(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:

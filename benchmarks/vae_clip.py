@@ -59,7 +59,8 @@ def main() -> None:
   vae_fns = {"ours": lambda: vae_fn(vae_params, image).block_until_ready()}
   if args.lax_conv:  # the conv rules are read at trace time
     os.environ["MAGICPOSE_CPU_CONV"] = "lax"
-    vae_lax = jax.jit(roundtrip).lower(vae_params, image).compile()
+    # A new function object: jit reuses the trace of one it has seen, and the rule is applied when tracing.
+    vae_lax = jax.jit(lambda p, x: roundtrip(p, x)).lower(vae_params, image).compile()  # noqa: PLW0108
     del os.environ["MAGICPOSE_CPU_CONV"]
     vae_fns["ours, XLA convs only"] = lambda: vae_lax(vae_params, image).block_until_ready()
   image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())

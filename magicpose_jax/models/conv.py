@@ -15,8 +15,8 @@ matmul. Its transforms have coefficients 0, +-1 and +-1/2 only (exact in fp32), 
 convolution's (measured ~1.7x its max error against float64, `tests/test_conv.py`). The larger tiles, F(4x4, 3x3),
 would save 4x but carry 2e-5 relative errors per layer, too much for 1e-4 parity through a UNet.
 
-`MAGICPOSE_CPU_CONV=lax` (read when a conv is traced) keeps every conv on `lax.conv_general_dilated`; the default
-`auto` applies the rules below.
+`MAGICPOSE_CPU_CONV=lax` keeps every conv on `lax.conv_general_dilated`; the default `auto` applies the rules
+below. It is read when a conv is traced, so a function `jax.jit` has already traced keeps its earlier choice.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so `flax.linen.Conv` takes it as its
 `conv_general_dilated` attribute and the parameters (`kernel [kh, kw, Cin, Cout]`, `bias`) are unchanged.

@@ -17,7 +17,14 @@ import statistics
 import sys
 import time
 
-from timing import add_thread_arguments, paired_ratio, paired_ratio_interval, shuffled_samples, threads_for_both
+from timing import (
+  add_thread_arguments,
+  compile_with_xla_convs,
+  paired_ratio,
+  paired_ratio_interval,
+  shuffled_samples,
+  threads_for_both,
+)
 
 
 def main() -> None:
@@ -60,11 +67,8 @@ def main() -> None:
   compile_s = time.perf_counter() - start
   run_jax = lambda: compiled({"params": params}, sample, t, context).block_until_ready()
   fns = {"ours": run_jax}
-  if args.lax_conv:  # the conv rules are read at trace time
-    os.environ["MAGICPOSE_CPU_CONV"] = "lax"
-    # A new function object: jit reuses the trace of one it has seen, and the rule is applied when tracing.
-    compiled_lax = jax.jit(lambda *a: model.apply(*a)).lower({"params": params}, sample, t, context).compile()  # noqa: PLW0108
-    del os.environ["MAGICPOSE_CPU_CONV"]
+  if args.lax_conv:
+    compiled_lax = compile_with_xla_convs(model.apply, {"params": params}, sample, t, context)
     fns["ours_lax_conv"] = lambda: compiled_lax({"params": params}, sample, t, context).block_until_ready()
 
   x_t, t_t, c_t = torch.from_numpy(sample.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(context)

@@ -33,7 +33,7 @@ def main() -> None:
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   from diffusers import AutoencoderKL as TorchVAE  # noqa: PLC0415
-  from timing import paired_ratio, paired_ratio_interval, shuffled_samples  # noqa: PLC0415
+  from timing import compile_with_xla_convs, paired_ratio, paired_ratio_interval, shuffled_samples  # noqa: PLC0415
 
   from magicpose_jax.convert.clip import clip_key_table, normalize_state_dict  # noqa: PLC0415
   from magicpose_jax.convert.vae import vae_key_table  # noqa: PLC0415
@@ -57,11 +57,8 @@ def main() -> None:
   vae_fn = jax.jit(roundtrip).lower(vae_params, image).compile()
   vae_compile = time.perf_counter() - start
   vae_fns = {"ours": lambda: vae_fn(vae_params, image).block_until_ready()}
-  if args.lax_conv:  # the conv rules are read at trace time
-    os.environ["MAGICPOSE_CPU_CONV"] = "lax"
-    # A new function object: jit reuses the trace of one it has seen, and the rule is applied when tracing.
-    vae_lax = jax.jit(lambda p, x: roundtrip(p, x)).lower(vae_params, image).compile()  # noqa: PLW0108
-    del os.environ["MAGICPOSE_CPU_CONV"]
+  if args.lax_conv:
+    vae_lax = compile_with_xla_convs(roundtrip, vae_params, image)
     vae_fns["ours, XLA convs only"] = lambda: vae_lax(vae_params, image).block_until_ready()
   image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
 

@@ -198,21 +198,25 @@ def test_unet_gradients_through_winograd_equal_xla_convs(monkeypatch):
   """The custom VJP under per-block remat (`dots_saveable`; ~50 s, so one policy): gradients wrt params and input
   of a tiny UNet with every eligible 3x3 conv forced onto Winograd equal those with MAGICPOSE_CPU_CONV=lax
   (relative 1e-5 of each leaf's scale)."""
-  from test_unet_parity import CONFIGS, _inputs  # noqa: PLC0415
+  from test_unet_parity import CONFIGS, FORCED_CONV_PATHS, _inputs  # noqa: PLC0415
 
   from magicpose_jax.models.unet import UNet2DConditionModel  # noqa: PLC0415
 
-  for name, value in {"IM2COL_MIN_CHANNELS": 10**9, "IM2COL_MAX_PIXELS": 0, "WINOGRAD_MIN_CHANNELS": 0}.items():
+  for name, value in FORCED_CONV_PATHS["winograd"].items():
     monkeypatch.setattr(conv_module, name, value)
   calls = _count_calls(monkeypatch, "winograd_conv")
   config = CONFIGS["sd1"].replace(remat_policy="dots_saveable")
   model = UNet2DConditionModel(config)
   sample, t, context = _inputs(config, batch=1)
   params = model.init(jax.random.key(0), sample, t, context)
-  grad = jax.jit(jax.grad(lambda p, s: jnp.sum(model.apply(p, s, t, context) ** 2), argnums=(0, 1)))
-  ours = grad(params, sample)
+  loss = lambda p, s: jnp.sum(model.apply(p, s, t, context) ** 2)
+  # A new jit per call: the conv rules apply when tracing, and jit would reuse a traced function's trace.
+  grads = lambda: jax.jit(jax.grad(loss, argnums=(0, 1)))(params, sample)
+  ours = grads()
   assert calls
+  calls.clear()
   monkeypatch.setenv("MAGICPOSE_CPU_CONV", "lax")
-  ref = jax.jit(jax.grad(lambda p, s: jnp.sum(model.apply(p, s, t, context) ** 2), argnums=(0, 1)))(params, sample)
+  ref = grads()
+  assert not calls, "the reference must be traced again, on XLA's convs"
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)

@@ -12,8 +12,8 @@ Winograd's minimal filtering F(2x2, 3x3) instead (Lavin & Gray 2016): each 4x4 i
 are taken to a 4x4 transform domain, where a 2x2 output tile is 16 independent products over the channels, so
 the multiplies drop 2.25x (16 instead of 36 per tile) and run as one batched `[16, tiles, Cin] x [16, Cin, Cout]`
 matmul. Its transforms have coefficients 0, +-1 and +-1/2 only (exact in fp32), so its error stays at direct
-convolution's (measured ~1.7x its max error against float64, `tests/test_conv.py`). The larger tiles, F(4x4, 3x3),
-would save 4x but carry 2e-5 relative errors per layer, too much for 1e-4 parity through a UNet.
+convolution's (measured 1-2x its max error against float64, `tests/test_conv.py`). The larger tiles, F(4x4, 3x3),
+would save 4x but carry ~7e-5 errors per conv on unit-scale outputs, too much for 1e-4 parity through a UNet.
 
 `MAGICPOSE_CPU_CONV=lax` keeps every conv on `lax.conv_general_dilated`; the default `auto` applies the rules
 below. It is read when a conv is traced, so a function `jax.jit` has already traced keeps its earlier choice.
@@ -47,8 +47,8 @@ IM2COL_MIN_CHANNELS = 640
 # and 1280 -> 1280 channels; at 64x64 0.77-0.96x at 640-960 -> 320 and 640 -> 640, but 1.2x at 320 -> 320, where
 # the transforms' memory traffic outweighs the saved multiplies; at 16x16 and 8x8 im2col stays faster (the
 # transformed kernel, 16/9 of the kernel's bytes, is rebuilt on every call and dominates there). The SD VAE's
-# decoder shapes: 0.65-0.84x at 512 -> 512/256 channels on 64-256 px maps, 0.99x at 256 -> 256, 1.2-1.35x at
-# 256/128 -> 128 on 512 px maps.
+# decoder shapes (`--shapes vae`): 0.65-0.86x at 512 channels on 64-256 px maps, 0.93-1.2x at 256 and 1.35-1.5x
+# at 128 channels on 256-512 px maps.
 WINOGRAD_MIN_CHANNELS = 512
 # Its transformed input and output hold 16 values per 2x2 output tile and channel, 4x the maps' bytes: where
 # they would pass this many bytes each (a 256x256x512 map: 0.5 GiB), `winograd_conv` runs bands of output rows
@@ -91,6 +91,11 @@ def use_winograd(input_shape: Sequence[int], kernel_shape: Sequence[int], paddin
 _WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+# The same transforms on flattened tiles: [16 (u, v), 16 (i, j)] input, [16 (u, v), 9 (i, j)] kernel and
+# [2 (p), 2 (q), 16 (u, v)] output coefficients.
+_WINOGRAD_BB = np.einsum("ui,vj->uvij", _WINOGRAD_BT, _WINOGRAD_BT).reshape(16, 16)
+_WINOGRAD_GG = np.einsum("ui,vj->uvij", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9)
+_WINOGRAD_AA = np.einsum("pu,qv->pquv", _WINOGRAD_AT, _WINOGRAD_AT).reshape(2, 2, 16)
 
 
 def _combine(coefficients: np.ndarray, terms: Sequence[jax.Array]) -> jax.Array:
@@ -107,9 +112,9 @@ def _combine(coefficients: np.ndarray, terms: Sequence[jax.Array]) -> jax.Array:
 def winograd_kernel(kernel: jax.Array, precision: Any = None) -> jax.Array:
   """The transformed kernel `G g G^T`: `[3, 3, Cin, Cout]` -> `[16, Cin, Cout]` (index `4 * u + v`)."""
   _, _, cin, cout = kernel.shape
-  gg = np.einsum("ui,vj->uvij", _WINOGRAD_G, _WINOGRAD_G).reshape(16, 9)
   # One K=9 product: written as 16 elementwise combinations XLA:CPU runs it several times slower.
-  return jnp.dot(gg.astype(kernel.dtype), kernel.reshape(9, cin * cout), precision=precision).reshape(16, cin, cout)
+  u = jnp.dot(_WINOGRAD_GG.astype(kernel.dtype), kernel.reshape(9, cin * cout), precision=precision)
+  return u.reshape(16, cin, cout)
 
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
@@ -156,14 +161,12 @@ def _winograd_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, in
   # offsets (i, j) is a plain slice, and the transform B^T d B a sum of +-slices, one fused pass over the input.
   xr = x.reshape(b, th + 1, 2, tw + 1, 2, cin)
   view = lambda i, j: xr[:, i // 2:i // 2 + th, i % 2, j // 2:j // 2 + tw, j % 2]  # [B, th, tw, Cin]
-  bb = np.einsum("ui,vj->uvij", _WINOGRAD_BT, _WINOGRAD_BT).reshape(16, 16)
-  v = sum(jnp.asarray(bb[:, k].reshape(16, 1, 1, 1, 1), x.dtype) * view(*divmod(k, 4))[None]
-          for k in range(16) if bb[:, k].any())
+  v = sum(jnp.asarray(_WINOGRAD_BB[:, k].reshape(16, 1, 1, 1, 1), x.dtype) * view(*divmod(k, 4))[None]
+          for k in range(16) if _WINOGRAD_BB[:, k].any())
   m = lax.dot_general(v.reshape(16, b * th * tw, cin), winograd_kernel(kernel, precision),
                       (((2,), (1,)), ((0,), (0,))), precision=precision)  # [16, tiles, Cout]
   m = m.reshape(16, b, th, tw, cout)
-  at = np.einsum("pu,qv->pquv", _WINOGRAD_AT, _WINOGRAD_AT).reshape(2, 2, 16)
-  y = [[_combine(at[p, q], [m[k] for k in range(16)]) for q in range(2)] for p in range(2)]  # [B, th, tw, Cout]
+  y = [[_combine(_WINOGRAD_AA[p, q], list(m)) for q in range(2)] for p in range(2)]  # [B, th, tw, Cout]
   y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)  # [B, th, 2, tw, 2, Cout]
   return y.reshape(b, 2 * th, 2 * tw, cout)
 
@@ -215,11 +218,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   plain = (_cpu_paths_enabled() and lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1
            and not kwargs and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1))) and not isinstance(padding, str))
+  pads = [tuple(p) for p in padding] if plain else None
   if plain and use_im2col(lhs.shape, rhs.shape):
-    return im2col_conv(lhs, rhs, [tuple(p) for p in padding], precision, tuple(window_strides))
-  plain = plain and tuple(window_strides) == (1, 1)
-  if plain and use_winograd(lhs.shape, rhs.shape, [tuple(p) for p in padding], jnp.result_type(lhs, rhs)):
-    return winograd_conv(lhs, rhs, [tuple(p) for p in padding], precision)
+    return im2col_conv(lhs, rhs, pads, precision, tuple(window_strides))
+  if (plain and tuple(window_strides) == (1, 1)
+      and use_winograd(lhs.shape, rhs.shape, pads, jnp.result_type(lhs, rhs))):
+    return winograd_conv(lhs, rhs, pads, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, precision=precision, **kwargs)

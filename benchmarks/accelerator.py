@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import os
 import re
@@ -50,21 +49,15 @@ from typing import Any
 # device and needs the memory), and a limit of 95 % instead of 75 % for the batch search.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+from magicpose_jax.configs import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 GIB = 2**30
 GOALS = {"mfu": 0.45, "train_ratio": 1.5, "sample_ratio": 2.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configs.
-
-
-def load_config(name: str) -> Any:
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def stage_config(stage: str, args: argparse.Namespace) -> Any:
@@ -335,7 +328,8 @@ def torch_worker(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKL as TorchVAE  # noqa: PLC0415
     from diffusers import ControlNetModel as TorchControlNet  # noqa: PLC0415
     from diffusers import UNet2DConditionModel as TorchUNet  # noqa: PLC0415
-    from test_reference_states import _ConcatKV, _Record, _set_attn1  # noqa: PLC0415
+
+    from magicpose_jax.torch_reference import ConcatKV, Record, set_self_attention  # noqa: PLC0415
   except ImportError as e:
     print(json.dumps({"skip": f"PyTorch reference skipped: {e}"}))
     return
@@ -377,9 +371,9 @@ def torch_worker(args: argparse.Namespace) -> None:
          "pose": TorchControlNet(**kw(mp.pose)).to(dev).eval() if mp.pose is not None else None,
          "config": config, "nets": nets, "recorded": [], "queue": []}
     m["appearance"].conv_norm_out, m["appearance"].conv_out = None, torch.nn.Identity()  # as ours: no output head
-    _set_attn1(m["appearance"], lambda proc: _Record(m["recorded"], proc))
+    set_self_attention(m["appearance"], lambda proc: Record(m["recorded"], proc))
     m["plain"] = dict(m["main"].attn_processors)  # diffusers' SDPA processors: the unconditional (plain SD) pass
-    _set_attn1(m["main"], lambda _: _ConcatKV(lambda h: m["queue"].pop(0)))
+    set_self_attention(m["main"], lambda _: ConcatKV(lambda h: m["queue"].pop(0)))
     m["reference"] = dict(m["main"].attn_processors)
     m["alphas"] = torch.from_numpy(np.asarray(make_schedule(nets.schedule).alphas_cumprod)).to(dev)
     m["text"] = torch.randn(1, 77, mp.unet.cross_attention_dim, device=dev)

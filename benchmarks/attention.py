@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from collections.abc import Callable
 
 from timing import CLOCKS
@@ -102,7 +101,6 @@ def main() -> None:
   parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                       help="wall time, or this process's CPU time (use with one pinned core under load)")
   args = parser.parse_args()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415

@@ -31,8 +31,8 @@ import jax
 import tqdm
 
 from magicpose_jax import demo
+from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.sampler import SamplerConfig
-from magicpose_jax.eval import retarget as rt
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.md")
 BENCH = dataclasses.replace(demo.DEMO, base_steps=1200, stage1_steps=800, stage2_steps=800, no_appearance_steps=1600,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -68,7 +67,6 @@ def main() -> None:
   parser.add_argument("--workers", default="0,2", help="comma-separated worker-process counts to time")
   parser.add_argument("--threads", type=int, default=2, help="decode threads (preprocess and per reader)")
   args = parser.parse_args()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   from absl import flags  # noqa: PLC0415
 
   from magicpose_jax.data.pipeline import default_data_config, train_dataset  # noqa: PLC0415

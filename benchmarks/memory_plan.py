@@ -260,7 +260,6 @@ def main() -> None:
     code = _reexec_with_devices(args.devices)
     if code is not None:
       sys.exit(code)
-  sys.path.insert(0, REPO)
   import jax  # noqa: PLC0415
 
   stages = [s.strip() for s in args.stages.split(",") if s.strip()]

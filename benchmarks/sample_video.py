@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 SIZES = {  # (block_out_channels, latent size, heads)
@@ -30,7 +29,6 @@ def main() -> None:
   parser.add_argument("--batch-frames", type=int, default=8)
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 

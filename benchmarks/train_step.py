@@ -28,15 +28,12 @@ the run to one core (`taskset -c 0`: one thread each) gives load-robust numbers,
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # magicpose_jax; the reference processors in tests/
 
 import argparse
 import dataclasses
-import importlib.util
 import random
 import statistics
 import tempfile
@@ -54,8 +51,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import ControlNetModel as TorchControlNet
 from diffusers import UNet2DConditionModel as TorchUNet
-from test_reference_states import _ConcatKV, _Record, _set_attn1
 
+from magicpose_jax.configs import load_config
 from magicpose_jax.convert.controlnet import controlnet_key_table
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.stable_diffusion import SDConfigs, save_stable_diffusion
@@ -64,6 +61,7 @@ from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, add_noise, make_sch
 from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.unet import UNetConfig
 from magicpose_jax.models.vae import VAEConfig
+from magicpose_jax.torch_reference import ConcatKV, Record, set_self_attention
 from magicpose_jax.train import loop, sharding, stages
 from magicpose_jax.train.optimizer import make_optimizer
 from magicpose_jax.train.step import latents, predict
@@ -91,16 +89,9 @@ MID_BATCH = 4
 # Configs and batches.
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def make_config(model: str, stage: str, mid_base: str) -> ml_collections.ConfigDict:
   """`configs/tiny.py`, or it over the "mid" base folder `mid_base`, for `stage`, float32 on one device."""
-  c = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+  c = load_config("tiny")
   c.stage = stage
   c.dtype = "float32"
   if model == "mid":
@@ -138,7 +129,7 @@ class TorchStep:
   """The same training step in PyTorch: diffusers networks holding our weights, AdamW on the trainable ones.
 
   Reference attention: the appearance UNet's `attn1` processors record their (normed) inputs and the main
-  UNet's `attn1` attend over `[h ; r_i]` (`_Record` / `_ConcatKV` from `tests/test_reference_states.py`).
+  UNet's `attn1` attend over `[h ; r_i]` (`Record` / `ConcatKV` from `tests/test_reference_states.py`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, nets: stages.Networks, trainable: Params, frozen: Params):
@@ -167,8 +158,8 @@ class TorchStep:
     self.text = torch.from_numpy(np.asarray(frozen["text"]))
     self.recorded: list[torch.Tensor] = []
     self.queue: list[torch.Tensor] = []
-    _set_attn1(self.appearance, lambda proc: _Record(self.recorded, proc))
-    _set_attn1(self.main, lambda _: _ConcatKV(lambda h: self.queue.pop(0)))
+    set_self_attention(self.appearance, lambda proc: Record(self.recorded, proc))
+    set_self_attention(self.main, lambda _: ConcatKV(lambda h: self.queue.pop(0)))
     self.params = [p for m in (self.appearance, self.pose) if m is not None for p in m.parameters()]
     opt = config.optimizer
     self.clip = opt.grad_clip

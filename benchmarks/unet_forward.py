@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 from timing import (
@@ -40,7 +39,6 @@ def main() -> None:
   args = parser.parse_args()
   threads = threads_for_both(args.threads)  # before jax is imported
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 
@@ -27,7 +26,6 @@ def main() -> None:
                       help="also time our VAE with every conv on XLA's (no im2col/Winograd), in the same rounds")
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415

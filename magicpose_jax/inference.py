@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicpose_jax.convert.training_run import TrainedModel, is_export, load_export, load_run
 from magicpose_jax.data.augment import center_box, crop_poses, crop_resize_image
 from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_states, sample, step_times
 from magicpose_jax.diffusion.schedules import make_schedule
+from magicpose_jax.export import TrainedModel, is_export, load_export, load_run
 from magicpose_jax.models.magicpose import MagicPose
 from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from magicpose_jax.pose import read_openpose_canvas, read_openpose_json, render

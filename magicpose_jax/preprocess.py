@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from magicpose_jax.convert.vae import latent_encoder
 from magicpose_jax.data.preprocessing import PreprocessError, PreprocessOptions, preprocess
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   options = parse_args(argv)
   try:
-    result = preprocess(options)
+    result = preprocess(options, latent_encoder)
   except (PreprocessError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

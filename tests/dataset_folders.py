@@ -35,8 +35,8 @@ def write_tiny_vae(folder: str):
   """
   import jax  # noqa: PLC0415
 
-  from magicpose_jax.convert.vae import abstract_vae_params, save_vae  # noqa: PLC0415
-  from magicpose_jax.models.vae import VAE_VARIANTS  # noqa: PLC0415
+  from magicpose_jax.convert.vae import save_vae  # noqa: PLC0415
+  from magicpose_jax.models.vae import VAE_VARIANTS, abstract_vae_params  # noqa: PLC0415
 
   config = VAE_VARIANTS["tiny"]
   rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from test_export_run import make_tiny_run
 
 from magicpose_jax import inference
 from magicpose_jax.animate import main as animate_main
-from magicpose_jax.convert.formats import convert
+from magicpose_jax.export import convert
 from magicpose_jax.pose import Pose, write_openpose_json
 
 CANVAS = (64, 48)  # (H, W) of the pose files' frames; the model makes 32 x 32

@@ -1,13 +1,12 @@
-"""train/autoencoder.py: the demo's VAE training (a short real run must learn the figures, not their mean colour)."""
+"""demo/autoencoder.py: the demo's VAE training (a short real run must learn the figures, not their mean colour)."""
 
 import jax
 import numpy as np
 
-from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from magicpose_jax.demo import autoencoder
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, scale_latents
-from magicpose_jax.train import autoencoder
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, abstract_vae_params, scale_latents
 
 
 def _names(path):

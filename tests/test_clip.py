@@ -17,11 +17,11 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-from torch_reference import perturb_norms, state_dict_numpy
 
 from magicpose_jax.convert.clip import clip_key_table, load_text_encoder, normalize_state_dict, save_text_encoder
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextConfig, CLIPTextModel, encode_text
+from magicpose_jax.torch_reference import perturb_norms, state_dict_numpy
 
 ATOL = 1e-4
 TINY = CLIP_VARIANTS["tiny"]  # vocab 1000, width 32, 4 layers, 4 heads, quick_gelu, legacy eos_token_id=2

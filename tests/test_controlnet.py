@@ -15,26 +15,26 @@ import torch
 from diffusers import ControlNetModel as TorchControlNet
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from test_unet_parity import CONFIGS
-from torch_reference import nchw, nhwc, perturb_norms, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.controlnet import (
-    LDM_CONTROLNET_PREFIX,
-    MAGICPOSE_POSE_PREFIX,
-    controlnet_key_table,
-    ldm_controlnet_key_table,
-    load_controlnet,
-    load_ldm_controlnet,
-    save_controlnet,
+  LDM_CONTROLNET_PREFIX,
+  MAGICPOSE_POSE_PREFIX,
+  controlnet_key_table,
+  ldm_controlnet_key_table,
+  load_controlnet,
+  load_ldm_controlnet,
+  save_controlnet,
 )
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.models.controlnet import (
-    ControlNetConfig,
-    ControlNetModel,
-    controlnet_params_from_unet,
-    is_zero_initialised,
+  ControlNetConfig,
+  ControlNetModel,
+  controlnet_params_from_unet,
+  is_zero_initialised,
 )
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, UNetConfig
+from magicpose_jax.torch_reference import nchw, nhwc, perturb_norms, state_dict_numpy, torch_unet
 
 ATOL = 1e-4
 HINT = (8, 16, 16, 32)  # a narrow hint encoder; 3 stride-2 convs, so the image is 8x the latent as in SD

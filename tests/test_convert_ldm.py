@@ -6,12 +6,12 @@ import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from test_unet_parity import CONFIGS
-from torch_reference import state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.ldm import ldm_unet_key_table, ldm_vae_key_table
 from magicpose_jax.convert.vae import vae_key_table
 from magicpose_jax.models.vae import VAE_VARIANTS
+from magicpose_jax.torch_reference import state_dict_numpy, torch_unet
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])

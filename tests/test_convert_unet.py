@@ -12,11 +12,11 @@ import safetensors.numpy
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from test_unet_parity import ATOL, _inputs
-from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import load_unet, save_unet, unet_key_table
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
+from magicpose_jax.torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 CONFIG = VARIANTS["tiny"]
 

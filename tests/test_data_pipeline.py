@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from dataset_folders import write_tiktok, write_tiny_vae
 
+from magicpose_jax.convert.vae import latent_encoder
 from magicpose_jax.data import records
 from magicpose_jax.data.pipeline import default_data_config, train_dataset
 from magicpose_jax.data.preprocessing import PreprocessOptions, preprocess
@@ -131,7 +132,7 @@ def test_latent_records(shards, tmp_path):
   src = str(tmp_path / "src")
   write_tiktok(src)
   out = str(tmp_path / "latents")
-  preprocess(PreprocessOptions(layout="tiktok", src=src, out=out, shards=2, size=SIZE, vae=vae))
+  preprocess(PreprocessOptions(layout="tiktok", src=src, out=out, shards=2, size=SIZE, vae=vae), latent_encoder)
   config = record_config(out, enabled=False)
   batch = take(train_dataset(config, global_batch_size=2, seed=0), 1)[0]
   h = SIZE // vae_config.downsample_factor

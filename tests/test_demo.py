@@ -17,7 +17,8 @@ from PIL import Image
 
 from magicpose_jax import demo
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
-from magicpose_jax.viz import image_grid
+from magicpose_jax.demo import phases
+from magicpose_jax.demo.figures import image_grid
 
 # The micro run's time is tracing and compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not
 # running them. XLA compiles fast there as in every test (conftest.py's FAST_COMPILE): LLVM at -O0 (without it,
@@ -101,7 +102,7 @@ def test_phases_trained_with_another_setup_are_retrained(tmp_path):
   assert changed._changed_setup(changed.setup()) == []  # it rewrote setup.json ...
   assert not os.path.exists(os.path.join(out, "runs", "base"))  # ... after removing the stale phases
   os.makedirs(os.path.join(out, "vae"))
-  os.remove(os.path.join(out, demo.SETUP_FILE))  # a folder from before setup.json: cannot be checked
+  os.remove(os.path.join(out, phases.SETUP_FILE))  # a folder from before setup.json: cannot be checked
   assert demo.Demo(out, other, unet=demo.MICRO_UNET) and not os.path.exists(os.path.join(out, "vae"))
 
 

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import pathlib
 import shutil
-import sys
 import tempfile
 
 import jax
@@ -22,13 +21,15 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from torch_reference import nchw, nhwc
 
-from magicpose_jax.convert import training_run as tr
+from magicpose_jax import export as tr
+from magicpose_jax import torch_reference
+from magicpose_jax.configs import load_config
 from magicpose_jax.convert.__main__ import main as convert_main
-from magicpose_jax.convert.formats import convert, detect_source
 from magicpose_jax.convert.magicpose import STAGE1_APPEARANCE_PREFIX, load_magicpose_checkpoint
+from magicpose_jax.export import convert, detect_source
 from magicpose_jax.models.magicpose import MagicPose, init_params
+from magicpose_jax.torch_reference import nchw, nhwc
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import stages
 from magicpose_jax.train.step import TrainState
@@ -39,10 +40,7 @@ EMA_OFFSET = 0.01
 
 
 def tiny_config(stage: str = "stage2"):
-  spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config("tiny")
   config.stage = stage
   config.ema_decay = 0.999
   return config
@@ -76,20 +74,22 @@ def loaded_run() -> tr.TrainedModel:
   return tr.load_run(make_tiny_run())
 
 
-def _example():
-  spec = importlib.util.spec_from_file_location("torch_magicpose_step", ROOT / "examples" / "torch_magicpose_step.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> pathlib.Path:
   dst = tmp_path_factory.mktemp("export") / "diffusers"
   assert detect_source(make_tiny_run()) == "magicpose-run"
   assert convert(make_tiny_run(), dst, "diffusers") == "magicpose-run"
   return dst
+
+
+def test_the_pytorch_example_runs_on_an_export(export, capsys):
+  """examples/torch_magicpose_step.py end to end (its math is `torch_reference`'s, checked against ours above)."""
+  spec = importlib.util.spec_from_file_location("torch_magicpose_step", ROOT / "examples" / "torch_magicpose_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main([str(export), "--steps", "10"])
+  out = capsys.readouterr().out
+  assert "stage2 model, step 3: t=" in out and "model output (1, 4," in out, out
 
 
 def _assert_bit_equal(a, b):
@@ -106,7 +106,7 @@ def test_run_loads_with_its_base_and_stage():
   assert model.model.use_appearance and model.model.pose is not None
   assert model.image_size == (32, 32)
   # `load_run(ema=True)` differs only in the trainable tree it restores (the base reload is the slow part).
-  step_dir = stages.latest_checkpoint_dir(make_tiny_run())
+  step_dir = ckpt.latest_checkpoint_dir(make_tiny_run())
   _, ema = ckpt.read_trainable(step_dir, "ema")
   for name in ("appearance", "pose"):
     diff = jax.tree.map(lambda a, b: np.abs(a - b - EMA_OFFSET).max(), ema[name], model.params[name])
@@ -124,7 +124,7 @@ def test_diffusers_export_loads_and_matches_the_jax_step(export):
     _, info = cls.from_pretrained(export / name, output_loading_info=True)
     assert not any(info.values()), (name, info)
 
-  example = _example()
+  example = torch_reference  # what examples/torch_magicpose_step.py runs
   models = example.load_export(str(export))
   bank = example.install_reference_attention(models)
   run = loaded_run()

@@ -13,13 +13,12 @@ import torch
 from test_controlnet import CN_CONFIGS, torch_controlnet
 from test_controlnet import _inputs as cn_inputs
 from test_controlnet import _torch_residuals as torch_residuals
-from test_reference_states import _ConcatKV, _Record, _set_attn1
 from test_unet_parity import ATOL, CONFIGS, _check
-from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.controlnet import controlnet_key_table
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
+from magicpose_jax.torch_reference import ConcatKV, Record, nchw, nhwc, set_self_attention, state_dict_numpy, torch_unet
 
 CONFIG = MagicPoseConfig(CONFIGS["sd1"], CN_CONFIGS["sd1"])
 
@@ -51,12 +50,12 @@ def test_magicpose_forward_matches_pytorch_composition(torch_nets, inputs, forwa
   (main, appearance, pose), params = torch_nets
   z_t, t, text, z_ref, pose_image = inputs
   recorded = []
-  _set_attn1(appearance, lambda proc: _Record(recorded, proc))
+  set_self_attention(appearance, lambda proc: Record(recorded, proc))
   with torch.no_grad():
     appearance(nchw(z_ref), torch.from_numpy(t), torch.from_numpy(text))  # same t and text as the main UNet
   down, mid = torch_residuals(pose, z_t, t, text, pose_image)
   queue = list(recorded)
-  _set_attn1(main, lambda _: _ConcatKV(lambda h: queue.pop(0)))
+  set_self_attention(main, lambda _: ConcatKV(lambda h: queue.pop(0)))
   with torch.no_grad():
     ref = nhwc(main(nchw(z_t), torch.from_numpy(t), torch.from_numpy(text),
                     down_block_additional_residuals=tuple(nchw(d) for d in down),

@@ -8,6 +8,7 @@ import pytest
 from dataset_folders import frame_image, frame_pose, write_tiktok, write_tiny_vae
 
 from magicpose_jax import preprocess as cli
+from magicpose_jax.convert.vae import latent_encoder
 from magicpose_jax.data import preprocessing, records
 from magicpose_jax.data.augment import center_box, crop_poses, crop_resize_image
 from magicpose_jax.data.preprocessing import PreprocessError, PreprocessOptions, preprocess, split_runs
@@ -23,7 +24,8 @@ def src(tmp_path_factory):
 
 
 def run(src_root: str, out: str, shards: int = 3, **kw) -> "object":
-  return preprocess(PreprocessOptions(layout="tiktok", src=src_root, out=out, shards=shards, size=SIZE, **kw))
+  return preprocess(PreprocessOptions(layout="tiktok", src=src_root, out=out, shards=shards, size=SIZE, **kw),
+                    latent_encoder)
 
 
 def all_records(out: str) -> list[dict]:

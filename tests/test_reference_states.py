@@ -1,6 +1,6 @@
 """MagicPose's reference-state hook vs an independent PyTorch computation.
 
-The PyTorch side is diffusers' UNet with attention processors written here: one
+The PyTorch side is diffusers' UNet with the processors of `magicpose_jax.torch_reference`: one
 records every `attn1` input (the normed states) of an "appearance" UNet, the other
 makes the main UNet's `attn1` take keys/values over `[h ; r_i]`. Tolerance as in
 the UNet parity tests: max abs error <= 1e-4 in float32.
@@ -10,47 +10,20 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from test_unet_parity import ATOL, CONFIGS, _check, _inputs
-from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
-from magicpose_jax.convert.diffusers import abstract_unet_params, unet_key_table
+from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.unet import UNet2DConditionModel
-
-
-class _ConcatKV:
-  """attn1 processor: `softmax(Q(h) K([h; r])ᵀ / √d) V([h; r])`, r from `source()`."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-    h = hidden_states
-    kv = torch.cat([h, self.source(h)], dim=1)  # [B, N + R, C]
-    b = h.shape[0]
-    split = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-    out = F.scaled_dot_product_attention(split(attn.to_q(h)), split(attn.to_k(kv)), split(attn.to_v(kv)))
-    out = out.transpose(1, 2).reshape(b, -1, attn.heads * (out.shape[-1]))
-    return attn.to_out[1](attn.to_out[0](out))
-
-
-class _Record:
-  """attn1 processor that records its input and otherwise behaves as diffusers' default."""
-
-  def __init__(self, store, inner):
-    self.store, self.inner = store, inner
-
-  def __call__(self, attn, hidden_states, *args, **kwargs):
-    self.store.append(hidden_states.clone())
-    return self.inner(attn, hidden_states, *args, **kwargs)
-
-
-def _set_attn1(model, make):
-  procs = {}
-  for name, proc in model.attn_processors.items():
-    procs[name] = make(proc) if name.endswith("attn1.processor") else proc
-  model.set_attn_processor(procs)
+from magicpose_jax.models.unet import UNet2DConditionModel, abstract_unet_params
+from magicpose_jax.torch_reference import (
+  ConcatKV,
+  Record,
+  nchw,
+  nhwc,
+  set_self_attention,
+  state_dict_numpy,
+  torch_unet,
+)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
@@ -65,7 +38,7 @@ def test_duplicated_sequence(name):
   tmodel = torch_unet(config, seed=10)
   params = unet_key_table(config).to_flax(state_dict_numpy(tmodel))
   sample, t, context = _inputs(config, seed=10)
-  _set_attn1(tmodel, lambda _: _ConcatKV(lambda h: h))
+  set_self_attention(tmodel, lambda _: ConcatKV(lambda h: h))
   with torch.no_grad():
     ref = nhwc(tmodel(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
 
@@ -86,11 +59,11 @@ def test_appearance_states_from_another_unet():
   reference, _, _ = _inputs(config, seed=12)
 
   recorded = []
-  _set_attn1(tapp, lambda proc: _Record(recorded, proc))
+  set_self_attention(tapp, lambda proc: Record(recorded, proc))
   with torch.no_grad():
     tapp(nchw(reference), torch.from_numpy(t), torch.from_numpy(context))
   queue = list(recorded)
-  _set_attn1(tmain, lambda _: _ConcatKV(lambda h: queue.pop(0)))
+  set_self_attention(tmain, lambda _: ConcatKV(lambda h: queue.pop(0)))
   with torch.no_grad():
     ref = nhwc(tmain(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
   assert not queue, "every recorded state must be consumed exactly once"

@@ -11,12 +11,11 @@ from diffusers import DDIMScheduler
 from test_controlnet import _inputs as cn_inputs
 from test_controlnet import _torch_residuals as torch_residuals
 from test_magicpose import CONFIG, torch_nets  # noqa: F401  (module fixture)
-from test_reference_states import _ConcatKV, _Record, _set_attn1
-from torch_reference import nchw, nhwc
 
 from magicpose_jax.diffusion.sampler import SamplerConfig, sample, sample_video
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, make_schedule
 from magicpose_jax.models.magicpose import MagicPose
+from magicpose_jax.torch_reference import ConcatKV, Record, nchw, nhwc, set_self_attention
 
 STEPS, GUIDANCE = 5, 3.0
 
@@ -37,11 +36,11 @@ def _torch_sample(nets, x_T, text, z_ref, poses, steps=STEPS):
   text_t = torch.from_numpy(text)
   for t in scheduler.timesteps:
     recorded = []
-    _set_attn1(appearance, lambda proc, store=recorded: _Record(store, proc))
+    set_self_attention(appearance, lambda proc, store=recorded: Record(store, proc))
     with torch.no_grad():
       appearance(nchw(z_ref), t, text_t[:1])  # one reference, states shared by both frames
     queue = list(recorded)
-    _set_attn1(main, lambda _, q=queue: _ConcatKV(lambda h: q.pop(0).expand(h.shape[0], -1, -1)))
+    set_self_attention(main, lambda _, q=queue: ConcatKV(lambda h: q.pop(0).expand(h.shape[0], -1, -1)))
     down, mid = torch_residuals(pose, nhwc(z), np.full((2,), float(t), np.float32), text, poses)
     with torch.no_grad():
       cond = main(z, t, text_t, down_block_additional_residuals=tuple(nchw(d) for d in down),

@@ -24,36 +24,36 @@ import torch
 import transformers
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers.loaders.single_file_utils import (
-    SD_2_TEXT_ENCODER_KEYS_TO_IGNORE,
-    convert_ldm_unet_checkpoint,
-    convert_open_clip_checkpoint,
+  SD_2_TEXT_ENCODER_KEYS_TO_IGNORE,
+  convert_ldm_unet_checkpoint,
+  convert_open_clip_checkpoint,
 )
-from torch_reference import perturb_norms, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.__main__ import main as cli_main
 from magicpose_jax.convert.clip import clip_key_table
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.convert.ldm import (
-    LDM_OPEN_CLIP_PREFIX,
-    ldm_open_clip_key_table,
-    ldm_unet_key_table,
-    ldm_vae_key_table,
-    open_clip_extra_shapes,
+  LDM_OPEN_CLIP_PREFIX,
+  ldm_open_clip_key_table,
+  ldm_unet_key_table,
+  ldm_vae_key_table,
+  open_clip_extra_shapes,
 )
 from magicpose_jax.convert.stable_diffusion import (
-    SDConfigs,
-    load_stable_diffusion,
-    save_flax_pipeline,
-    save_ldm_checkpoint,
-    save_stable_diffusion,
-    sd2_configs,
+  SDConfigs,
+  load_stable_diffusion,
+  save_flax_pipeline,
+  save_ldm_checkpoint,
+  save_stable_diffusion,
+  sd2_configs,
 )
 from magicpose_jax.convert.vae import vae_key_table
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel
 from magicpose_jax.models.unet import VARIANTS
 from magicpose_jax.models.vae import VAE_VARIANTS
+from magicpose_jax.torch_reference import perturb_norms, state_dict_numpy, torch_unet
 
 ATOL = 1e-4
 P = LDM_OPEN_CLIP_PREFIX

@@ -13,23 +13,23 @@ import transformers
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
-from torch_reference import state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.clip import clip_key_table
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.convert.stable_diffusion import (
-    SDConfigs,
-    load_stable_diffusion,
-    save_flax_pipeline,
-    save_ldm_checkpoint,
-    save_stable_diffusion,
+  SDConfigs,
+  load_stable_diffusion,
+  save_flax_pipeline,
+  save_ldm_checkpoint,
+  save_stable_diffusion,
 )
 from magicpose_jax.convert.vae import vae_key_table
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
 from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.unet import VARIANTS
 from magicpose_jax.models.vae import VAE_VARIANTS
+from magicpose_jax.torch_reference import state_dict_numpy, torch_unet
 
 TINY = SDConfigs(VARIANTS["tiny"], VAE_VARIANTS["tiny"], CLIP_VARIANTS["tiny"], SD15_SCHEDULE)
 

@@ -1,6 +1,5 @@
 """Training configs, command-line overrides, mesh/batch checks, partition rules and optimizer groups (no compiles)."""
 
-import importlib.util
 import os
 
 import jax
@@ -12,8 +11,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from magicpose_jax.configs import CONFIGS_DIR, load_config
 from magicpose_jax.train import sharding
-from magicpose_jax.train.__main__ import CONFIGS_DIR, resolve_config_arg
+from magicpose_jax.train.__main__ import resolve_config_arg
 from magicpose_jax.train.optimizer import DEFAULT_GROUP, make_optimizer, param_labels
 
 CONFIG_NAMES = ("tiny", "demo", "stage1", "stage2")
@@ -23,10 +23,7 @@ REQUIRED = ("total_steps", "global_batch_size", "checkpoint_every", "log_every",
 
 
 def load(name: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS_DIR, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config(name)
 
 
 def get(config: ml_collections.ConfigDict, dotted: str):

@@ -14,7 +14,7 @@ import train_cli
 from test_train_step import flat, tiny
 
 from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import loop, stages
+from magicpose_jax.train import loop
 
 K = 3  # checkpoint interval; the straight run does 2K steps
 
@@ -97,7 +97,7 @@ def test_sigterm_saves_and_exits_zero(cache, tmp_path):
 
 
 def test_read_run_reads_the_params_subtree_or_the_config_alone(straight, tmp_path):
-  step_dir = stages.latest_checkpoint_dir(straight)
+  step_dir = ckpt.latest_checkpoint_dir(straight)
   full = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))  # the whole TrainState, independently
   config, params = ckpt.read_run(straight)
   ours, theirs = flat(params), flat(jax.tree.map(np.asarray, full["params"]))

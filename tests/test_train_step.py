@@ -1,26 +1,21 @@
 """The jit training step on one device: what trains, what stays frozen, EMA, and skipped non-finite steps."""
 
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import optax
 import pytest
 
+from magicpose_jax.configs import load_config
 from magicpose_jax.data.pipeline import train_dataset
 from magicpose_jax.train import loop
-from magicpose_jax.train.__main__ import CONFIGS_DIR
 from magicpose_jax.train.optimizer import path_str
 
 HINT = "pose/controlnet_cond_embedding/"
 
 
 def tiny(**changes):
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(CONFIGS_DIR, "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config("tiny")
   for k, v in changes.items():
     node = config
     *parents, leaf = k.split(".")

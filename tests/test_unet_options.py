@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from test_unet_parity import _inputs
 
-from magicpose_jax.convert.diffusers import abstract_unet_params
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, UNetConfig
+from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, UNetConfig, abstract_unet_params
 
 
 @pytest.fixture(scope="module")

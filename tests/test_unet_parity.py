@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.models import conv as conv_module
 from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
+from magicpose_jax.torch_reference import nchw, nhwc, state_dict_numpy, torch_unet
 
 ATOL = 1e-4
 

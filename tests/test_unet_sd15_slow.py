@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from test_unet_parity import ATOL, _inputs
-from torch_reference import nchw, nhwc, torch_unet
 
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
+from magicpose_jax.torch_reference import nchw, nhwc, torch_unet
 
 pytestmark = pytest.mark.slow
 

@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
-from torch_reference import nchw, nhwc, perturb_norms, state_dict_numpy
 
 from magicpose_jax.convert.keytable import ConversionError
 from magicpose_jax.convert.vae import load_vae, save_vae, upgrade_legacy_vae_keys, vae_key_table
 from magicpose_jax.models.vae import (
-    VAE_VARIANTS,
-    AutoencoderKL,
-    DiagonalGaussian,
-    VAEConfig,
-    decode_tiled,
-    scale_latents,
-    unscale_latents,
+  VAE_VARIANTS,
+  AutoencoderKL,
+  DiagonalGaussian,
+  VAEConfig,
+  decode_tiled,
+  scale_latents,
+  unscale_latents,
 )
+from magicpose_jax.torch_reference import nchw, nhwc, perturb_norms, state_dict_numpy
 
 ATOL = 1e-4
 CONFIG = VAE_VARIANTS["tiny"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from test_vae import check, images, torch_vae
-from torch_reference import nchw, nhwc
 
 from magicpose_jax.convert.vae import vae_key_table
 from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.torch_reference import nchw, nhwc
 
 pytestmark = pytest.mark.slow
 

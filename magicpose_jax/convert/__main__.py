@@ -2,10 +2,10 @@
 
 Converts a UNet folder, a whole Stable Diffusion checkpoint, or a MagicPose model (a
 training workdir, one step's checkpoint folder, or an export folder); the source kind is
-detected from the path (see `magicpose_jax.convert.formats`):
+detected from the path (see `magicpose_jax.export` and `magicpose_jax.convert.formats`):
   diffusers  diffusers folders (a UNet's, or a pipeline's with model_index.json); from a
              MagicPose model: unet/, appearance_unet/, pose_controlnet/, vae/, text_encoder/,
-             tokenizer/, scheduler/ and magicpose.json (see convert.training_run)
+             tokenizer/, scheduler/ and magicpose.json (see magicpose_jax.export)
   flax       ours: config.json + orbax params/ per model (see convert.flax_checkpoint)
   ldm        an original SD single file (.safetensors written; .ckpt/.pth read too)
   magicpose  the released MagicPose single file (.safetensors), from a MagicPose model
@@ -21,8 +21,9 @@ import sys
 
 import jax.numpy as jnp
 
-from magicpose_jax.convert.formats import FORMATS, convert
+from magicpose_jax.convert.formats import FORMATS
 from magicpose_jax.diffusion.schedules import PREDICTION_TYPES
+from magicpose_jax.export import convert
 
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from magicpose_jax.convert.keytable import KeyTable
 from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
-from magicpose_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from magicpose_jax.models.clip import CLIPTextConfig, abstract_text_encoder_params
 from magicpose_jax.models.config_files import read_config_dict
 
 PREFIX = "text_model."
@@ -38,12 +38,6 @@ _IGNORED_BUFFERS = (PREFIX + "embeddings.position_ids",)
 # reading its text encoder drops exactly these.
 _CLIP_MODEL_EXTRA_PREFIXES = ("vision_model.",)
 _CLIP_MODEL_EXTRA_KEYS = ("visual_projection.weight", "text_projection.weight", "logit_scale")
-
-
-def abstract_text_encoder_params(config: CLIPTextConfig) -> dict:
-  """The text encoder's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]
 
 
 @functools.lru_cache(maxsize=16)

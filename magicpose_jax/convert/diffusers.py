@@ -20,21 +20,11 @@ import numpy as np
 
 from magicpose_jax.convert.keytable import KeyTable
 from magicpose_jax.convert.tensor_files import read_state_dict, write_model_folder
-from magicpose_jax.models.unet import UNet2DConditionModel, UNetConfig
+from magicpose_jax.models.unet import UNetConfig, abstract_unet_params
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 # diffusers attribute names that end in `_N` but are not list indices.
 _UNET_KEEP = ("linear_1", "linear_2")
-
-
-def abstract_unet_params(config: UNetConfig) -> dict:
-  """The UNet's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
-  model = UNet2DConditionModel(config)
-  size = 2 ** (len(config.block_out_channels) - 1)
-  sample = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
-  context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), sample, t, context)["params"]
 
 
 @functools.lru_cache(maxsize=16)

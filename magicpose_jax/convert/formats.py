@@ -1,4 +1,7 @@
-"""Format detection and whole-checkpoint conversion (what `python -m magicpose_jax.convert` runs).
+"""Format detection and conversion of Stable Diffusion checkpoints (UNets and whole pipelines).
+
+MagicPose models (training runs and export folders) sit above `train/`, so their detection and conversion live
+in `magicpose_jax.export`, whose `convert` handles every kind and hands the ones below to this module.
 
 Sources, detected from the path:
   unet-diffusers    a diffusers UNet folder (config.json + diffusion_pytorch_model.*)
@@ -7,16 +10,12 @@ Sources, detected from the path:
   sd-flax           our pipeline folder (unet/, vae/, text_encoder/ with orbax params/, scheduler/, tokenizer/)
   sd-ldm            an original single file (.safetensors / .ckpt / .pth with model.diffusion_model.*);
                     SD 2.x files need `prediction_type` ("v_prediction" for 768-v, "epsilon" for 512-base)
-  magicpose-run     a training workdir (its newest step), its checkpoints/ folder, or one step's folder
-  magicpose-export  a folder written from one (magicpose.json; diffusers or flax layout)
-Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD; `diffusers`,
-`flax` and `magicpose` (the released single file) for a MagicPose model (`ldm` too for a "base" run).
-See `convert.training_run` for the export folder. `ema=True` takes a run's EMA weights.
+Destinations: `flax` and `diffusers` for a UNet; `flax`, `diffusers` and `ldm` for a whole SD (`magicpose`, the
+released single file, is for MagicPose models: `magicpose_jax.export`). `ema=True` reads an LDM file's EMA UNet.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -31,16 +30,6 @@ from magicpose_jax.convert.stable_diffusion import (
     save_ldm_checkpoint,
     save_stable_diffusion,
 )
-from magicpose_jax.convert.training_run import (
-    is_export,
-    load_export,
-    load_run,
-    save_diffusers_export,
-    save_flax_export,
-    save_ldm_file,
-    save_magicpose_file,
-)
-from magicpose_jax.train.stages import is_training_run
 
 FORMATS = ("flax", "diffusers", "ldm", "magicpose")
 
@@ -52,10 +41,6 @@ def detect_source(src: str | os.PathLike) -> str:
     return "sd-ldm"
   if not os.path.isdir(src):
     raise FileNotFoundError(f"source not found: {src}")
-  if is_export(src):
-    return "magicpose-export"
-  if is_training_run(src):
-    return "magicpose-run"
   if is_flax_model(src):
     return "unet-flax"
   if is_flax_model(os.path.join(src, "unet")):
@@ -64,8 +49,7 @@ def detect_source(src: str | os.PathLike) -> str:
     return "sd-diffusers"
   if os.path.isfile(os.path.join(src, "config.json")):
     return "unet-diffusers"
-  raise ValueError(f"{src}: not a model folder (no model_index.json, config.json, unet/params, magicpose.json, "
-                   f"or a training run's checkpoints/<step>/)")
+  raise ValueError(f"{src}: not a model folder (no model_index.json, config.json or unet/params)")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
@@ -74,7 +58,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
   """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
 
   `prediction_type` is for single-file sources (see `load_stable_diffusion`); SD 2.x files need it.
-  `ema`: an LDM single file's `model_ema.*` UNet, or a training run's EMA of its trainable params.
+  `ema`: an LDM single file's `model_ema.*` UNet.
   """
   if to not in FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {FORMATS}")
@@ -82,12 +66,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
   if prediction_type is not None and kind != "sd-ldm":
     raise ValueError(f"{src}: prediction_type applies to LDM single files only (this is {kind})")
   cast = (lambda p: jax.tree.map(lambda x: np.asarray(x).astype(dtype), p)) if dtype is not None else (lambda p: p)
-  if kind.startswith("magicpose-"):
-    if variant is not None or max_shard_bytes is not None:
-      raise ValueError(f"{src}: --variant and --max-shard-gb apply to diffusers sources and UNet outputs, not to a "
-                       f"{kind}")
-    _convert_magicpose(src, dst, to, kind, cast, ema)
-    return kind
   if to == "magicpose":
     raise ValueError(f"{src}: a {kind} has no MagicPose nets; --to magicpose takes a training run or an export")
   if kind.startswith("unet-"):
@@ -112,19 +90,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
     save_ldm_checkpoint(configs, params, dst)
   return kind
 
-
-def _convert_magicpose(src: str | os.PathLike, dst: str | os.PathLike, to: str, kind: str, cast: Any,
-                       ema: bool) -> None:
-  if kind == "magicpose-export" and ema:
-    raise ValueError(f"{src}: an export holds one set of weights (its magicpose.json says which); --ema applies "
-                     f"to training runs")
-  model = load_run(src, ema=ema) if kind == "magicpose-run" else load_export(src, param_dtype=None)
-  model = dataclasses.replace(model, params=cast(model.params))
-  if to == "diffusers":
-    save_diffusers_export(model, dst)
-  elif to == "flax":
-    save_flax_export(model, dst)
-  elif to == "magicpose":
-    save_magicpose_file(model, dst)
-  else:
-    save_ldm_file(model, dst)

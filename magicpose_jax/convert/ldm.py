@@ -26,13 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from magicpose_jax.convert.clip import abstract_text_encoder_params
-from magicpose_jax.convert.diffusers import abstract_unet_params
 from magicpose_jax.convert.keytable import Entry, KeyTable, raise_mismatch
-from magicpose_jax.convert.vae import abstract_vae_params
-from magicpose_jax.models.clip import CLIPTextConfig
-from magicpose_jax.models.unet import UNetConfig
-from magicpose_jax.models.vae import VAEConfig
+from magicpose_jax.models.clip import CLIPTextConfig, abstract_text_encoder_params
+from magicpose_jax.models.unet import UNetConfig, abstract_unet_params
+from magicpose_jax.models.vae import VAEConfig, abstract_vae_params
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."

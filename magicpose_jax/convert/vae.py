@@ -25,19 +25,12 @@ import numpy as np
 from magicpose_jax.convert.diffusers import WEIGHTS_STEM, load_weights
 from magicpose_jax.convert.keytable import KeyTable
 from magicpose_jax.convert.tensor_files import write_model_folder
-from magicpose_jax.models.vae import AutoencoderKL, VAEConfig
+from magicpose_jax.models.vae import LatentEncoder, VAEConfig, abstract_vae_params
 
 # diffusers' deprecated attention-block names -> current ones (`_fix_state_dict_keys_on_load`).
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_KEY = re.compile(r"^((?:encoder|decoder)\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\."
                          r"(weight|bias)$")
-
-
-def abstract_vae_params(config: VAEConfig) -> dict:
-  """The VAE's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
-  size = config.downsample_factor
-  image = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
-  return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), image)["params"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,6 +77,11 @@ def load_vae(folder: str | os.PathLike, param_dtype: Any = jnp.float32, variant:
   """
   config = VAEConfig.from_diffusers(folder, **config_overrides)
   return config, load_weights(folder, vae_key_table(config), param_dtype, variant, upgrade_legacy_vae_keys)
+
+
+def latent_encoder(folder: str | os.PathLike, batch: int) -> LatentEncoder:
+  """A diffusers `AutoencoderKL` folder -> `models.vae.LatentEncoder` (what `data.preprocessing` takes for --vae)."""
+  return LatentEncoder(*load_vae(folder), batch)
 
 
 def save_vae(config: VAEConfig, params: dict, folder: str | os.PathLike, dtype: Any = None,

@@ -25,7 +25,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -129,34 +130,20 @@ def _folder_hash(folder: str) -> str:
   return tree_hash(files, folder)
 
 
-class LatentEncoder:
-  """Images -> VAE latent moments (mean ++ logvar, unscaled), `[n, S/f, S/f, 2C]` float32, in fixed-size batches."""
+class LatentEncoder(Protocol):
+  """Images uint8 `[n, S, S, 3]` -> VAE latent moments (mean ++ logvar, unscaled) `[n, S/f, S/f, 2C]` float32.
 
-  def __init__(self, folder: str, batch: int):
-    import jax  # noqa: PLC0415  (only --vae runs need JAX)
-    import jax.numpy as jnp  # noqa: PLC0415
+  `config` is the VAE's (`downsample_factor`, `latent_channels`, `scaling_factor`, `latents_mean`, `latents_std`
+  go into the manifest). The data layer does not build VAEs: `preprocess` takes a factory, e.g.
+  `convert.vae.latent_encoder`, from its caller.
+  """
 
-    from magicpose_jax.convert.vae import load_vae  # noqa: PLC0415
-    from magicpose_jax.models.vae import AutoencoderKL  # noqa: PLC0415
+  config: Any
 
-    self.config, self._params = load_vae(folder)
-    self.batch = batch
-    model = AutoencoderKL(self.config)
+  def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
-    def moments(params, images):  # params as an argument: closed over, they would be baked into the program
-      posterior = model.apply({"params": params}, images, method=AutoencoderKL.encode)
-      return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
-    self._moments = jax.jit(moments)
-
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    out = []
-    for start in range(0, len(images), self.batch):
-      chunk = images[start:start + self.batch].astype(np.float32) / 127.5 - 1.0
-      pad = self.batch - len(chunk)  # a fixed batch shape: one compilation
-      padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)]) if pad else chunk
-      out.append(np.asarray(self._moments(self._params, padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+EncoderFactory = Callable[[str, int], LatentEncoder]  # (VAE folder, frames per call) -> encoder
 
 
 def _prepare_frame(source: FolderSource, video: int, frame: int, options: PreprocessOptions,
@@ -218,8 +205,14 @@ def _skipped_entry(skip: SkippedFrame, root: str) -> dict:
           "detail": skip.detail.replace(root + os.sep, "")}
 
 
-def preprocess(options: PreprocessOptions) -> PreprocessResult:
-  """Writes (or completes) `options.out`: shards, `.done` markers and `manifest.json`. See the module docstring."""
+def preprocess(options: PreprocessOptions, encoder_factory: EncoderFactory | None = None) -> PreprocessResult:
+  """Writes (or completes) `options.out`: shards, `.done` markers and `manifest.json`. See the module docstring.
+
+  `encoder_factory` builds the latent encoder for `options.vae` (required then; `convert.vae.latent_encoder`).
+  """
+  if options.vae and encoder_factory is None:
+    raise ValueError("preprocess: options.vae is set but no encoder_factory was given (pass "
+                     "magicpose_jax.convert.vae.latent_encoder)")
   start = time.perf_counter()
   options = dataclasses.replace(options, src=os.path.abspath(options.src), out=os.path.abspath(options.out))
   source = open_layout(options.layout, options.src, options.split)
@@ -241,7 +234,7 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
       reused.append(index)
     else:
       if options.vae and encoder is None:
-        encoder = LatentEncoder(options.vae, options.vae_batch)
+        encoder = encoder_factory(options.vae, options.vae_batch)
       shard_start = time.perf_counter()
       kept, skipped = _write_shard(source, shard_frames, options, encoder, path)
       processed += len(shard_frames)
@@ -254,6 +247,8 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
     shard_infos.append(marker)
   # Frames found = frames with a pose + frame files the listing left out (not folders).
   found = len(frames) + sum(s.reason != "empty_video" for s in source.skipped)
+  if options.vae and encoder is None:  # every shard reused: the manifest still records the VAE's latent layout
+    encoder = encoder_factory(options.vae, options.vae_batch)
   manifest = build_manifest(options, source, shard_infos, encoder, vae_hash, found)
   _write_json(os.path.join(options.out, records.MANIFEST), manifest)
   problems = {k: v for k, v in manifest["counts"]["skipped"].items() if k in PROBLEMS and v}
@@ -289,9 +284,7 @@ def build_manifest(options: PreprocessOptions, source: FolderSource, shard_infos
     first += info["records"]
   latent = None
   if options.vae:
-    from magicpose_jax.models.vae import VAEConfig  # noqa: PLC0415
-
-    config = encoder.config if encoder else VAEConfig.from_diffusers(options.vae)
+    config = encoder.config
     f = config.downsample_factor
     latent = {"vae": options.vae, "vae_sha256": vae_hash, "downsample_factor": f,
               "shape": [options.size // f, options.size // f, 2 * config.latent_channels],

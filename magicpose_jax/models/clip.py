@@ -333,3 +333,9 @@ def encode_text(model: CLIPTextModel, params: Mapping[str, Any], input_ids: jax.
   # As diffusers: hidden_states[-(clip_skip + 1)], then the model's own final LayerNorm.
   norm = _layer_norm(model.config.layer_norm_eps, model.dtype, model.param_dtype, "final_layer_norm")
   return norm.apply({"params": params["final_layer_norm"]}, out["hidden_states"][-(skip + 1)])
+
+
+def abstract_text_encoder_params(config: CLIPTextConfig) -> dict:
+  """The text encoder's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(CLIPTextModel(config).init, jax.random.key(0), ids)["params"]

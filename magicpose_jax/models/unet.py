@@ -342,3 +342,13 @@ class UNet2DConditionModel(nn.Module):
                      param_dtype=self.param_dtype, name="conv_norm_out")(h.astype(jnp.float32))
     out = conv(cfg.out_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
     return (out, states) if return_reference_states else out
+
+
+def abstract_unet_params(config: UNetConfig) -> dict:
+  """The UNet's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
+  model = UNet2DConditionModel(config)
+  size = 2 ** (len(config.block_out_channels) - 1)
+  sample = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+  context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), sample, t, context)["params"]

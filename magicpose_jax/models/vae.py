@@ -22,6 +22,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from magicpose_jax.models.attention import attend, available_backends
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
@@ -443,3 +444,36 @@ def decode_tiled(vae: AutoencoderKL, params: Any, z: jax.Array, tile: int = 64, 
       row[j] = t
     out_rows.append(jnp.concatenate([t[:, :keep, :keep] for t in row], axis=2))
   return jnp.concatenate(out_rows, axis=1)
+
+
+def abstract_vae_params(config: VAEConfig) -> dict:
+  """The VAE's param tree as `ShapeDtypeStruct`s (no memory, no compute)."""
+  size = config.downsample_factor
+  image = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+  return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), image)["params"]
+
+
+class LatentEncoder:
+  """Images -> VAE latent moments (mean ++ logvar, unscaled), `[n, S/f, S/f, 2C]` float32, in fixed-size batches.
+
+  `__call__` takes uint8 `[n, S, S, 3]`; one compiled program serves every call (the last batch is padded).
+  """
+
+  def __init__(self, config: VAEConfig, params: dict, batch: int):
+    self.config, self._params, self.batch = config, params, batch
+    model = AutoencoderKL(config)
+
+    def moments(params, images):  # params as an argument: closed over, they would be baked into the program
+      posterior = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+      return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)  # [b, S/f, S/f, 2C]
+
+    self._moments = jax.jit(moments)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), self.batch):
+      chunk = images[start:start + self.batch].astype(np.float32) / 127.5 - 1.0
+      pad = self.batch - len(chunk)  # a fixed batch shape: one compilation
+      padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)]) if pad else chunk
+      out.append(np.asarray(self._moments(self._params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

@@ -2,7 +2,7 @@
 
 Run the same command on every host of a multi-host job (with `--multihost`, or the coordinator
 flags on GPU clusters without SLURM); re-running it on the same workdir resumes. `--config stage1.py`
-also finds `configs/stage1.py`.
+also finds the packaged `magicpose_jax/configs/stage1.py` (`configs/` in a checkout).
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+from magicpose_jax.configs import CONFIGS_DIR, load_config, packaged_configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py training config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, tb/, metrics.jsonl); default "
@@ -49,6 +51,32 @@ def _resolve(value: str, configs_dir: str) -> str:
   return value  # config_flags reports the missing file
 
 
+def _flatten(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _flatten(value, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, value))
+  return out
+
+
+def help_text(argv: list[str]) -> str:
+  """`--help`: this docstring, the flags, and every `--config.KEY` of the named config (or the packaged ones)."""
+  names = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  names += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  lines = [__doc__.strip(), "", "flags:", flags.FLAGS.module_help(sys.modules[__name__]) or
+           flags.FLAGS.main_module_help(), ""]
+  if names:
+    name = names[-1].partition(":")[0]
+    lines.append(f"config keys of {name} (override with --config.KEY=VALUE):")
+    lines += [f"  --config.{k}={v!r}" for k, v in _flatten(load_config(name))]
+  else:
+    lines.append(f"packaged configs (--config NAME): {', '.join(packaged_configs())}; pass one with --help to list "
+                 f"its keys")
+  return "\n".join(lines)
+
+
 def init_distributed() -> None:
   import jax  # noqa: PLC0415 (after flag parsing, before any device use)
 
@@ -77,5 +105,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:  # absl's own --help exits 1 and knows no config keys
+    print(help_text(sys.argv[1:]))
+    sys.exit(0)
   sys.argv = resolve_config_arg(sys.argv)
   app.run(main)

@@ -12,6 +12,7 @@ The frozen base is not re-saved (it can be GBs); it is reloaded from its source 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -24,7 +25,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from magicpose_jax.train.optimizer import path_str
-from magicpose_jax.train.stages import latest_checkpoint_dir
 
 Params = dict[str, Any]
 
@@ -46,6 +46,25 @@ def shapes(tree: Any) -> dict[str, list[int]]:
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
+
+
+def latest_checkpoint_dir(path: str) -> str:
+  """A workdir, its `checkpoints/` folder or one step folder -> the newest step folder."""
+  for root in (os.path.join(path, "checkpoints"), path):
+    steps = [d for d in glob.glob(os.path.join(root, "*")) if os.path.basename(d).isdigit()]
+    if steps:
+      return max(steps, key=lambda d: int(os.path.basename(d)))
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  raise FileNotFoundError(f"{path}: no training checkpoint (expected a workdir with checkpoints/<step>/)")
+
+
+def is_training_run(path: str) -> bool:
+  try:
+    latest_checkpoint_dir(path)
+    return True
+  except FileNotFoundError:
+    return False
 
 
 class Checkpointer:

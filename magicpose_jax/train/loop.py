@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicpose_jax.convert.diffusers import abstract_unet_params
-from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.data.pipeline import train_dataset
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.models.controlnet import abstract_controlnet_params
+from magicpose_jax.models.unet import abstract_unet_params
+from magicpose_jax.models.vae import abstract_vae_params
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import flops, samples, sharding, stages
 from magicpose_jax.train.metrics_log import MetricsLog

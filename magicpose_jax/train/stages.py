@@ -14,7 +14,6 @@ gradients and optimizer state.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any
 
@@ -23,18 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from magicpose_jax.convert.clip import abstract_text_encoder_params
-from magicpose_jax.convert.diffusers import abstract_unet_params
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, SDConfigs, load_stable_diffusion
-from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
-from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, encode_text
+from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, abstract_text_encoder_params, encode_text
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel
-from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, abstract_unet_params
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, abstract_vae_params
 from magicpose_jax.tokenizer import CLIPTokenizer
+from magicpose_jax.train.checkpoint import is_training_run
 from magicpose_jax.train.config import STAGES
 
 Params = dict[str, Any]
@@ -141,25 +138,6 @@ def random_base(sd: SDConfigs, seed: int) -> Params:
   abstract = {"unet": abstract_unet_params(sd.unet), "vae": abstract_vae_params(sd.vae),
               "text_encoder": abstract_text_encoder_params(sd.text_encoder)}
   return random_params(abstract, seed)
-
-
-def latest_checkpoint_dir(path: str) -> str:
-  """A workdir, its `checkpoints/` folder or one step folder -> the newest step folder."""
-  for root in (os.path.join(path, "checkpoints"), path):
-    steps = [d for d in glob.glob(os.path.join(root, "*")) if os.path.basename(d).isdigit()]
-    if steps:
-      return max(steps, key=lambda d: int(os.path.basename(d)))
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  raise FileNotFoundError(f"{path}: no training checkpoint (expected a workdir with checkpoints/<step>/)")
-
-
-def is_training_run(path: str) -> bool:
-  try:
-    latest_checkpoint_dir(path)
-    return True
-  except FileNotFoundError:
-    return False
 
 
 def _cast(tree: Params, dtype: Any) -> Params:

@@ -1,30 +1,12 @@
-"""`python -m magicpose_jax.demo [--out DIR] [--fresh] [--micro]`: MagicPose end to end on a CPU (`make demo`).
+"""The demo's phases: data, the demo VAE, base/stage-1/stage-2/ablation training runs, evaluation and figures.
 
-Phases (each cached in DIR; a second run skips finished ones unless --fresh, or unless DIR/setup.json says they were
-trained with another config, budget or architecture: then every phase is retrained):
-
-  1. vae        a tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) trained on the training figures
-                (`train/autoencoder.py`), written with a random tiny UNet + text encoder as an SD pipeline folder;
-  2. base       the tiny UNet trained as plain (empty-prompt) SD on the figures: the "pretrained SD" MagicPose
-                freezes;
-  3. stage1     the Appearance Controller over the frozen base (`train.loop.train`, configs/demo.py);
-  4. stage2     appearance + Pose Controller, from stage 1;
-  5. ablations  "no appearance" (pose net + base, stage 2 from the base) and "no pose" (appearance only), at the
-                budget below (see `Budget`);
-  6. evaluate   held-out identities (never trained on) retargeted to new poses and expressions, scored against
-                ground truth (`eval/retarget.py`); retarget.png, animation.gif, metrics.json and a table.
-
-Outputs in DIR: retarget.png, animation.gif (+ .mp4 if imageio-ffmpeg is installed), metrics.json, tb/ (TensorBoard:
-`tensorboard --logdir DIR/tb`), runs/<phase>/ (training workdirs), vae/, base_sd/.
+See the package docstring (`magicpose_jax.demo`) for what each phase does and what DIR holds.
 """
-
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -38,16 +20,20 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from magicpose_jax import configs
+from magicpose_jax.configs import config_path
 from magicpose_jax.data.synthetic import SyntheticSource
+from magicpose_jax.demo import autoencoder
+from magicpose_jax.demo import retarget as rt
+from magicpose_jax.demo.figures import image_grid, save_animation, save_png
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
-from magicpose_jax.eval import retarget as rt
 from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.pose.keypoints import Pose
 from magicpose_jax.pose.render import render
-from magicpose_jax.train import autoencoder, loop, stages
-from magicpose_jax.viz import image_grid, save_animation, save_png
+from magicpose_jax.train import checkpoint as ckpt
+from magicpose_jax.train import loop
 
 # The noise schedule of the demo's base (written into base_sd; every stage over it trains and samples with it):
 # SD 1.5's betas rescaled to zero terminal SNR, "trailing" inference steps and v-prediction (Lin et al. 2024,
@@ -58,7 +44,7 @@ from magicpose_jax.viz import image_grid, save_animation, save_png
 DEMO_SCHEDULE = SD15_SCHEDULE.replace(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                       timestep_spacing="trailing")
 SETUP_FILE = "setup.json"  # in DIR: the setup its cached phases were trained with (`Demo.setup`)
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+CONFIG_FILE = config_path("demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,19 +94,14 @@ MICRO_UNET = UNetConfig(sample_size=16, block_out_channels=(16,), layers_per_blo
 
 
 def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (configs/demo.py by default)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: the demo's training config is missing (run from a checkout of magicpose_jax)")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """`get_config()` of a config file (the packaged configs/demo.py by default)."""
+  return configs.load_config(path)
 
 
 def _phase_done(workdir: str, steps: int) -> bool:
   """A run is finished when its newest checkpoint is at `steps` (the train loop would only resume/skip)."""
   try:
-    return int(os.path.basename(stages.latest_checkpoint_dir(workdir))) >= steps
+    return int(os.path.basename(ckpt.latest_checkpoint_dir(workdir))) >= steps
   except (FileNotFoundError, ValueError):
     return False
 
@@ -458,45 +439,3 @@ def _mix(x: np.ndarray, y: np.ndarray, w: float) -> np.ndarray:
   """Keypoints [..., 3] (x, y, confidence): positions blended, the lower confidence kept."""
   return np.concatenate([(1 - w) * x[..., :2] + w * y[..., :2], np.minimum(x[..., 2:], y[..., 2:])],
                         -1).astype(np.float32)
-
-
-def print_report(report: dict) -> None:
-  print("\nHeld-out identities retargeted to new poses (mean over images; * = best):")
-  print(rt.metrics_table({n: {k: m[k] for k, _, _ in rt.SUMMARY_KEYS} for n, m in report["models"].items()}))
-  print(f"ablations: {report['ablations']}")
-  for claim, holds in report["claims"].items():
-    print(f"  {'holds' if holds else 'DOES NOT HOLD'}: {claim}")
-  print("seconds per phase: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items())
-        + (f" (cached: {', '.join(report['cached_phases'])})" if report["cached_phases"] else ""))
-  print(f"outputs: {report['outputs']['grid']}, {', '.join(report['outputs']['animation'])}")
-
-
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="outputs/demo", help="output folder (phases are cached here)")
-  parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
-  parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
-  parser.add_argument("--config", default=CONFIG_FILE, help="training config file (default configs/demo.py)")
-  parser.add_argument("--jobs", type=int, default=1,
-                      help="phases run at once where they do not depend on each other (ablations beside the main "
-                      "runs, evaluation beside training); 2 makes --micro 5-14 s faster on 2 cores, where the "
-                      "phases are mostly compiling (the full demo's phases are compute-bound); output then interleaves")
-  parser.add_argument("--jax-cache", default="", help="persistent compilation cache folder (default DIR/jax_cache)")
-  parser.add_argument("--no-jax-cache", action="store_true",
-                      help="no persistent compilation cache (writing it costs ~2 s a run that only pays back later)")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  if not args.no_jax_cache:
-    # A compilation cache in the output folder: a second run (or the next phase of the same shape) compiles less.
-    jax.config.update("jax_compilation_cache_dir", args.jax_cache or os.path.join(os.path.abspath(args.out),
-                                                                                    "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET) if args.micro else \
-      Demo(args.out, DEMO, load_config(args.config), args.fresh)
-  report = demo.run(args.jobs)
-  print_report(report)
-  return report
-
-
-if __name__ == "__main__":
-  main()

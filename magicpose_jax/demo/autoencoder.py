@@ -26,16 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from magicpose_jax.convert.clip import abstract_text_encoder_params
-from magicpose_jax.convert.diffusers import abstract_unet_params
 from magicpose_jax.convert.flax_checkpoint import load_flax_params, save_flax_model
 from magicpose_jax.convert.stable_diffusion import SDConfigs, save_flax_pipeline
-from magicpose_jax.convert.vae import abstract_vae_params
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
-from magicpose_jax.models.clip import CLIPTextConfig
+from magicpose_jax.models.clip import CLIPTextConfig, abstract_text_encoder_params
 from magicpose_jax.models.random_init import random_params
-from magicpose_jax.models.unet import UNetConfig
-from magicpose_jax.models.vae import AutoencoderKL, VAEConfig
+from magicpose_jax.models.unet import UNetConfig, abstract_unet_params
+from magicpose_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params
 
 Params = dict[str, Any]
 

@@ -1,4 +1,5 @@
-"""A training run -> a MagicPose model (params + configs), and the export folders written from one.
+"""MagicPose models: a training run -> a model (params + configs), the export folders written from one, and
+conversion between every format (what `python -m magicpose_jax.convert` runs).
 
     model = load_run("runs/stage2")              # a workdir (its newest step) or one step's checkpoint folder
     save_diffusers_export(model, "export/")      # plain diffusers folders, for PyTorch users
@@ -16,6 +17,12 @@ Export folder (`--to diffusers`; `--to flax` writes the same tree with our orbax
   model_index.json   so the base also loads as a plain `StableDiffusionPipeline`
   magicpose.json     `MANIFEST_FIELDS`: which folder is what, the run's stage and step, its base source, whether
                      the weights are the EMA, and how to build the (empty-prompt) text states.
+Source kinds `convert` detects: the Stable Diffusion kinds of `convert.formats` and
+  magicpose-run     a training workdir (its newest step), its checkpoints/ folder, or one step's folder
+  magicpose-export  a folder written from one (magicpose.json; diffusers or flax layout)
+Destinations for a MagicPose model: `diffusers`, `flax` and `magicpose` (the released single file), `ldm` too for
+a "base" run.
+
 An appearance net without an output head (one read from a released MagicPose file) gets the base UNet's head in
 `appearance_unet/` so diffusers loads it; MagicPose never computes that head (`magicpose.json` says so).
 """
@@ -31,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from magicpose_jax.convert import formats
 from magicpose_jax.convert.controlnet import load_controlnet, save_controlnet
 from magicpose_jax.convert.diffusers import load_unet, save_unet
 from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_params, load_flax_unet, save_flax_model
@@ -117,7 +125,7 @@ def load_run(path: str | os.PathLike, ema: bool = False, check_base: bool = True
   Raises:
     FileNotFoundError: no checkpoint there. ValueError: unreadable state, another model shape, a changed base.
   """
-  step_dir = stages.latest_checkpoint_dir(os.fspath(path))
+  step_dir = ckpt.latest_checkpoint_dir(os.fspath(path))
   meta, trainable = ckpt.read_trainable(step_dir, "ema" if ema else "params")
   run_config = ml_collections.ConfigDict(meta["config"])
   sd, base, _ = stages.load_base(run_config, ckpt.read_run)
@@ -263,3 +271,48 @@ def save_ldm_file(model: TrainedModel, path: str | os.PathLike, dtype: Any = Non
     raise ValueError(f"{model.info.get('source')}: --to ldm would drop the appearance/pose nets of this "
                      f"{model.info.get('stage')!r} model; use --to magicpose (single file) or --to diffusers")
   save_ldm_checkpoint(model.sd, {k: model.params[k] for k in COMPONENTS}, path, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion of any source kind.
+
+
+def detect_source(src: str | os.PathLike) -> str:
+  """`magicpose-export`, `magicpose-run` or one of `convert.formats`' kinds; raises naming what was looked for."""
+  src = os.fspath(src)
+  if os.path.isdir(src):
+    if is_export(src):
+      return "magicpose-export"
+    if ckpt.is_training_run(src):
+      return "magicpose-run"
+  try:
+    return formats.detect_source(src)
+  except ValueError as e:
+    raise ValueError(f"{e}; nor a MagicPose export (magicpose.json) or training run (checkpoints/<step>/)") from None
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
+            variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False,
+            prediction_type: str | None = None) -> str:
+  """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
+
+  Stable Diffusion sources go to `convert.formats.convert` (same arguments). For a training run `ema` takes its
+  EMA weights; an export holds one set of weights.
+  """
+  kind = detect_source(src)
+  if not kind.startswith("magicpose-"):
+    return formats.convert(src, dst, to, dtype, variant, max_shard_bytes, ema, prediction_type)
+  if to not in formats.FORMATS:
+    raise ValueError(f"unknown destination format {to!r}; expected one of {formats.FORMATS}")
+  if variant is not None or max_shard_bytes is not None or prediction_type is not None:
+    raise ValueError(f"{src}: --variant, --max-shard-gb and --prediction-type apply to Stable Diffusion sources, "
+                     f"not to a {kind}")
+  if kind == "magicpose-export" and ema:
+    raise ValueError(f"{src}: an export holds one set of weights (its magicpose.json says which); --ema applies "
+                     f"to training runs")
+  model = load_run(src, ema=ema) if kind == "magicpose-run" else load_export(src, param_dtype=None)
+  model = dataclasses.replace(model, params=_cast(model.params, dtype))
+  save = {"diffusers": save_diffusers_export, "flax": save_flax_export, "magicpose": save_magicpose_file,
+          "ldm": save_ldm_file}[to]
+  save(model, dst)
+  return kind

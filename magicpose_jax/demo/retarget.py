@@ -21,10 +21,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from magicpose_jax.convert.training_run import TrainedModel, load_run
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval.figure_metrics import evaluate_figures
+from magicpose_jax.export import TrainedModel, load_run
 from magicpose_jax.inference import AnimateOptions
 from magicpose_jax.inference import animate as animate_frames
 

@@ -7,25 +7,15 @@ The frozen base is the one recorded by the stage-1 run (or `--config.base.path`)
 from the appearance net's encoder (`model.pose_init="appearance"`, the paper) with zero convs at 0.
 """
 
-from magicpose_jax.train.config import default_config
+from magicpose_jax.configs import stage1
 
 
 def get_config():
-  c = default_config()
+  c = stage1.get_config()  # same model, precision, data and mesh; only what the paper changes differs
   c.stage = "stage2"
   c.total_steps = 20_000
   c.global_batch_size = 16
   c.checkpoint_every = 1000
-  c.log_every = 50
   c.sample_every = 2000
-  c.optimizer.lr = 1e-4
-  c.dtype = "bfloat16"
-  c.frozen_dtype = "bfloat16"
-  c.remat_policy = "full"
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.model.sample_size = 64
   c.model.pose_init = "appearance"
-  c.data.source = "arrayrecord"
-  c.data.image_size = 512
   return c

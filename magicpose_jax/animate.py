@@ -19,7 +19,8 @@ from tqdm import tqdm
 from magicpose_jax import inference
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.animate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="training workdir, step folder, or export folder")
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--fps", type=float, default=8.0)
   parser.add_argument("--pose-model", default=None, help="whole-body ONNX pose model, for a video --poses")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     # The inputs are checked before the (slow) model load.
     inference.check_output(args.out)

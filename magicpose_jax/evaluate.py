@@ -13,7 +13,8 @@ import sys
 from magicpose_jax.eval.report import DEFAULT_METRICS, METRICS, evaluate_folders, write_report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.evaluate", description=__doc__.splitlines()[0])
   parser.add_argument("--pred", required=True, help="folder of generated frames")
   parser.add_argument("--gt", required=True, help="folder of ground-truth frames (same names)")
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--fps", type=float, default=None, help="frame rate of the videos, recorded in the report")
   parser.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
   parser.add_argument("--batch-size", type=int, default=16)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     report = evaluate_folders(args.pred, args.gt, [m.strip() for m in args.metrics.split(",") if m.strip()],
                               weights_dir=args.weights, fps=args.fps, lpips_net=args.lpips_net,

@@ -16,7 +16,8 @@ from magicpose_jax.convert.vae import latent_encoder
 from magicpose_jax.data.preprocessing import PreprocessError, PreprocessOptions, preprocess
 
 
-def parse_args(argv: list[str] | None = None) -> PreprocessOptions:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   p = argparse.ArgumentParser(prog="python -m magicpose_jax.preprocess", description=__doc__.split("\n\n")[1])
   p.add_argument("--layout", required=True, choices=("tiktok", "edn"), help="dataset folder layout")
   p.add_argument("--src", required=True, help="dataset root (e.g. TikTok-v4/)")
@@ -28,7 +29,11 @@ def parse_args(argv: list[str] | None = None) -> PreprocessOptions:
   p.add_argument("--strict", action="store_true", help="fail if any frame or folder is unusable")
   p.add_argument("--image-format", default="png", choices=("png", "jpg"), help="stored image encoding")
   p.add_argument("--threads", type=int, default=4, help="frames decoded/encoded in parallel")
-  a = p.parse_args(argv)
+  return p
+
+
+def parse_args(argv: list[str] | None = None) -> PreprocessOptions:
+  a = build_parser().parse_args(argv)
   return PreprocessOptions(layout=a.layout, src=a.src, out=a.out, shards=a.shards, split=a.split, size=a.size,
                            vae=a.vae, strict=a.strict, image_format=a.image_format, threads=a.threads)
 

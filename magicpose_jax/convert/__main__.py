@@ -28,7 +28,8 @@ from magicpose_jax.export import convert
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="source folder or single file")
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                       help="LDM single-file source: what the UNet predicts (required for SD 2.x files: "
                            "v_prediction for 768-v, epsilon for 512-base)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     kind = convert(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
                    int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema, args.prediction_type)

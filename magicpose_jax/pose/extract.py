@@ -221,7 +221,8 @@ class WholebodyEstimator:
     return from_wholebody(np.stack(keypoints), np.stack(scores)) if boxes else []
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", help="whole-body pose model (.onnx): DWPose or RTMW")
   parser.add_argument("--det", help="optional YOLOX person detector (.onnx); needs rtmlib")
@@ -229,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
   parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="keypoint confidence threshold")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   if args.model is None or importlib.util.find_spec("onnxruntime") is None:
     print(NO_MODEL_MESSAGE if args.model is None else f"onnxruntime is not installed.\n{NO_MODEL_MESSAGE}",
           file=sys.stderr)

@@ -167,3 +167,22 @@ def test_missing_model_says_the_command(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="pose_detection.tflite is not installed"):
     extract.make_estimator()
   assert extract.main(["--src", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_video_poses_aligned_to_the_reference(tmp_path):
+  import cv2  # noqa: PLC0415
+
+  from magicpose_jax import inference  # noqa: PLC0415
+
+  astronaut = skimage.data.astronaut()
+  video = str(tmp_path / "clip.avi")
+  writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (SIDE, SIDE))
+  for frame in (astronaut, np.zeros_like(astronaut), astronaut):
+    writer.write(np.ascontiguousarray(frame[..., ::-1]))
+  writer.release()
+  renders, report = inference.load_aligned_poses(video, (64, 64), astronaut)
+  assert renders.shape == (3, 64, 64, 3) and renders.dtype == np.uint8
+  assert report["no_person"] == [1] and report["anchor_frame"] == 0 and report["extract"]["no_person"] == [1]
+  assert renders[1].max() == 0 and renders[0].max() > 0  # the empty frame is kept, blank
+  # The same person: the scales are ~1 (the video's JPEG frames are not bit-identical to the reference).
+  assert all(abs(s - 1) < 0.05 for s in report["scales"].values()), report["scales"]

@@ -12,12 +12,14 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m magicpose_jax.pose.models install
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m magicpose_jax.demo --out outputs/demo
 
 test: $(STAMP)
+	@$(PY) -m magicpose_jax.pose.models install  # no-op (0.5 s) when present; refills a cleared cache
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)

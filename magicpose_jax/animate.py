@@ -3,8 +3,11 @@
 Animates one reference image with a pose sequence using a stage-2 MagicPose model: DIR is a training workdir
 (its newest step), one step's checkpoint folder, or a `python -m magicpose_jax.convert` export folder. Poses:
 a folder of OpenPose JSON files (rendered at the model's size) or of pose images, one such file, or a video
-with --pose-model (a whole-body ONNX model, see `python -m magicpose_jax.pose.extract`). Writes FILE and
-FILE's `<stem>_side_by_side.<ext>` (reference | pose | generated). A .png output is a strip of the frames.
+(poses extracted with MediaPipe's models, installed once by `python -m magicpose_jax.pose.models install`, or
+with --pose-model, a whole-body ONNX model; see `python -m magicpose_jax.pose.extract`). --align rescales the
+driving skeleton to the reference person's proportions (`magicpose_jax.pose.align`; needs a video or JSON poses).
+Writes FILE and FILE's `<stem>_side_by_side.<ext>` (reference | pose | generated). A .png output is a strip
+of the frames.
 Every frame starts from the same noise (the release's behaviour) unless --per-frame-noise.
 """
 
@@ -35,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--no-cache", action="store_true", help="recompute the reference states for every chunk")
   parser.add_argument("--ema", action="store_true", help="a training run's EMA weights (default: raw params)")
   parser.add_argument("--fps", type=float, default=8.0)
-  parser.add_argument("--pose-model", default=None, help="whole-body ONNX pose model, for a video --poses")
+  parser.add_argument("--pose-model", default=None, help="whole-body ONNX pose model for a video --poses (default: "
+                      "MediaPipe's models)")
+  parser.add_argument("--align", action="store_true", help="rescale the driving poses to the reference person's "
+                      "proportions and place them on the reference")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   return parser
 
@@ -46,11 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     # The inputs are checked before the (slow) model load.
     inference.check_output(args.out)
     inference.read_image(args.reference)
-    inference.pose_files(args.poses, args.pose_model)
+    (inference.check_alignable if args.align else inference.pose_files)(args.poses, args.pose_model)
     model = inference.load_model(args.checkpoint, ema=args.ema)
     size = model.image_size
     reference, original = inference.load_reference(args.reference, size)
-    poses = inference.load_poses(args.poses, size, canvas=original, pose_model=args.pose_model)
+    if args.align:
+      poses, report = inference.load_aligned_poses(args.poses, size, inference.read_image(args.reference),
+                                                   pose_model=args.pose_model)
+      print(f"aligned {report['frames']} frames on frame {report['anchor_frame']}'s proportions; frames without a "
+            f"person (drawn blank): {report['no_person'] or 'none'}")
+    else:
+      poses = inference.load_poses(args.poses, size, canvas=original, pose_model=args.pose_model)
     options = inference.AnimateOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
                                        batch_frames=args.batch_frames, per_frame_noise=args.per_frame_noise,
                                        cache=not args.no_cache, dtype=jnp.dtype(args.dtype))

@@ -133,7 +133,8 @@ def load_poses(path: str | os.PathLike, size: tuple[int, int], canvas: tuple[int
 
   Args:
     path: a folder of OpenPose JSON files (rendered here) or of pose images, one JSON or image file, or a video
-      (needs `pose_model`, a whole-body ONNX model for `pose.extract`).
+      (its poses extracted with MediaPipe's models, or with `pose_model`, a whole-body ONNX model; one person per
+      frame, a frame without one renders blank).
     canvas: (H, W) the JSON keypoints are in when a file records no canvas (default: the model size).
   """
   files = pose_files(path, pose_model)
@@ -151,27 +152,104 @@ def load_poses(path: str | os.PathLike, size: tuple[int, int], canvas: tuple[int
 
 
 def _check_pose_model(path: str, pose_model: str | None) -> None:
-  from magicpose_jax.pose import extract  # noqa: PLC0415
+  """Cheap checks that a video's poses can be extracted (before any model is loaded)."""
+  from magicpose_jax.pose import extract, models  # noqa: PLC0415
 
-  if pose_model is None or importlib.util.find_spec("onnxruntime") is None:
-    why = "a video needs --pose-model" if pose_model is None else "onnxruntime is not installed"
-    raise ValueError(f"--poses {path}: {why}, or extract the poses first with python -m "
-                     f"magicpose_jax.pose.extract and pass the folder.\n{extract.NO_MODEL_MESSAGE}")
+  if pose_model is None:
+    try:
+      models.check_installed()
+    except models.MissingModelError as e:
+      raise FileNotFoundError(f"--poses {path}: a video's poses are extracted with MediaPipe's models; {e}") from None
+    return
+  if importlib.util.find_spec("onnxruntime") is None:
+    raise ValueError(f"--poses {path}: --pose-model needs onnxruntime, which is not installed, or extract the "
+                     f"poses first with python -m magicpose_jax.pose.extract and pass the folder.\n"
+                     f"{extract.NO_MODEL_MESSAGE}")
   if not os.path.isfile(pose_model):
     raise FileNotFoundError(f"--pose-model {pose_model}: no such file")
 
 
-def _video_poses(path: str, size: tuple[int, int], pose_model: str | None) -> np.ndarray:
-  from magicpose_jax.pose import extract  # noqa: PLC0415  (onnxruntime, imported only for videos)
+def _video_keypoints(path: str, pose_model: str | None) -> tuple[list, tuple[int, int], dict]:
+  """(one Pose or None per frame, the frames' (H, W), extraction report) of a video."""
+  from magicpose_jax.pose import extract  # noqa: PLC0415  (the extractor's runtime, imported only for videos)
 
-  estimate = extract.WholebodyEstimator(pose_model)
-  out = []
-  for _, frame in extract.iter_frames(path):
-    poses = crop_poses(estimate(frame), center_box(*frame.shape[:2]), size[0])
-    out.append(render(poses, *size))
-  if not out:
-    raise ValueError(f"--poses {path}: the video has no frames")
-  return np.stack(out)
+  estimate = extract.make_estimator(pose_model)
+  shape: list[tuple[int, int]] = []
+
+  def frames():
+    for _, frame in extract.iter_frames(path):
+      if frame is not None:
+        shape.append(frame.shape[:2])
+      yield frame
+
+  poses, report = extract.extract_poses(frames(), estimate)
+  if not shape:
+    raise ValueError(f"--poses {path}: the video has no readable frames")
+  return poses, shape[0], report
+
+
+def _video_poses(path: str, size: tuple[int, int], pose_model: str | None) -> np.ndarray:
+  poses, canvas, _ = _video_keypoints(path, pose_model)
+  box = center_box(*canvas)
+  return np.stack([render(crop_poses([p] if p is not None else [], box, size[0]), *size) for p in poses])
+
+
+def _json_keypoints(files: Sequence[str], canvas: tuple[int, int]) -> tuple[list, tuple[int, int]]:
+  """(first person of each OpenPose JSON file or None, the files' canvas (H, W))."""
+  poses, canvases = [], set()
+  for f in files:
+    people = read_openpose_json(f)
+    poses.append(people[0] if people else None)
+    canvases.add(read_openpose_canvas(f) or canvas)
+  if len(canvases) > 1:
+    raise ValueError(f"--poses: OpenPose JSON files with different canvases {sorted(canvases)}; one sequence's "
+                     f"frames must share a size")
+  return poses, canvases.pop()
+
+
+def check_alignable(path: str | os.PathLike, pose_model: str | None = None) -> list[str]:
+  """`pose_files(path)`, after checking they hold keypoints (a video or OpenPose JSON) that alignment can move."""
+  files = pose_files(path, pose_model)
+  if not files[0].lower().endswith((*VIDEO_SUFFIXES, ".json")):
+    raise ValueError(f"--poses {os.fspath(path)}: alignment needs keypoints (a video or OpenPose JSON files), not "
+                     f"pose images")
+  return files
+
+
+def load_aligned_poses(path: str | os.PathLike, size: tuple[int, int], reference: np.ndarray,
+                       pose_model: str | None = None,
+                       canvas: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+  """Pose renders uint8 `[F, H, W, 3]` of the driving poses aligned to the reference person (`pose.align`).
+
+  The reference's own pose is extracted from `reference` (uint8 [H, W, 3], the original image) with the same
+  extractor as a video's frames; the aligned poses are drawn on the reference's canvas and cropped like it.
+
+  Args:
+    path: a video, or a folder of / one OpenPose JSON file (keypoints are needed: pose images cannot be aligned).
+    canvas: (H, W) of JSON files that record none (default: the reference image's size).
+
+  Returns:
+    (renders, report): the alignment report (`no_person` frames, `scales`, ...) with the extraction report of a
+    video under `extract`. Frames without a person render blank and are listed, never dropped.
+  """
+  from magicpose_jax.pose import extract  # noqa: PLC0415
+  from magicpose_jax.pose.align import align_poses  # noqa: PLC0415
+
+  files = check_alignable(path, pose_model)
+  if files[0].lower().endswith(VIDEO_SUFFIXES):
+    driving, _, extract_report = _video_keypoints(files[0], pose_model)
+  else:
+    driving, _ = _json_keypoints(files, canvas or reference.shape[:2])
+    extract_report = None
+  (ref_pose,), _ = extract.extract_poses([reference], extract.make_estimator(pose_model))
+  if ref_pose is None:
+    raise ValueError("--reference: no person found in the reference image, so its proportions are unknown; "
+                     "animate without alignment")
+  aligned, report = align_poses(driving, ref_pose)
+  report["extract"] = extract_report
+  box = center_box(*reference.shape[:2])
+  renders = np.stack([render(crop_poses([p], box, size[0]), *size) for p in aligned])
+  return renders, report
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,8 +67,9 @@ def test_animate_writes_three_frames_and_the_side_by_side(inputs, capsys):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_clear_errors(inputs, capsys):
+def test_clear_errors(inputs, capsys, monkeypatch):
   root, poses, reference = inputs
+  monkeypatch.setenv("MAGICPOSE_POSE_MODELS", str(root / "no_models"))  # the extractor's models are missing
   base = ["--checkpoint", make_tiny_run(), "--steps", "2"]
   bad = root / "bad.png"
   bad.write_bytes(b"not an image")
@@ -88,7 +89,9 @@ def test_clear_errors(inputs, capsys):
       (["--reference", str(reference), "--poses", str(root / "clip.mp4"), "--out", str(root / "x.gif")],
        "no such folder or file"),
       (["--reference", str(reference), "--poses", str(video), "--out", str(root / "x.gif")],
-       "a video needs --pose-model"),
+       "run once:  python -m magicpose_jax.pose.models install"),
+      (["--reference", str(reference), "--poses", str(mixed), "--out", str(root / "x.gif"), "--align"],
+       "alignment needs keypoints"),
   ]
   for args, message in cases:
     assert animate_main(base + args) == 2

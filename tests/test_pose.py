@@ -289,14 +289,16 @@ def test_filter_reasons():
 
 
 def test_extract_frames_writes_kept_frames_and_report(tmp_path):
-  frames = [(f"{i:04d}", np.zeros((100, 100, 3), np.uint8)) for i in range(5)]
+  frames = [(f"{i:04d}", np.zeros((100, 100, 3), np.uint8)) for i in range(5)] + [("0005", None)]
   outcomes = {"0000": [_standing()], "0001": [], "0002": [_standing(), _standing(offset=(3, 3))],
               "0003": [_standing(visible=3)], "0004": [_standing(offset=(1, 0)), _standing(conf=0.05)]}
   calls = iter(outcomes.values())
   report = extract.extract_frames(frames, lambda image: next(calls), str(tmp_path))
-  assert report["frames"] == 5 and report["kept"] == 2
-  assert report["filtered"] == {"no_person": 1, "several_people": 1, "few_keypoints": 1, "small_person": 0}
-  assert report["filtered_frames"] == {"0001": "no_person", "0002": "several_people", "0003": "few_keypoints"}
+  assert report["frames"] == 6 and report["kept"] == 2
+  assert report["filtered"] == {"unreadable": 1, "no_person": 1, "several_people": 1, "few_keypoints": 1,
+                                "small_person": 0}
+  assert report["filtered_frames"] == {"0001": "no_person", "0002": "several_people", "0003": "few_keypoints",
+                                       "0005": "unreadable"}
   assert json.loads((tmp_path / extract.REPORT_NAME).read_text()) == report
   assert sorted(os.listdir(tmp_path)) == ["0000.json", "0000.png", "0004.json", "0004.png", extract.REPORT_NAME]
   (pose,) = read_openpose_json(tmp_path / "0004.json")
@@ -312,8 +314,9 @@ def test_iter_frames(tmp_path):
   for name in ("b.png", "a.jpg"):
     cv2.imwrite(str(tmp_path / name), np.full((8, 6, 3), 200, np.uint8))
   (tmp_path / "notes.txt").write_text("not an image")
-  stems = [(s, im.shape) for s, im in extract.iter_frames(str(tmp_path))]
-  assert stems == [("a", (8, 6, 3)), ("b", (8, 6, 3))]
+  (tmp_path / "c.png").write_bytes(b"not a png")
+  stems = [(s, None if im is None else im.shape) for s, im in extract.iter_frames(str(tmp_path))]
+  assert stems == [("a", (8, 6, 3)), ("b", (8, 6, 3)), ("c", None)]  # unreadable: None, never an exception
   video = str(tmp_path / "clip.avi")
   writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 10, (16, 12))
   for i in range(3):
@@ -325,12 +328,11 @@ def test_iter_frames(tmp_path):
     list(extract.iter_frames(str(tmp_path / "missing.mp4")))
 
 
-def test_cli_without_model_explains_and_exits_2(capsys, tmp_path):
-  assert extract.main(["--src", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+def test_cli_with_a_missing_onnx_model_explains_and_exits_2(capsys, tmp_path):
+  args = ["--pose-model", str(tmp_path / "none.onnx"), "--src", str(tmp_path), "--out", str(tmp_path)]
+  assert extract.main(args) == 2
   err = capsys.readouterr().err
-  assert "pip install onnxruntime rtmlib" in err and "dw-ll_ucoco_384.onnx" in err
-  assert extract.main(["--model", str(tmp_path / "none.onnx"), "--src", str(tmp_path), "--out", str(tmp_path)]) == 2
-  assert "pip install onnxruntime rtmlib" in capsys.readouterr().err
+  assert "none.onnx" in err and "pip install onnxruntime rtmlib" in err and "dw-ll_ucoco_384.onnx" in err
 
 
 def test_simcc_geometry_round_trip():

@@ -1,16 +1,21 @@
-"""Pose extraction from images or a video with a local DWPose / RTMPose whole-body ONNX model.
+"""Pose extraction from images or a video: MediaPipe's models by default (no download at run time), or a local
+DWPose / RTMPose whole-body ONNX model.
 
-    python -m magicpose_jax.pose.extract --model dw-ll_ucoco_384.onnx [--det yolox_l.onnx] --src FRAMES_OR_VIDEO \
-        --out DIR
+    python -m magicpose_jax.pose.models install          # once: the MediaPipe .tflite files (from PyPI)
+    python -m magicpose_jax.pose.extract --src FRAMES_OR_VIDEO --out DIR
+    python -m magicpose_jax.pose.extract --pose-model dw-ll_ucoco_384.onnx [--det yolox_l.onnx] --src ... --out DIR
 
 Writes, per kept frame, `DIR/<stem>.json` (OpenPose JSON) and `DIR/<stem>.png` (the ControlNet-style pose
 render), where `<stem>` is the image's file stem (or the frame number, `00000`, for a video); and
 `DIR/extract_report.json` with the count of frames dropped by each filter. The filters are the release's: exactly
 one person, more than 6 body keypoints above the confidence threshold, and a body bounding box over 4 % of the
-image. onnxruntime (and rtmlib, for the optional person detector) are imported only here, when run.
+image; frames that cannot be read are counted too ("unreadable"), never a crash.
 
-The pose model runs top-down: on each person box of the detector (`--det`, needs rtmlib), or without a detector
-on the whole frame (one person per frame, the usual case for dance videos).
+Backends: the default runs MediaPipe's BlazePose, hand and face-mesh models with ai-edge-litert (`holistic.py`;
+one person per frame). `--pose-model` runs a SimCC whole-body ONNX model with onnxruntime (imported only then)
+top-down: on each person box of the detector (`--det`, needs rtmlib), or without a detector on the whole frame.
+
+In Python: `poses, report = extract_poses(frames)` for uint8 frames [T, H, W, 3] (or any iterable of images).
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from magicpose_jax.pose.render import DEFAULT_THRESHOLD, render
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 REPORT_NAME = "extract_report.json"
-FILTER_REASONS = ("no_person", "several_people", "few_keypoints", "small_person")
+FILTER_REASONS = ("unreadable", "no_person", "several_people", "few_keypoints", "small_person")
 NO_MODEL_MESSAGE = """\
-magicpose_jax.pose.extract needs a whole-body pose model in ONNX format (--model) and onnxruntime.
+A DWPose / RTMW whole-body pose model in ONNX format (--pose-model) needs onnxruntime.
   Install the optional extra:   pip install onnxruntime rtmlib
   Get a model by hand (nothing is downloaded for you), then pass its path:
     - DWPose: dw-ll_ucoco_384.onnx (pose) and yolox_l.onnx (person detector, for --det), published by the
@@ -89,9 +94,10 @@ def write_frame(out_dir: str, stem: str, pose: Pose, height: int, width: int, th
   cv2.imwrite(os.path.join(out_dir, f"{stem}.png"), image[..., ::-1])  # RGB -> OpenCV's BGR
 
 
-def extract_frames(frames: Iterable[tuple[str, np.ndarray]], estimate: Callable[[np.ndarray], list[Pose]],
+def extract_frames(frames: Iterable[tuple[str, np.ndarray | None]], estimate: Callable[[np.ndarray], list[Pose]],
                    out_dir: str, filt: FrameFilter = FrameFilter()) -> dict:
-  """Runs `estimate` on each (stem, uint8 [H, W, 3] RGB image), filters, writes kept frames and the report.
+  """Runs `estimate` on each (stem, uint8 [H, W, 3] RGB image or None: unreadable), filters, writes kept frames and
+  the report.
 
   Returns:
     The report also written to `out_dir/extract_report.json`: frame counts (`frames`, `kept`), `filtered`
@@ -103,6 +109,10 @@ def extract_frames(frames: Iterable[tuple[str, np.ndarray]], estimate: Callable[
   total = 0
   for stem, image in frames:
     total += 1
+    if image is None:
+      counts["unreadable"] += 1
+      dropped[stem] = "unreadable"
+      continue
     height, width = image.shape[:2]
     poses = estimate(image)
     reason = filter_reason(poses, height, width, filt)
@@ -119,28 +129,81 @@ def extract_frames(frames: Iterable[tuple[str, np.ndarray]], estimate: Callable[
   return report
 
 
-def iter_frames(src: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(stem, uint8 [H, W, 3] RGB) of a folder of images (sorted by name), one image, or a video's frames."""
+def extract_poses(frames: np.ndarray | Iterable[np.ndarray | None],
+                  estimate: Callable[[np.ndarray], list[Pose]] | None = None,
+                  threshold: float = DEFAULT_THRESHOLD) -> tuple[list[Pose | None], dict]:
+  """One pose per frame (None: no person or unreadable), and a report; no file is written.
+
+  Args:
+    frames: uint8 RGB [T, H, W, 3], or an iterable of [H, W, 3] images (None for a frame that failed to read).
+    estimate: image -> poses (default: the MediaPipe extractor, `make_estimator()`).
+    threshold: a person is a pose with a body keypoint above this confidence.
+
+  Returns:
+    (poses, report): `frames` (count), `with_person`, `no_person` and `unreadable` (frame indices) and
+    `several_people` (indices of frames where the largest of several people was kept).
+  """
+  estimate = estimate or make_estimator()
+  poses: list[Pose | None] = []
+  report = {"frames": 0, "with_person": 0, "no_person": [], "unreadable": [], "several_people": []}
+  for i, image in enumerate(frames):
+    report["frames"] += 1
+    if image is None:
+      report["unreadable"].append(i)
+      poses.append(None)
+      continue
+    people = [(p, body_box(p, threshold)) for p in estimate(image)]
+    people = [(p, (x1 - x0) * (y1 - y0)) for p, box in people if box is not None for x0, y0, x1, y1 in [box]]
+    if not people:
+      report["no_person"].append(i)
+      poses.append(None)
+      continue
+    if len(people) > 1:
+      report["several_people"].append(i)
+    poses.append(max(people, key=lambda pa: pa[1])[0])
+    report["with_person"] += 1
+  return poses, report
+
+
+def make_estimator(pose_model: str | None = None, det: str | None = None, models_dir: str | None = None,
+                   device: str = "cpu") -> Callable[[np.ndarray], list[Pose]]:
+  """image -> poses: MediaPipe's models (default; MissingModelError says how to install them) or, with
+  `pose_model`, a whole-body ONNX model (onnxruntime; `det`: an optional YOLOX person detector)."""
+  if pose_model is None:
+    from magicpose_jax.pose.holistic import Holistic  # noqa: PLC0415
+
+    return Holistic(models_dir)
+  if importlib.util.find_spec("onnxruntime") is None:
+    raise ValueError(f"--pose-model {pose_model}: onnxruntime is not installed.\n{NO_MODEL_MESSAGE}")
+  if not os.path.isfile(pose_model):
+    raise FileNotFoundError(f"--pose-model {pose_model}: no such file.\n{NO_MODEL_MESSAGE}")
+  return WholebodyEstimator(pose_model, det, device)
+
+
+def iter_frames(src: str) -> Iterator[tuple[str, np.ndarray | None]]:
+  """(stem, uint8 [H, W, 3] RGB, or None where a frame cannot be read) of a folder of images (sorted by name), one
+  image, or a video's frames."""
   if os.path.isdir(src):
     paths = sorted(os.path.join(src, n) for n in os.listdir(src) if n.lower().endswith(IMAGE_SUFFIXES))
   elif src.lower().endswith(IMAGE_SUFFIXES):
+    if not os.path.isfile(src):
+      raise FileNotFoundError(f"--src {src}: no such image")
     paths = [src]
   else:
     yield from _video_frames(src)
     return
   for path in paths:
     image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-      raise ValueError(f"{path}: cannot be read as an image")
-    yield os.path.splitext(os.path.basename(path))[0], image[..., ::-1]
+    yield os.path.splitext(os.path.basename(path))[0], (None if image is None else image[..., ::-1])
 
 
-def _video_frames(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def _video_frames(path: str) -> Iterator[tuple[str, np.ndarray | None]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--src {path}: no such image folder, image or video")
   capture = cv2.VideoCapture(path)
   if not capture.isOpened():
     raise ValueError(f"{path}: OpenCV cannot open it as a video")
+  declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
   index = 0
   try:
     while True:
@@ -151,6 +214,9 @@ def _video_frames(path: str) -> Iterator[tuple[str, np.ndarray]]:
       index += 1
   finally:
     capture.release()
+  # A stream that stops before the frame count its header declares: the rest could not be read.
+  for missing in range(index, declared):
+    yield f"{missing:05d}", None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,27 +289,28 @@ class WholebodyEstimator:
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (also parsed by the README test)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", help="whole-body pose model (.onnx): DWPose or RTMW")
-  parser.add_argument("--det", help="optional YOLOX person detector (.onnx); needs rtmlib")
+  parser = argparse.ArgumentParser(prog="python -m magicpose_jax.pose.extract", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--pose-model", "--model", dest="pose_model", default=None,
+                      help="whole-body ONNX model (DWPose or RTMW) instead of the default MediaPipe models")
+  parser.add_argument("--det", help="optional YOLOX person detector (.onnx) for --pose-model; needs rtmlib")
+  parser.add_argument("--models-dir", default=None, help="MediaPipe model folder (default: $MAGICPOSE_POSE_MODELS "
+                      "or ~/.cache/magicpose_jax/pose_models)")
   parser.add_argument("--src", required=True, help="folder of images, one image, or a video file")
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+  parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="onnxruntime device (--pose-model)")
   parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="keypoint confidence threshold")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  if args.model is None or importlib.util.find_spec("onnxruntime") is None:
-    print(NO_MODEL_MESSAGE if args.model is None else f"onnxruntime is not installed.\n{NO_MODEL_MESSAGE}",
-          file=sys.stderr)
+  try:
+    frames = iter_frames(args.src)
+    estimator = make_estimator(args.pose_model, args.det, args.models_dir, args.device)
+    report = extract_frames(frames, estimator, args.out, FrameFilter(threshold=args.threshold))
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  if not os.path.isfile(args.model):
-    print(f"--model {args.model}: no such file.\n{NO_MODEL_MESSAGE}", file=sys.stderr)
-    return 2
-  estimator = WholebodyEstimator(args.model, args.det, args.device)
-  report = extract_frames(iter_frames(args.src), estimator, args.out, FrameFilter(threshold=args.threshold))
   print(f"{report['kept']} of {report['frames']} frames kept; filtered: {report['filtered']}; "
         f"report in {os.path.join(args.out, REPORT_NAME)}")
   return 0

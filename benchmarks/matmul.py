@@ -9,7 +9,7 @@ Shapes (batch 1, 64x64 latents): per level, the attention projections, the cross
 under jit against `torch.nn.functional.linear` on --copies different operand pairs in turn (the UNet reads every
 weight once per forward: caches are not warm for it either), each round's order drawn at random; medians of
 the rounds. The last lines weight each shape by how often one forward runs it. This is where our UNet forward
-loses to PyTorch's (README, "Tests and benchmarks"). Needs the test/reference extra (torch).
+loses to PyTorch's (benchmarks/results/cpu-forward.md). Needs the test/reference extra (torch).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --config.data.path=/path/to/preprocessed/tiktok --workdir runs/stage1
 
 The paper trains on 8 A100s; the release uses lr 1e-5 (`--config.optimizer.lr=1e-5`). On 8 devices the
-default mesh is FSDP over all of them (see README "Training at scale").
+default mesh is FSDP over all of them (see docs/training-at-scale.md).
 """
 
 from magicpose_jax.train.config import default_config

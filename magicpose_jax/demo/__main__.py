@@ -23,7 +23,8 @@ def print_report(report: dict) -> None:
   print(f"outputs: {report['outputs']['grid']}, {', '.join(report['outputs']['animation'])}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.demo", description=demo_package.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="outputs/demo", help="output folder (phases are cached here)")
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--jax-cache", default="", help="persistent compilation cache folder (default DIR/jax_cache)")
   parser.add_argument("--no-jax-cache", action="store_true",
                       help="no persistent compilation cache (writing it costs ~2 s a run that only pays back later)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = build_parser().parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   if not args.no_jax_cache:
     # A compilation cache in the output folder: a second run (or the next phase of the same shape) compiles less.

@@ -64,7 +64,7 @@ class AutoencoderTraining:
       / `latents_std`, scaling_factor 1) instead of one scalar `scaling_factor` for all: a small VAE's channels
       can differ several-fold in spread (the demo's: std 0.19 to 1.59 after a scalar fit), and noise of unit
       variance then drowns the narrow channels' content at far lower noise levels than the wide ones'. Off by
-      default: on the demo it measured slightly worse than the scalar fit (README, Demo).
+      default: on the demo it measured slightly worse than the scalar fit (docs/demo.md).
   """
 
   steps: int = 300

@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.frozen_dtype = "float32"  # storage dtype of the frozen base (bfloat16 halves its memory)
   # Per UNet block rematerialisation (models.unet.REMAT_POLICIES): "none", "full" (recompute everything),
   # "dots_saveable" (keep conv and matmul outputs), "dots_with_no_batch_dims_saveable" (keep the projections),
-  # "offload" (the projections to host memory). Step time vs memory: README "Accelerator performance".
+  # "offload" (the projections to host memory). Step time vs memory: docs/performance.md.
   c.remat_policy = "none"
   c.attention_backend = "auto"  # models.attention backends: auto, xla, xla_chunked, dot_product, cudnn
 

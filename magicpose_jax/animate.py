@@ -1,4 +1,4 @@
-"""`python -m magicpose_jax.animate --checkpoint DIR --reference IMAGE --poses DIR|FILE --out FILE.(gif|mp4|png)`.
+"""`python -m magicpose_jax.animate --checkpoint DIR --reference IMAGE --poses DIR|FILE --out FILE.(mp4|gif|png)`.
 
 Animates one reference image with a pose sequence using a stage-2 MagicPose model: DIR is a training workdir
 (its newest step), one step's checkpoint folder, or a `python -m magicpose_jax.convert` export folder. Poses:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--checkpoint", required=True, help="training workdir, step folder, or export folder")
   parser.add_argument("--reference", required=True, help="the reference image (centre square, resized)")
   parser.add_argument("--poses", required=True, help="folder of OpenPose JSON / pose images, one file, or a video")
-  parser.add_argument("--out", required=True, help="output .gif, .mp4 (needs imageio-ffmpeg) or .png strip")
+  parser.add_argument("--out", required=True, help="output .mp4 (H.264, by imageio-ffmpeg's own ffmpeg), .gif or "
+                      ".png strip")
   parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
   parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
   parser.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@
     reference = load_reference("me.png", model.image_size)  # uint8 [H, W, 3], centre square resized
     poses = load_poses("poses/", model.image_size)          # uint8 [F, H, W, 3] pose renders
     frames = animate(model, reference, poses, AnimateOptions(steps=50))
-    write_frames("out.gif", frames); write_frames("out_side_by_side.gif", side_by_side(reference, poses, frames))
+    write_frames("out.mp4", frames); write_frames("out_side_by_side.mp4", side_by_side(reference, poses, frames))
 
 Images are prepared as the training data were (`data.augment`): the largest centred square, resized to the
 model's side (area-averaging when shrinking). OpenPose JSON keypoints follow the same crop of their canvas:
@@ -36,7 +36,7 @@ from magicpose_jax.train import stages
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-OUTPUT_SUFFIXES = (".gif", ".mp4", ".png")
+OUTPUT_SUFFIXES = (".mp4", ".gif", ".png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,19 +343,23 @@ def side_by_side_path(out: str | os.PathLike) -> str:
 
 
 def check_output(path: str | os.PathLike) -> str:
-  """The output suffix, after checking it is writable here (an mp4 needs imageio with ffmpeg)."""
+  """The output suffix, after checking it is writable here (an mp4 needs imageio and imageio-ffmpeg's ffmpeg)."""
   ext = os.path.splitext(os.fspath(path))[1].lower()
   if ext not in OUTPUT_SUFFIXES:
     raise ValueError(f"--out {path}: expected a {', '.join(OUTPUT_SUFFIXES)} file")
   if ext == ".mp4" and (importlib.util.find_spec("imageio") is None
                         or importlib.util.find_spec("imageio_ffmpeg") is None):
-    raise ValueError(f"--out {path}: writing .mp4 needs imageio and imageio-ffmpeg (pip install imageio "
-                     f"imageio-ffmpeg); or write a .gif (pillow) or a .png strip")
+    raise ValueError(f"--out {path}: writing .mp4 needs imageio and imageio-ffmpeg, which requirements.txt pins "
+                     f"(pip install -r requirements.txt); or write a .gif (pillow) or a .png strip")
   return ext
 
 
 def write_frames(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -> None:
-  """Writes uint8 `[F, H, W, 3]` as a gif (pillow), an mp4 (imageio-ffmpeg) or a png strip (frames side by side)."""
+  """Writes uint8 `[F, H, W, 3]` as an mp4, a gif (pillow) or a png strip (frames side by side).
+
+  The mp4 is H.264 in yuv420p (what browsers play) with the index up front (`+faststart`, so a page plays it while
+  it loads), encoded by the ffmpeg binary that imageio-ffmpeg ships; H and W must be even (model sizes are).
+  """
   path = os.fspath(path)
   ext = check_output(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -367,6 +371,10 @@ def write_frames(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) 
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
   else:
-    import imageio.v2 as imageio  # noqa: PLC0415  (optional)
+    import imageio.v2 as imageio  # noqa: PLC0415  (only for videos)
 
-    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+      raise ValueError(f"{path}: frames {frames.shape[1]}x{frames.shape[2]}: H.264 in yuv420p needs even sizes; "
+                       f"write a .gif or .png")
+    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
+                     ffmpeg_params=["-movflags", "+faststart"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,3 +103,22 @@ def test_png_strip(tmp_path):
   frames = np.random.default_rng(1).integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
   inference.write_frames(tmp_path / "strip.png", frames)
   assert np.array_equal(np.asarray(Image.open(tmp_path / "strip.png")), np.concatenate(list(frames), axis=1))
+
+
+def read_mp4(path) -> np.ndarray:
+  """uint8 [F, H, W, 3] decoded by imageio with imageio-ffmpeg's ffmpeg (not the writer's code path)."""
+  with imageio.get_reader(path, "ffmpeg") as reader:
+    return np.stack(list(reader.iter_data()))  # list(reader) would size itself by its len(): inf
+
+
+def test_mp4_decodes_to_the_frames_written(tmp_path):
+  # Smooth moving gradients: H.264 keeps them within a few levels (random noise it would not).
+  y, x = np.mgrid[0:32, 0:48]
+  frames = np.stack([np.stack([(x * 5 + 12 * i) % 256, (y * 7) % 256, np.full_like(x, 40 * i)], -1)
+                     for i in range(5)]).astype(np.uint8)
+  inference.write_frames(tmp_path / "clip.mp4", frames, fps=8)
+  decoded = read_mp4(tmp_path / "clip.mp4")
+  assert decoded.shape == frames.shape
+  assert np.abs(decoded.astype(int) - frames).mean() < 6
+  with pytest.raises(ValueError, match="even sizes"):
+    inference.write_frames(tmp_path / "odd.mp4", frames[:, :31])

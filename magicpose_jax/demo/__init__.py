@@ -14,7 +14,7 @@ trained with another config, budget or architecture: then every phase is retrain
   6. evaluate   held-out identities (never trained on) retargeted to new poses and expressions, scored against
                 ground truth (`demo/retarget.py`); retarget.png, animation.gif, metrics.json and a table.
 
-Outputs in DIR: retarget.png, animation.gif (+ .mp4 if imageio-ffmpeg is installed), metrics.json, tb/ (TensorBoard:
+Outputs in DIR: retarget.png, animation.gif and .mp4, metrics.json, tb/ (TensorBoard:
 `tensorboard --logdir DIR/tb`), runs/<phase>/ (training workdirs), vae/, base_sd/.
 
 Modules: `phases` (the phase graph and the `Demo` runner), `autoencoder` (the demo VAE), `retarget` (held-out

@@ -93,18 +93,16 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def save_animation(frames: Sequence[np.ndarray], path: str, fps: float = 8.0) -> list[str]:
-  """Writes `frames` (uint8 [H, W, 3] each) as a looping GIF at `path`, and as `path` with .mp4 when the optional
-  `imageio-ffmpeg` package is installed (it is not a dependency). Returns the paths written."""
+  """Writes `frames` (uint8 [H, W, 3] each) as a looping GIF at `path` and as `path` with .mp4 (imageio-ffmpeg's
+  ffmpeg). Returns the paths written."""
   if not frames:
     raise ValueError(f"save_animation: no frames for {path}")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
   images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
   written = [path]
-  try:
-    import imageio_ffmpeg  # noqa: PLC0415 (optional)
-  except ImportError:
-    return written
+  import imageio_ffmpeg  # noqa: PLC0415 (only for videos)
+
   mp4 = os.path.splitext(path)[0] + ".mp4"
   h, w = frames[0].shape[:2]
   writer = imageio_ffmpeg.write_frames(mp4, (w, h), fps=fps, macro_block_size=1)

@@ -9,6 +9,7 @@ driving skeleton to the reference person's proportions (`magicpose_jax.pose.alig
 Writes FILE and FILE's `<stem>_side_by_side.<ext>` (reference | pose | generated). A .png output is a strip
 of the frames.
 Every frame starts from the same noise (the release's behaviour) unless --per-frame-noise.
+--base PATH puts the trained controllers over another SD 1.5 derivative's UNet (--base-vae: and its VAE).
 """
 
 from __future__ import annotations
@@ -44,17 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--align", action="store_true", help="rescale the driving poses to the reference person's "
                       "proportions and place them on the reference")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  add_base_arguments(parser)
   return parser
 
 
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+  """--base / --base-vae (animate, convert and the app): another SD 1.5 under the trained controllers."""
+  parser.add_argument("--base", default=None, help="another SD 1.5 (a diffusers or our pipeline folder, an LDM "
+                      "single file, or a UNet folder) whose UNet replaces the trained base's main UNet; the "
+                      "controllers are kept; a different architecture is an error naming the difference")
+  parser.add_argument("--base-vae", nargs="?", const="", default=None, metavar="PATH",
+                      help="also replace the VAE: with no PATH, --base's; else a VAE folder or an SD pipeline/file")
+
+
+def base_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str | None, str | None]:
+  """(UNet source, VAE source) of --base / --base-vae (a bare --base-vae is --base's VAE)."""
+  if args.base_vae == "" and args.base is None:
+    parser.error("--base-vae without a PATH takes --base's VAE: give --base, or a PATH to --base-vae")
+  return args.base, (args.base if args.base_vae == "" else args.base_vae)
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  base, base_vae = base_sources(parser, args)
   try:
     # The inputs are checked before the (slow) model load.
     inference.check_output(args.out)
     inference.read_image(args.reference)
     (inference.check_alignable if args.align else inference.pose_files)(args.poses, args.pose_model)
-    model = inference.load_model(args.checkpoint, ema=args.ema)
+    model = inference.load_model(args.checkpoint, ema=args.ema, base=base, base_vae=base_vae)
     size = model.image_size
     reference, original = inference.load_reference(args.reference, size)
     if args.align:

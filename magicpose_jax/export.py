@@ -44,13 +44,14 @@ from magicpose_jax.convert.diffusers import load_unet, save_unet
 from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_params, load_flax_unet, save_flax_model
 from magicpose_jax.convert.magicpose import APPEARANCE_PREFIX, STAGE1_APPEARANCE_PREFIX, save_magicpose_checkpoint
 from magicpose_jax.convert.stable_diffusion import (
-    COMPONENTS,
-    SDConfigs,
-    load_stable_diffusion,
-    save_flax_pipeline,
-    save_ldm_checkpoint,
-    save_stable_diffusion,
+  COMPONENTS,
+  SDConfigs,
+  load_stable_diffusion,
+  save_flax_pipeline,
+  save_ldm_checkpoint,
+  save_stable_diffusion,
 )
+from magicpose_jax.convert.vae import load_vae
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.magicpose import MagicPoseConfig
 from magicpose_jax.train import checkpoint as ckpt
@@ -248,8 +249,8 @@ def load_export(folder: str | os.PathLike, param_dtype: Any = np.float32) -> Tra
       pose, params["pose"] = load_controlnet(where, param_dtype)
   if param_dtype is not None:
     params = _cast(params, param_dtype)
-  info = {k: manifest[k] for k in ("stage", "step", "base_source", "weights", "text_clip_skip", "empty_prompt_ids")
-          if k in manifest}
+  info = {k: manifest[k] for k in ("stage", "step", "base_source", "weights", "text_clip_skip", "empty_prompt_ids",
+                                   "swapped_base") if k in manifest}
   info["source"] = os.path.abspath(folder)
   return TrainedModel(sd, MagicPoseConfig(sd.unet, pose, "appearance" in params), params, info)
 
@@ -274,6 +275,110 @@ def save_ldm_file(model: TrainedModel, path: str | os.PathLike, dtype: Any = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Another SD 1.5 as the frozen base.
+
+# Config fields that do not change the weights' meaning: the default size, the kernels and upcasting switches.
+_RUNTIME_FIELDS = frozenset({"sample_size", "attention_backend", "remat_policy", "upcast_attention", "force_upcast"})
+
+
+def _config_mismatch(ours: Any, theirs: Any) -> list[str]:
+  """`field: model's value vs base's value` for every architecture field of two UNet/VAE configs that differs."""
+  return [f"{f.name}: the model's {getattr(ours, f.name)!r} vs the base's {getattr(theirs, f.name)!r}"
+          for f in dataclasses.fields(ours)
+          if f.name not in _RUNTIME_FIELDS and getattr(ours, f.name) != getattr(theirs, f.name)]
+
+
+def _tree_mismatch(ours: Params, theirs: Params) -> list[str]:
+  """Missing, unexpected and mis-shaped keys (`a/b/kernel`) of two param trees."""
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
+                       for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  a, b = flat(ours), flat(theirs)
+  return ([f"missing {k} {a[k]}" for k in sorted(a.keys() - b.keys())]
+          + [f"unexpected {k} {b[k]}" for k in sorted(b.keys() - a.keys())]
+          + [f"{k}: the model's shape {a[k]} vs the base's {b[k]}" for k in sorted(a.keys() & b.keys())
+             if a[k] != b[k]])
+
+
+def _check_same_architecture(name: str, source: str, ours: tuple[Any, Params], theirs: tuple[Any, Params]) -> None:
+  problems = _config_mismatch(ours[0], theirs[0]) or _tree_mismatch(ours[1], theirs[1])
+  if problems:
+    shown = "\n".join(f"    {p}" for p in problems[:12]) + (f"\n    ... {len(problems) - 12} more" if len(problems) > 12
+                                                           else "")
+    raise ValueError(f"{source}: its {name} is not the architecture this MagicPose model was trained over "
+                     f"({len(problems)} differences):\n{shown}")
+
+
+def _component_folder_class(path: str) -> str | None:
+  """`_class_name` of a single-model diffusers folder's config.json (e.g. "AutoencoderKL"), else None."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model_index.json")) or not os.path.isfile(config):
+    return None
+  with open(config) as f:
+    return json.load(f).get("_class_name")
+
+
+def read_base_component(path: str | os.PathLike, name: str) -> tuple[Any, Params, SDConfigs | None]:
+  """`(config, params, the pipeline's SDConfigs or None)` of the "unet" or "vae" of another Stable Diffusion.
+
+  `path`: a diffusers or our pipeline folder, an LDM single file (read as SD 1.5), or a single-model folder of that
+  component (a diffusers UNet or `AutoencoderKL` folder, or our UNet folder). Params keep the file's dtype.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such Stable Diffusion folder or file (for the {name} of the base)")
+  component_class = _component_folder_class(path)
+  if component_class is not None or is_flax_model(path):
+    expected = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[name]
+    if component_class not in (expected, None):
+      raise ValueError(f"{path}: its config.json names {component_class!r}, but the base's {name} must be a "
+                       f"{expected!r}")
+    if name == "vae":
+      config, params = load_vae(path, None)
+    else:
+      config, params = load_flax_unet(path) if is_flax_model(path) else load_unet(path, None)
+    return config, params, None
+  try:
+    sd, params = load_stable_diffusion(path, param_dtype=None, components=(name,))
+  except ValueError as e:  # a single file holds no config: it is read as SD 1.5 (or 2.x), strictly
+    raise ValueError(f"{path}: not readable as the Stable Diffusion whose {name} the model needs (an LDM single file "
+                     f"is read as SD 1.5's architecture): {e}") from None
+  return getattr(sd, name), params[name], sd
+
+
+def with_base(model: TrainedModel, unet: str | os.PathLike | None = None,
+              vae: str | os.PathLike | None = None) -> TrainedModel:
+  """`model` over another SD 1.5 derivative: its main UNet (and with `vae`, its VAE) read from there.
+
+  The Appearance and Pose Controllers, the text encoder (MagicPose's empty-prompt states) and the schedule stay
+  the model's. The swapped component must have the trained base's architecture: a config field that differs
+  (`_RUNTIME_FIELDS` aside) or a missing/unexpected/mis-shaped weight is a ValueError naming it; a pipeline folder
+  whose scheduler predicts another target (e.g. v) is one too. Weights are cast to the model's dtype per leaf.
+  `info["swapped_base"]` records the sources (kept in an export's magicpose.json).
+  """
+  if unet is None and vae is None:
+    return model
+  if not model.model.use_appearance and model.model.pose is None:
+    raise ValueError(f"{model.info.get('source')}: a {model.info.get('stage')!r} run's UNet is its trained net, "
+                     f"not a frozen base; --base applies to MagicPose models (stage 1 or 2)")
+  params, swapped = dict(model.params), {}
+  for name, given in (("unet", unet), ("vae", vae)):
+    if given is None:
+      continue
+    source = os.path.abspath(os.fspath(given))
+    config, tree, sd = read_base_component(source, name)
+    _check_same_architecture(name, source, (getattr(model.sd, name), params[name]), (config, tree))
+    predicts = model.sd.scheduler.prediction_type
+    if name == "unet" and sd is not None and os.path.isdir(source) and sd.scheduler.prediction_type != predicts:
+      raise ValueError(f"{source}: its scheduler predicts {sd.scheduler.prediction_type!r}, but the model's UNet "
+                       f"and controllers were trained predicting {predicts!r}")
+    params[name] = jax.tree.map(lambda ours, theirs: np.asarray(theirs).astype(np.asarray(ours).dtype),
+                                params[name], tree)
+    swapped[name] = source
+  info = {**model.info, "swapped_base": {**model.info.get("swapped_base", {}), **swapped}}
+  return dataclasses.replace(model, params=params, info=info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Conversion of any source kind.
 
 
@@ -293,14 +398,18 @@ def detect_source(src: str | os.PathLike) -> str:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
             variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False,
-            prediction_type: str | None = None) -> str:
+            prediction_type: str | None = None, base: str | os.PathLike | None = None,
+            base_vae: str | os.PathLike | None = None) -> str:
   """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
 
   Stable Diffusion sources go to `convert.formats.convert` (same arguments). For a training run `ema` takes its
-  EMA weights; an export holds one set of weights.
+  EMA weights; an export holds one set of weights. `base` / `base_vae` write a MagicPose model over another SD 1.5's
+  UNet / VAE (`with_base`).
   """
   kind = detect_source(src)
   if not kind.startswith("magicpose-"):
+    if base is not None or base_vae is not None:
+      raise ValueError(f"{src}: a {kind} source; --base / --base-vae apply to MagicPose runs and exports")
     return formats.convert(src, dst, to, dtype, variant, max_shard_bytes, ema, prediction_type)
   if to not in formats.FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {formats.FORMATS}")
@@ -311,6 +420,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
     raise ValueError(f"{src}: an export holds one set of weights (its magicpose.json says which); --ema applies "
                      f"to training runs")
   model = load_run(src, ema=ema) if kind == "magicpose-run" else load_export(src, param_dtype=None)
+  model = with_base(model, base, base_vae)
   model = dataclasses.replace(model, params=_cast(model.params, dtype))
   save = {"diffusers": save_diffusers_export, "flax": save_flax_export, "magicpose": save_magicpose_file,
           "ldm": save_ldm_file}[to]

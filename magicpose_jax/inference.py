@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 from magicpose_jax.data.augment import center_box, crop_poses, crop_resize_image
 from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_states, sample, step_times
 from magicpose_jax.diffusion.schedules import make_schedule
-from magicpose_jax.export import TrainedModel, is_export, load_export, load_run
+from magicpose_jax.export import TrainedModel, is_export, load_export, load_run, with_base
 from magicpose_jax.models.magicpose import MagicPose
 from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from magicpose_jax.pose import read_openpose_canvas, read_openpose_json, render
@@ -52,8 +53,12 @@ class AnimateOptions:
   dtype: Any = jnp.float32
 
 
-def load_model(path: str | os.PathLike, ema: bool = False) -> TrainedModel:
-  """A training workdir / step folder (its raw params, or EMA with `ema`) or a `convert` export folder."""
+def load_model(path: str | os.PathLike, ema: bool = False, base: str | os.PathLike | None = None,
+               base_vae: str | os.PathLike | None = None) -> TrainedModel:
+  """A training workdir / step folder (its raw params, or EMA with `ema`) or a `convert` export folder.
+
+  `base` / `base_vae`: another SD 1.5 derivative's UNet / VAE in place of the trained base's (`export.with_base`).
+  """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"--checkpoint {path}: no such folder (a training workdir or an export folder)")
@@ -68,7 +73,7 @@ def load_model(path: str | os.PathLike, ema: bool = False) -> TrainedModel:
     missing = "an appearance" if not model.model.use_appearance else "a pose"
     raise ValueError(f"{path}: a {model.info.get('stage')!r} model without {missing} net cannot animate a reference "
                      f"with poses; use a stage-2 run")
-  return model
+  return with_base(model, base, base_vae)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -376,5 +381,8 @@ def write_frames(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) 
     if frames.shape[1] % 2 or frames.shape[2] % 2:
       raise ValueError(f"{path}: frames {frames.shape[1]}x{frames.shape[2]}: H.264 in yuv420p needs even sizes; "
                        f"write a .gif or .png")
-    imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
-                     ffmpeg_params=["-movflags", "+faststart"])
+    with warnings.catch_warnings():
+      # JAX warns on any fork; this one is subprocess's fork+exec of the ffmpeg binary (no Python in the child).
+      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+      imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
+                       ffmpeg_params=["-movflags", "+faststart"])

@@ -86,7 +86,7 @@ def test_clear_errors(inputs, capsys, monkeypatch):
       (["--reference", str(bad), "--poses", str(poses), "--out", str(root / "x.gif")], "cannot be read as an image"),
       (["--reference", str(reference), "--poses", str(empty), "--out", str(root / "x.gif")], "no pose images"),
       (["--reference", str(reference), "--poses", str(mixed), "--out", str(root / "x.gif")], "different sizes"),
-      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.avi")], "expected a .gif"),
+      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.avi")], "expected a .mp4"),
       (["--reference", str(reference), "--poses", str(root / "clip.mp4"), "--out", str(root / "x.gif")],
        "no such folder or file"),
       (["--reference", str(reference), "--poses", str(video), "--out", str(root / "x.gif")],

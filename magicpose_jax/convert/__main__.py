@@ -10,6 +10,7 @@ detected from the path (see `magicpose_jax.export` and `magicpose_jax.convert.fo
   ldm        an original SD single file (.safetensors written; .ckpt/.pth read too)
   magicpose  the released MagicPose single file (.safetensors), from a MagicPose model
 A training run's raw params are exported unless --ema is given (then its EMA weights).
+--base (and --base-vae) write a MagicPose model over another SD 1.5's UNet (and VAE), controllers unchanged.
 SD 2.x single files do not say what their UNet predicts: pass --prediction-type
 v_prediction (SD 2.x 768-v) or epsilon (512-base) when reading one.
 """
@@ -21,6 +22,7 @@ import sys
 
 import jax.numpy as jnp
 
+from magicpose_jax.animate import add_base_arguments, base_sources
 from magicpose_jax.convert.formats import FORMATS
 from magicpose_jax.diffusion.schedules import PREDICTION_TYPES
 from magicpose_jax.export import convert
@@ -47,14 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                       help="LDM single-file source: what the UNet predicts (required for SD 2.x files: "
                            "v_prediction for 768-v, epsilon for 512-base)")
+  add_base_arguments(parser)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  base, base_vae = base_sources(parser, args)
   try:
     kind = convert(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
-                   int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema, args.prediction_type)
+                   int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema, args.prediction_type,
+                   base, base_vae)
   except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean browser
 
 # (Re)install when a requirements file changes.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
@@ -18,7 +18,13 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m magicpose_jax.demo --out outputs/demo
 
-test: $(STAMP)
+# The web app's browser test (tests/test_app.py) drives Debian's Chromium; installed only where missing (as root).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  else echo "the browser test needs: sudo apt-get install -y chromium chromium-driver"; fi; fi
+
+test: $(STAMP) browser
 	@$(PY) -m magicpose_jax.pose.models install  # no-op (0.5 s) when present; refills a cleared cache
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

@@ -194,7 +194,8 @@ def test_browser_upload_poses_animate_and_reload(app):
                b.find_element(By.ID, "status").text == "done: animate")
     assert any(s.startswith(("animating", "queued", "loading", "starting")) for s in seen), seen
     video = browser.find_element(By.ID, "result-video")
-    wait.until(lambda b: b.execute_script("return document.getElementById('result-video').videoWidth") > 0)
+    plays = lambda b: b.execute_script("return document.getElementById('result-video').videoWidth") > 0
+    WebDriverWait(browser, 30).until(plays, message="the job is done but the page's result video does not play")
     src = video.get_attribute("src")
     assert "/animation.mp4" in src
     job_url = browser.current_url
@@ -207,7 +208,7 @@ def test_browser_upload_poses_animate_and_reload(app):
 
     # A reload of the job's URL finds the result again.
     browser.get(job_url)
-    wait.until(lambda b: b.execute_script("return document.getElementById('result-video').videoWidth") > 0)
+    WebDriverWait(browser, 30).until(plays, message="a reload of the job's page does not show its video")
     assert browser.find_element(By.ID, "status").text == "done: animate"
   finally:
     browser.quit()

@@ -144,7 +144,7 @@ def test_api_errors_are_clear(app):
   assert app_main(["--checkpoint", str(root / "no_such_run")]) == 2
 
 
-def _browser():
+def _browser(profile: str):
   """Selenium on Debian's chromium; a clear failure (not a skip) where it is not installed."""
   from selenium import webdriver  # noqa: PLC0415  (test-only dependency, imported where used)
   from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
@@ -157,7 +157,7 @@ def _browser():
   options.binary_location = chromium
   for flag in CHROMIUM_FLAGS:
     options.add_argument(flag)
-  options.add_argument(f"--user-data-dir={os.path.join(os.environ.get('TMPDIR', '/tmp'), f'chromium-{os.getpid()}')}")
+  options.add_argument(f"--user-data-dir={profile}")  # a fresh profile
   return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
 
@@ -169,12 +169,12 @@ def _screenshot(browser, name: str) -> None:
     browser.save_screenshot(os.path.join(SCREENSHOTS, name))
 
 
-def test_browser_upload_poses_animate_and_reload(app):
+def test_browser_upload_poses_animate_and_reload(app, tmp_path):
   from selenium.webdriver.common.by import By  # noqa: PLC0415
   from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
   server, root = app
-  browser = _browser()
+  browser = _browser(str(tmp_path / "chromium-profile"))
   try:
     browser.get(server.url)
     wait = WebDriverWait(browser, 240, poll_frequency=0.2)

@@ -51,9 +51,9 @@ def test_cli_help_from_an_installed_copy(installed, tmp_path):
 def test_packaged_files_are_installed(installed, tmp_path):
   code = ("import importlib.resources as r; p = r.files('magicpose_jax'); "
           "print(sorted(f.name for f in (p / 'configs').iterdir() if f.name.endswith('.py'))); "
-          "print((p / 'models' / 'cpu_attention.cc').is_file())")
+          "print((p / 'models' / 'cpu_attention.cc').is_file(), (p / 'app' / 'static' / 'index.html').is_file())")
   out = run(installed, tmp_path, "-c", code)
-  assert out.stdout.split("\n")[:2] == ["['__init__.py', 'demo.py', 'stage1.py', 'stage2.py', 'tiny.py']", "True"], out
+  assert out.stdout.split("\n")[:2] == ["['__init__.py', 'demo.py', 'stage1.py', 'stage2.py', 'tiny.py']", "True True"], out
 
 
 def test_a_training_run_from_an_installed_copy(installed, tmp_path):

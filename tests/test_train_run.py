@@ -1,9 +1,12 @@
 """Training runs through the CLI: resume after SIGKILL is bit-exact, SIGTERM saves and exits 0, stage 1 -> stage 2,
-and a workdir of another model or base is refused."""
+a workdir of another model or base is refused, a damaged newest step is set aside (resume bit-exact from the one
+before), a config changed on resume is refused, and Ctrl-C during the first compile exits at once."""
 
+import glob
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import jax
@@ -15,6 +18,7 @@ from test_train_step import flat, tiny
 
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import loop
+from magicpose_jax.train.validate import ConfigError
 
 K = 3  # checkpoint interval; the straight run does 2K steps
 
@@ -131,8 +135,92 @@ def test_stage2_starts_from_the_stage1_run(straight):
 
 
 def test_resuming_another_model_or_base_is_refused(straight):
-  with pytest.raises(ValueError, match="another model shape.*\n.*missing .*pose/"):
+  # The recorded config refuses first, naming the fields (before anything is loaded) ...
+  with pytest.raises(ConfigError, match=r"must not change on resume.*\n.*config.stage: the run used 'stage1', this "
+                     r"command says 'stage2'(.|\n)*resume_allow_changes=stage"):
     loop.train(tiny(stage="stage2", total_steps=2 * K + 1), straight)
-  with pytest.raises(ValueError, match="frozen base was 'random:.*seed=0.*but the base now is 'random:.*seed=1"):
-    loop.train(tiny(seed=1, total_steps=2 * K + 1), straight)
-  assert jax.device_count() >= 1
+  with pytest.raises(ConfigError, match=r"config.global_batch_size: the run used 4, this command says 8"):
+    loop.train(tiny(global_batch_size=8, total_steps=2 * K + 1), straight)
+  # ... and with the override the checkpoint's own records still refuse another model or base.
+  with pytest.raises(ckpt.CheckpointError, match="another model shape.*\n.*missing .*pose/"):
+    loop.train(tiny(stage="stage2", total_steps=2 * K + 1, resume_allow_changes="stage"), straight)
+  with pytest.raises(ckpt.CheckpointError, match="frozen base was 'random:.*seed=0.*but the base now is 'random:.*"
+                     "seed=1"):
+    loop.train(tiny(seed=1, total_steps=2 * K + 1, resume_allow_changes="*"), straight)
+  assert jax.device_count() >= 1 and train_cli.steps_saved(straight) == [K, 2 * K]  # nothing touched
+
+
+def _largest_array_file(step_dir: str) -> str:
+  return max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+
+
+def test_truncated_newest_step_is_set_aside_and_resume_is_bit_exact(straight, cache, tmp_path):
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(straight, workdir)
+  newest = os.path.join(workdir, "checkpoints", str(2 * K))
+  with open(_largest_array_file(newest), "r+b") as f:
+    f.truncate(1000)  # a crash mid-write (or a full disk) leaves a short file
+  result = train_cli.run(workdir, cache, total_steps=2 * K, checkpoint_every=K, log_every=1, sample_every=2 * K,
+                         sample_steps=2)
+  # One paragraph names the step, the file's folder and the cause; no orbax traceback.
+  assert f"checkpoint step {2 * K} ({newest}) is damaged: {newest}/state cannot be read: " in result.stderr
+  assert "OUT_OF_RANGE" in result.stderr and "Traceback" not in result.stderr
+  assert f"moved to {newest}.damaged-1 (kept, not deleted) and the run resumes from step {K}" in result.stderr
+  assert os.path.isdir(newest + ".damaged-1") and train_cli.steps_saved(workdir) == [K, 2 * K]
+  ours, theirs = train_cli.metrics(workdir), train_cli.metrics(straight)
+  assert [(r["step"], r["loss"]) for r in ours] == [(r["step"], r["loss"]) for r in theirs]
+  fa, fb = flat(ckpt.read_run(workdir)[1]), flat(ckpt.read_run(straight)[1])
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("damage", ["no meta/metadata", "no state/", "garbled data JSON", "truncated array"])
+def test_a_damaged_newest_step_is_refused_with_resume_damaged_error(straight, tmp_path, damage):
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(straight, workdir)
+  newest = os.path.join(workdir, "checkpoints", str(2 * K))
+  if damage == "no meta/metadata":
+    os.remove(os.path.join(newest, "meta", "metadata"))
+    why = f"{newest}/meta/metadata is missing"
+  elif damage == "no state/":
+    shutil.rmtree(os.path.join(newest, "state"))
+    why = f"{newest}/state is missing"
+  elif damage == "garbled data JSON":
+    with open(os.path.join(newest, "data", "process_0-of-1.json"), "w") as f:
+      f.write('{"next_index": 1')
+    why = f"{newest}/data/process_0-of-1.json is not valid JSON"
+  else:
+    with open(_largest_array_file(newest), "r+b") as f:
+      f.truncate(1000)
+    why = f"{newest}/state cannot be read: ValueError: OUT_OF_RANGE"
+  with pytest.raises(ckpt.CheckpointError) as e:
+    loop.train(tiny(total_steps=2 * K + 1, checkpoint_every=K, resume_damaged="error"), workdir)
+  message = str(e.value)
+  assert message.startswith(f"checkpoint step {2 * K} ({newest}) is damaged: {why}"), message
+  assert f"(the newest is {K})" in message and "resume_damaged=fallback" in message
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(K), str(2 * K)]  # nothing moved
+
+
+def test_ctrl_c_during_the_first_compile_exits_at_once_and_leaves_no_workdir(tmp_path):
+  workdir = str(tmp_path / "new" / "run")
+  proc = train_cli.start(workdir, str(tmp_path / "empty_cache"), total_steps=4)  # a cold cache: a long compile
+  try:
+    for line in proc.stderr:
+      if "compiling the train step" in line:
+        break
+    else:
+      raise AssertionError(f"training exited ({proc.wait()}) before compiling")
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=30)
+    waited = time.time() - t0
+  except subprocess.TimeoutExpired:
+    raise AssertionError("Ctrl-C did not stop the compile within 30 s") from None
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert rc == 130 and waited < 10, (rc, waited)
+  assert "nothing was saved" in proc.stderr.read()
+  assert not os.path.exists(tmp_path / "new")  # the folders this run created were empty: removed

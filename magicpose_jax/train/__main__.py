@@ -97,11 +97,24 @@ def main(argv: list[str]) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   logging.getLogger("magicpose_jax").setLevel(logging.INFO)
   init_distributed()
-  from magicpose_jax.train.loop import train  # noqa: PLC0415 (imports jax after distributed init)
+  from magicpose_jax.train.checkpoint import CheckpointError  # noqa: PLC0415 (imports jax after distributed init)
+  from magicpose_jax.train.loop import train  # noqa: PLC0415
+  from magicpose_jax.train.validate import ConfigError  # noqa: PLC0415
 
   workdir = _WORKDIR.value or os.path.join("outputs", os.path.splitext(os.path.basename(
       flags.FLAGS["config"].config_filename))[0])
-  train(config, workdir)
+  try:
+    train(config, workdir)
+  except (ConfigError, CheckpointError) as e:  # the message says it all; a traceback would bury it
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    # Only reachable before the first step (after it, Ctrl-C saves and stops at the step's end). The compile
+    # thread may still be running: exit without waiting for it (train() has closed the checkpointer).
+    print("interrupted before the first step: nothing was saved", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@
   message before touching the arrays.
 
 The frozen base is not re-saved (it can be GBs); it is reloaded from its source and must hash the same.
+
+On resume (`Checkpointer.restore_latest`) a newest step that cannot be read (a truncated array file, a missing
+`meta/metadata` or `state/`, a garbled data-iterator JSON) is reported in one paragraph and, by default, renamed
+`<step>.damaged-<n>` (never deleted; orbax and `latest_checkpoint_dir` only see all-digit folders) and the
+next older step is tried.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -27,6 +33,75 @@ import orbax.checkpoint as ocp
 from magicpose_jax.train.optimizer import path_str
 
 Params = dict[str, Any]
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used here; the message names the step folder, the file and why."""
+
+
+def root_cause(e: BaseException, limit: int = 400) -> str:
+  """`Type: first line` of the innermost exception of `e`'s chain (orbax wraps a tensorstore error in several
+  layers; the innermost names the array and the file), shortened to `limit` characters."""
+  seen = set()
+  while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _json_problem(path: str) -> str | None:
+  if not os.path.isfile(path):
+    return f"{path} is missing"
+  try:
+    with open(path) as f:
+      json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return f"{path} is not valid JSON ({e})"
+  return None
+
+
+def step_problem(step_dir: str, process_index: int = 0, process_count: int = 1, with_data: bool = True) -> str | None:
+  """Why `step_dir` cannot be restored, from its files alone (cheap; no arrays read), or None when they look whole.
+
+  Checks `meta/metadata` (JSON with the fields a resume needs), `state/` and orbax's `state/_METADATA`, and with
+  `with_data` this process's `data/process_<i>-of-<n>.json`. A truncated array file passes this; the restore
+  itself finds it.
+  """
+  meta = os.path.join(step_dir, "meta", "metadata")
+  problem = _json_problem(meta)
+  if problem is None:
+    with open(meta) as f:
+      missing = {"config", "base_hash", "trainable_shapes"} - set(json.load(f))
+    if missing:
+      problem = f"{meta} lacks {sorted(missing)}"
+  if problem is None and not os.path.isdir(os.path.join(step_dir, "state")):
+    problem = f"{os.path.join(step_dir, 'state')} is missing"
+  if problem is None:
+    problem = _json_problem(os.path.join(step_dir, "state", "_METADATA"))
+  if problem is None and with_data:
+    problem = _json_problem(os.path.join(step_dir, "data", f"process_{process_index}-of-{process_count}.json"))
+  return problem
+
+
+def set_aside(step_dir: str) -> str:
+  """Renames a damaged step folder to `<step>.damaged-<n>` (the first free n); returns the new path."""
+  n = 1
+  while os.path.exists(f"{step_dir}.damaged-{n}"):
+    n += 1
+  os.rename(step_dir, f"{step_dir}.damaged-{n}")
+  return f"{step_dir}.damaged-{n}"
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` on every process (a collective when there are several: all must take the same branch)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-host only)
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def tree_hash(tree: Any) -> str:
@@ -96,7 +171,7 @@ class Checkpointer:
     meta = self.read_meta(step)
     where = os.path.join(self.directory, str(step))
     if meta["base_hash"] != self.base_hash:
-      raise ValueError(f"{where}: this run's frozen base was {meta['base_source']!r} "
+      raise CheckpointError(f"{where}: this run's frozen base was {meta['base_source']!r} "
                        f"(sha256 {meta['base_hash'][:12]}), but the base now is {self.base_source!r} "
                        f"(sha256 {self.base_hash[:12]}); resume with the "
                        f"same config.base / init_from, or use a new --workdir")
@@ -105,6 +180,46 @@ class Checkpointer:
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any, policy: str = "fallback") -> tuple[int | None, Any]:
+    """(step, state) of the newest readable step, or (None, None) when there is none; restores `data_iter`.
+
+    A step that cannot be read is reported in one paragraph (which step, which file, why); with `policy`
+    "fallback" it is set aside (`set_aside`) and the next older step is tried, with "error" a `CheckpointError`
+    stops the run. A checkpoint of another model or base (`CheckpointError` from `restore`) is never skipped.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = os.path.join(self.directory, str(step))
+      problem = step_problem(step_dir, jax.process_index(), jax.process_count(), data_iter is not None)
+      state = None
+      if problem is None:
+        try:
+          state = self.restore(step, abstract_state, data_iter)
+        except CheckpointError:
+          raise
+        except Exception as e:  # orbax, tensorstore and grain raise many types for unreadable files
+          problem = f"{os.path.join(step_dir, 'state')} cannot be read: {root_cause(e)}"
+      if _all_processes_agree(problem is None):
+        return step, state
+      problem = problem or "another process could not read its part (see its log)"
+      older = [s for s in self.manager.all_steps() if s < step]
+      what = f"checkpoint step {step} ({step_dir}) is damaged: {problem}."
+      if policy != "fallback":
+        raise CheckpointError(
+            f"{what} config.resume_damaged={policy!r} refuses to resume from an older step"
+            f"{f' (the newest is {max(older)})' if older else ' (there is none)'}: move {step_dir} aside, or rerun "
+            f"with --config.resume_damaged=fallback to set it aside and resume from there.")
+      aside = step_dir
+      if jax.process_index() == 0:
+        aside = set_aside(step_dir)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+      self.manager.reload()
+      log.warning("%s It was moved to %s (kept, not deleted) and the run resumes from %s.", what, aside,
+                  f"step {max(older)}" if older else "the start (no older step)")
+    return None, None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -126,7 +241,7 @@ def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], wh
         lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
     for k in mismatched[:8]:
       lines.append(f"  {k}: checkpoint {tuple(saved[k])} vs model {tuple(expected[k])}")
-    raise ValueError("\n".join(lines))
+    raise CheckpointError("\n".join(lines))
 
 
 def read_step_meta(step_dir: str) -> dict:
@@ -134,8 +249,12 @@ def read_step_meta(step_dir: str) -> dict:
   meta_path = os.path.join(step_dir, "meta", "metadata")
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(f"{step_dir}: no meta/metadata (not a magicpose_jax training checkpoint?)")
-  with open(meta_path) as f:
-    return json.load(f)
+  try:
+    with open(meta_path) as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{meta_path}: not valid JSON ({e}); the step folder is damaged: pass an older one"
+                          ) from None
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -156,10 +275,14 @@ def read_trainable(step_dir: str, name: str = "params") -> tuple[dict, Params]:
   Only that subtree is read: not the optimizer state (twice the params for Adam) nor the other of params/EMA, and
   on any device topology (a run trained on a pod reads on a laptop).
   """
+  step_dir = os.path.abspath(os.path.expanduser(step_dir))  # orbax reads absolute paths only
   meta = read_step_meta(step_dir)
   where = os.path.join(step_dir, "state")
+  if not os.path.isdir(where):
+    raise CheckpointError(f"{where}: no such folder (the step holds {sorted(os.listdir(step_dir))}); a crash during "
+                          f"an async save leaves a step without it: pass an older step folder")
   if name == "ema" and not float(meta["config"].get("ema_decay", 0) or 0) > 0:
-    raise ValueError(f"{step_dir}: the run kept no EMA (config.ema_decay was 0); use its params")
+    raise CheckpointError(f"{step_dir}: the run kept no EMA (config.ema_decay was 0); use its params")
   # The subtree's structure comes from meta's shape record, not orbax's metadata (reading that costs as much as
   # the arrays of a small run); the leaves' dtypes are the saved ones (restore args without a dtype).
   target = {name: _nested({k: np.zeros(()) for k in meta["trainable_shapes"]})}
@@ -168,9 +291,9 @@ def read_trainable(step_dir: str, name: str = "params") -> tuple[dict, Params]:
     with ocp.PyTreeCheckpointer() as reader:
       tree = reader.restore(where, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                partial_restore=True))[name]
-  except Exception as e:  # orbax raises several types for a missing, truncated or foreign tree
-    raise ValueError(f"{where}: cannot be read as a training state with a {name!r} subtree "
-                     f"({type(e).__name__}: {e})") from e
+  except Exception as e:  # orbax raises several types for a missing, truncated or foreign tree)
+    raise CheckpointError(f"{where}: cannot be read as a training state with a {name!r} subtree ({root_cause(e)})"
+                          ) from None
   params = jax.tree.map(np.asarray, tree)
   check_shapes(meta["trainable_shapes"], shapes(params), step_dir)
   return meta, params

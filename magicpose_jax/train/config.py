@@ -12,6 +12,12 @@ import ml_collections
 from magicpose_jax.data.pipeline import default_data_config
 
 STAGES = ("base", "stage1", "stage2")
+# `resume_damaged`: what a resume does when the newest checkpoint cannot be read (docs/training.md, "Resume rules").
+DAMAGED_POLICIES = ("fallback", "error")
+# Fields a resume must keep (checked against the run's recorded config, `train.validate.check_resume`): they fix
+# the data iterator's position (batch size, seed, data), the random streams, and the saved state's structure.
+RESUME_FIXED = ("stage", "seed", "global_batch_size", "model", "ema_decay", "optimizer.param_groups", "data.source",
+                "data.image_size", "data.synthetic", "data.pairs")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -26,6 +32,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0  # params init, noise/t draws, data order
   c.checkpoint_every = 500  # steps between orbax saves (also saved at the end and on SIGTERM)
   c.keep_checkpoints = 3  # keep-last-K
+  # A newest checkpoint that cannot be read on resume: "fallback" sets it aside (renamed <step>.damaged-<n>, never
+  # deleted) and resumes from the newest readable step; "error" stops with the reason instead.
+  c.resume_damaged = "fallback"
+  # Comma-separated RESUME_FIXED fields (or "*") a resume may change, e.g. "global_batch_size"; empty: none.
+  c.resume_allow_changes = ""
   c.log_every = 50  # steps between metrics.jsonl / TensorBoard scalars
   c.sample_every = 0  # steps between TensorBoard sample grids (0: never)
   c.sample_steps = 20  # DDIM steps for those grids

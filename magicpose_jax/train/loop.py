@@ -3,7 +3,9 @@
     train(config, workdir)   # what `python -m magicpose_jax.train` calls on every host
 
 A crash loses at most the steps since the last checkpoint; SIGTERM finishes the current step,
-saves and returns normally.
+saves and returns normally. The config is checked (`train.validate`) before anything is loaded or compiled; a
+damaged newest checkpoint is set aside (`Checkpointer.restore_latest`); Ctrl-C during the first compile stops at
+once (nothing is saved), and a run that fails before its first step leaves no empty folders behind.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,7 +31,7 @@ from magicpose_jax.models.controlnet import abstract_controlnet_params
 from magicpose_jax.models.unet import abstract_unet_params
 from magicpose_jax.models.vae import abstract_vae_params
 from magicpose_jax.train import checkpoint as ckpt
-from magicpose_jax.train import flops, samples, sharding, stages
+from magicpose_jax.train import flops, samples, sharding, stages, validate
 from magicpose_jax.train.metrics_log import MetricsLog
 from magicpose_jax.train.optimizer import make_optimizer
 from magicpose_jax.train.preemption import PreemptionFlag
@@ -164,40 +168,116 @@ def _next_batch(it: Iterator[dict], run: Run) -> dict[str, jax.Array]:
   return sharding.global_batch({k: v for k, v in local.items() if k in BATCH_KEYS}, run.batch_sharding)
 
 
+def _interruptible(fn: Callable[..., Any], *args: Any) -> Any:
+  """`fn(*args)` in a worker thread, the main thread waiting in short joins.
+
+  An XLA compile holds the main thread in C++ for minutes, where Python's signal handlers cannot run: Ctrl-C
+  would wait for it. Waiting here instead, the KeyboardInterrupt is raised at once (the worker is a daemon; the
+  CLI exits without waiting for it).
+  """
+  result: dict[str, Any] = {}
+
+  def work() -> None:
+    try:
+      result["value"] = fn(*args)
+    except BaseException as e:  # re-raised in the calling thread
+      result["error"] = e
+
+  worker = threading.Thread(target=work, name="magicpose-compile", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    worker.join(0.1)
+  if "error" in result:
+    raise result["error"]
+  return result["value"]
+
+
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and the parents of it that do not exist yet (innermost first): what a run will create."""
+  out = []
+  while path and not os.path.exists(path):
+    out.append(path)
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return out
+
+
+def _remove_if_empty(dirs: list[str]) -> None:
+  """Removes each of `dirs` (innermost first) that is an empty folder; stops at the first that is not."""
+  for d in dirs:
+    try:
+      os.rmdir(d)
+    except OSError:
+      return
+
+
+def _recorded_config(directory: str) -> tuple[str, dict] | None:
+  """(step folder, its recorded config) of the newest step whose meta record reads, or None (a new run)."""
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((d for d in os.listdir(directory) if d.isdigit()), key=int, reverse=True)
+  for d in steps:
+    try:
+      return os.path.join(directory, d), ckpt.read_step_meta(os.path.join(directory, d))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue  # a damaged step: restore_latest reports it
+  return None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None) -> dict:
-  """Trains to `config.total_steps` in `workdir` (resuming from its newest checkpoint). Returns the last metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  run = setup(config, devices)
-  dataset = train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(dataset)
-  checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints, run.base_source, run.base_hash, config)
-  start = checkpointer.latest_step()
-  if start is not None:
-    run.state = checkpointer.restore(start, abstract_state(run), data_iter)
-    log.info("resumed from %s at step %d", checkpointer.directory, start)
-  start = int(start or 0)
-  logger = MetricsLog(workdir, config.total_steps, start)
-  preempt = PreemptionFlag()
-  last: dict = {}
+  """Trains to `config.total_steps` in `workdir` (resuming from its newest checkpoint). Returns the last metrics.
+
+  `config`'s paths are made absolute in place (`validate.resolve_paths`) and the whole config is checked before
+  anything is loaded: `validate.ConfigError` names every bad field, and on resume every field that must not change.
+  """
+  workdir = validate.user_path(workdir)
+  validate.resolve_paths(config)
+  validate.check_config(config, len(devices) if devices is not None else jax.device_count(), jax.process_count())
+  recorded = _recorded_config(os.path.join(workdir, "checkpoints"))
+  if recorded is not None:
+    for key, (then, now) in validate.check_resume(config, recorded[1], recorded[0]).items():
+      log.warning("resuming %s with config.%s=%r (the run used %r): allowed by config.resume_allow_changes", workdir,
+                  key, now, then)
+  created = _missing_dirs(os.path.join(workdir, "checkpoints"))  # removed again if the start fails
+  checkpointer = logger = preempt = None
   try:
+    run = setup(config, devices)
+    dataset = train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(dataset)
+    checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints, run.base_source, run.base_hash, config)
+    start, state = checkpointer.restore_latest(abstract_state(run), data_iter, config.resume_damaged)
+    if start is not None:
+      run.state = state
+      log.info("resumed from %s at step %d", checkpointer.directory, start)
+    start = int(start or 0)
+    logger = MetricsLog(workdir, config.total_steps, start)
     if start >= config.total_steps:
       logger.message(f"nothing to do: {workdir} is at step {start} >= total_steps={config.total_steps}")
-      return last
+      return {}
+    # SIGTERM during the compile is honoured after the first step (saved); Ctrl-C stops the compile at once.
+    preempt = PreemptionFlag((signal.SIGTERM,))
     local = next(data_iter)
     batch = sharding.global_batch({k: v for k, v in local.items() if k in BATCH_KEYS}, run.batch_sharding)
-    step_fn = compile_step(run, batch)
+    log.info("compiling the train step")
+    step_fn = _interruptible(compile_step, run, batch)
     throughput = flops.step_throughput(config, run.nets, step_fn, list(run.mesh.devices.flat), batch)
     log.info("train step: %s TFLOP/device (XLA), %.3g TFLOP model (analytic, global batch); device peak %s",
              "?" if throughput.compiled_per_device is None else f"{throughput.compiled_per_device / 1e12:.3g}",
              throughput.model_per_step / 1e12, throughput.peak)
+    preempt.watch(signal.SIGINT)
     grids = _grid_writer(run, local, logger)
-    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids, throughput)
+    return _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids, throughput)
   finally:
-    checkpointer.close()
-    logger.close()
-    preempt.restore()
-  return last
+    if checkpointer is not None:
+      checkpointer.close()
+    if logger is not None:
+      logger.close()
+    if preempt is not None:
+      preempt.restore()
+    _remove_if_empty(created)
 
 
 def _grid_writer(run: Run, local: dict, logger: MetricsLog) -> Any:

@@ -4,12 +4,16 @@ Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step (`s
 `grad_norm`, `steps_per_s`, `images_per_s`, `skipped`, and from `train.flops`: `tflops_per_s` (XLA's count of
 the compiled step, per device), `model_tflops_per_s` (analytic, per device) and `mfu` where the device's peak is
 known); on resume the lines after the restored step
-are dropped, so the file reads as one run.
+are dropped, so the file reads as one run. Every line is strict JSON: a non-finite value is written as the string
+"NaN", "Infinity" or "-Infinity" (`float()` reads them back). A last line torn by a crash mid-write is dropped on
+resume with a message; a garbled line before it stops the resume with the file and line number.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -19,6 +23,15 @@ import jax
 import numpy as np
 import tqdm
 
+log = logging.getLogger(__name__)
+
+
+def json_value(v: float) -> float | str:
+  """A float as strict JSON: itself when finite, else "NaN", "Infinity" or "-Infinity"."""
+  if math.isfinite(v):
+    return v
+  return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+
 
 def truncate_jsonl(path: str, last_step: int) -> None:
   """Drops the records of steps after `last_step` (written before a crash, lost with it)."""
@@ -26,7 +39,17 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     return
   with open(path) as f:
     lines = [line for line in f if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); only a last line torn by a crash is repaired: fix or "
+                         f"remove that line, or move the file aside, and resume") from None
+      log.warning("%s: dropped its last line, torn by a crash mid-write (%d characters, not JSON)", path, len(line))
+  kept = [line for line, r in zip(lines, records, strict=False) if r.get("step", 0) <= last_step]
+  kept = [line if line.endswith("\n") else line + "\n" for line in kept]
   with open(path, "w") as f:
     f.writelines(kept)
 
@@ -61,8 +84,14 @@ class MetricsLog:
     if not self.enabled:
       return
     truncate_jsonl(self.jsonl, start_step)
-    self.writer = _summary_writer_class()(os.path.join(workdir, "tb"))
+    self.tb_dir = os.path.join(workdir, "tb")
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+  def _tb(self) -> Any:
+    """The TensorBoard writer, created at the first record (a run that fails before then leaves no tb/)."""
+    if self.writer is None:
+      self.writer = _summary_writer_class()(self.tb_dir)
+    return self.writer
 
   def step(self, n: int = 1, loss: float | None = None) -> None:
     if self.bar is not None:
@@ -75,9 +104,9 @@ class MetricsLog:
       return
     record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
     with open(self.jsonl, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json.dumps({k: json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
     for k, v in values.items():
-      self.writer.add_scalar(f"train/{k}", float(v), step)
+      self._tb().add_scalar(f"train/{k}", float(v), step)
     if self.bar is not None:
       extra = {"tflops": f"{record['model_tflops_per_s']:.3g}"} if "model_tflops_per_s" in record else {}
       if "mfu" in record:
@@ -88,7 +117,7 @@ class MetricsLog:
   def images(self, step: int, name: str, grid: np.ndarray) -> None:
     """`grid [H, W, 3]` uint8."""
     if self.enabled:
-      self.writer.add_image(name, grid, step, dataformats="HWC")
+      self._tb().add_image(name, grid, step, dataformats="HWC")
 
   def message(self, text: str) -> None:
     if self.enabled:

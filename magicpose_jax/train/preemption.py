@@ -15,9 +15,14 @@ class PreemptionFlag:
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
     self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for s in signals:
-        self._previous[s] = signal.signal(s, self._handle)
+    for s in signals:
+      self.watch(s)
+
+  def watch(self, signum: int) -> None:
+    """Also sets the flag on `signum` (the trainer adds SIGINT once the first compile is done: before, Ctrl-C
+    must stop the process at once)."""
+    if threading.current_thread() is threading.main_thread() and signum not in self._previous:
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame) -> None:
     del frame

@@ -3,12 +3,14 @@ not our writer), a resume drops the records after the restored step, and the wri
 
 import glob
 import json
+import logging
 import os
 import struct
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
 from magicpose_jax.train.metrics_log import MetricsLog
@@ -65,3 +67,36 @@ def test_the_writer_does_not_import_torch(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout.split()
   assert out == ["False", "1"]  # not imported by the log, and still importable after it
+
+
+def test_every_line_is_strict_json_with_non_finite_values_as_strings(tmp_path):
+  log = MetricsLog(str(tmp_path), total_steps=10, start_step=0, enabled=True)
+  log.scalars(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": -float("inf"), "skipped": 1.0})
+  log.close()
+  line = (tmp_path / "metrics.jsonl").read_text()
+  record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))  # strict JSON
+  assert record == {"step": 1, "loss": "NaN", "grad_norm": "Infinity", "lr": "-Infinity", "skipped": 1.0}
+  assert np.isnan(float(record["loss"])) and float(record["grad_norm"]) == np.inf  # float() reads them back
+
+
+def test_a_torn_last_line_is_dropped_on_resume_with_a_message(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')  # killed mid-write
+  with caplog.at_level(logging.WARNING):
+    MetricsLog(str(tmp_path), total_steps=10, start_step=3, enabled=True).close()
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+  assert f"{path}: dropped its last line, torn by a crash mid-write" in caplog.text
+
+
+def test_a_garbled_line_before_the_last_stops_the_resume_naming_the_file_and_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  original = '{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n'
+  path.write_text(original)
+  with pytest.raises(ValueError, match=f"{path}, line 2: not JSON"):
+    MetricsLog(str(tmp_path), total_steps=10, start_step=3, enabled=True)
+  assert path.read_text() == original  # untouched
+
+
+def test_no_tensorboard_folder_before_the_first_record(tmp_path):
+  MetricsLog(str(tmp_path), total_steps=10, start_step=0, enabled=True).close()
+  assert os.listdir(tmp_path) == []  # a run that fails before logging leaves its workdir empty

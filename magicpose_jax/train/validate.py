@@ -145,7 +145,6 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.synthetic": _dataclass(SyntheticConfig),
     "data.synthetic.holdout_identities": NON_NEGATIVE_INT,
     "data.augment": _dataclass(AugmentConfig),
-    "data.augment.flip_prob": PROBABILITY,
     "data.pairs": _dataclass(PairConfig),
     "data.num_workers": NON_NEGATIVE_INT,
     "data.worker_buffer_size": POSITIVE_INT,
@@ -168,7 +167,9 @@ def config_problems(config: ml_collections.ConfigDict, num_devices: int | None =
     except (KeyError, AttributeError):
       continue  # a field this config does not have (an older run's record)
     why = check(value)
-    if why is not None:
+    if why is not None and isinstance(value, ml_collections.ConfigDict):  # a dataclass's own message
+      problems.append(f"config.{dotted}: {why}")
+    elif why is not None:
       problems.append(f"config.{dotted}={value!r}: expected {why}")
   batch, accum = config.global_batch_size, config.grad_accum_steps
   if not any(p.startswith(("config.global_batch_size=", "config.grad_accum_steps=")) for p in problems):

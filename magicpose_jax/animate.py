@@ -21,40 +21,46 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from magicpose_jax import inference
+from magicpose_jax.train.validate import user_path
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.animate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="training workdir, step folder, or export folder")
-  parser.add_argument("--reference", required=True, help="the reference image (centre square, resized)")
-  parser.add_argument("--poses", required=True, help="folder of OpenPose JSON / pose images, one file, or a video")
-  parser.add_argument("--out", required=True, help="output .mp4 (H.264, by imageio-ffmpeg's own ffmpeg), .gif or "
-                      ".png strip")
-  parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-  parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--batch-frames", type=int, default=8, help="frames denoised together")
+  parser.add_argument("--checkpoint", required=True, type=user_path,
+                      help="training workdir, step folder, or export folder")
+  parser.add_argument("--reference", required=True, type=user_path,
+                      help="the reference image (centre square, resized)")
+  parser.add_argument("--poses", required=True, type=user_path,
+                      help="folder of OpenPose JSON / pose images, one file, or a video")
+  parser.add_argument("--out", required=True, type=user_path, help="output .mp4 (H.264, by imageio-ffmpeg's own "
+                      "ffmpeg), .gif or .png strip")
+  parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+  parser.add_argument("--guidance", type=float, default=7.0,
+                      help="classifier-free guidance scale, >= 0 (1: no guidance; default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=0, help="initial noise seed (default: %(default)s)")
+  parser.add_argument("--batch-frames", type=int, default=8, help="frames denoised together (default: %(default)s)")
   parser.add_argument("--per-frame-noise", action="store_true", help="a different initial noise for each frame")
   parser.add_argument("--no-cache", action="store_true", help="recompute the reference states for every chunk")
   parser.add_argument("--ema", action="store_true", help="a training run's EMA weights (default: raw params)")
-  parser.add_argument("--fps", type=float, default=8.0)
-  parser.add_argument("--pose-model", default=None, help="whole-body ONNX pose model for a video --poses (default: "
-                      "MediaPipe's models)")
+  parser.add_argument("--fps", type=float, default=8.0, help="output frame rate (default: %(default)s)")
+  parser.add_argument("--pose-model", default=None, type=user_path, help="whole-body ONNX pose model for a video "
+                      "--poses (default: MediaPipe's models)")
   parser.add_argument("--align", action="store_true", help="rescale the driving poses to the reference person's "
                       "proportions and place them on the reference")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype (default: %(default)s)")
   add_base_arguments(parser)
   return parser
 
 
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
   """--base / --base-vae (animate, convert and the app): another SD 1.5 under the trained controllers."""
-  parser.add_argument("--base", default=None, help="another SD 1.5 (a diffusers or our pipeline folder, an LDM "
+  parser.add_argument("--base", default=None, type=user_path, help="another SD 1.5 (a diffusers or our pipeline folder, an LDM "
                       "single file, or a UNet folder) whose UNet replaces the trained base's main UNet; the "
                       "controllers are kept; a different architecture is an error naming the difference")
-  parser.add_argument("--base-vae", nargs="?", const="", default=None, metavar="PATH",
+  parser.add_argument("--base-vae", nargs="?", const="", default=None, metavar="PATH", type=user_path,
                       help="also replace the VAE: with no PATH, --base's; else a VAE folder or an SD pipeline/file")
 
 
@@ -71,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
   base, base_vae = base_sources(parser, args)
   try:
     # The inputs are checked before the (slow) model load.
+    options = inference.AnimateOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                       batch_frames=args.batch_frames, per_frame_noise=args.per_frame_noise,
+                                       cache=not args.no_cache, dtype=jnp.dtype(args.dtype))
+    if args.fps <= 0:
+      raise ValueError(f"--fps {args.fps}: expected a frame rate > 0")
     inference.check_output(args.out)
     inference.read_image(args.reference)
     (inference.check_alignable if args.align else inference.pose_files)(args.poses, args.pose_model)
@@ -84,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             f"person (drawn blank): {report['no_person'] or 'none'}")
     else:
       poses = inference.load_poses(args.poses, size, canvas=original, pose_model=args.pose_model)
-    options = inference.AnimateOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                       batch_frames=args.batch_frames, per_frame_noise=args.per_frame_noise,
-                                       cache=not args.no_cache, dtype=jnp.dtype(args.dtype))
     with tqdm(total=len(poses), unit="frame", desc="animate") as bar:
       frames = inference.animate(model, reference, poses, options, progress=bar.update)
     inference.write_frames(args.out, frames, args.fps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_laten
 from magicpose_jax.pose import read_openpose_canvas, read_openpose_json, render
 from magicpose_jax.train import stages
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 OUTPUT_SUFFIXES = (".mp4", ".gif", ".png")
@@ -52,6 +54,16 @@ class AnimateOptions:
   cache: bool = True  # appearance states computed once for all steps (see diffusion.sampler for the memory)
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    # Checked here, before a model is loaded: a negative guidance pushes away from the reference and pose (noise).
+    if not 0 <= self.guidance < float("inf"):
+      raise ValueError(f"guidance {self.guidance}: expected a finite number >= 0 (0: unconditional, 1: conditional "
+                       f"alone, the release uses 7)")
+    for name in ("steps", "batch_frames"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name.replace('_', '-')} {value!r}: expected an integer >= 1")
+
 
 def load_model(path: str | os.PathLike, ema: bool = False, base: str | os.PathLike | None = None,
                base_vae: str | os.PathLike | None = None) -> TrainedModel:
@@ -59,7 +71,7 @@ def load_model(path: str | os.PathLike, ema: bool = False, base: str | os.PathLi
 
   `base` / `base_vae`: another SD 1.5 derivative's UNet / VAE in place of the trained base's (`export.with_base`).
   """
-  path = os.fspath(path)
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))  # orbax reads absolute paths only
   if not os.path.isdir(path):
     raise FileNotFoundError(f"--checkpoint {path}: no such folder (a training workdir or an export folder)")
   if is_export(path):
@@ -145,15 +157,36 @@ def load_poses(path: str | os.PathLike, size: tuple[int, int], canvas: tuple[int
   files = pose_files(path, pose_model)
   canvas = canvas or size
   if files[0].lower().endswith(VIDEO_SUFFIXES):
-    return _video_poses(files[0], size, pose_model)
-  if files[0].lower().endswith(".json"):
-    return np.stack([_render_json(p, size, canvas) for p in files])
-  frames = [read_image(p) for p in files]
-  shapes = sorted({f.shape[:2] for f in frames})
-  if len(shapes) > 1:
-    raise ValueError(f"--poses {os.fspath(path)}: pose images of different sizes {shapes}; one sequence's frames "
-                     f"must share a size")
-  return np.stack([fit(f, size) for f in frames])
+    poses = _video_poses(files[0], size, pose_model)
+  elif files[0].lower().endswith(".json"):
+    poses = np.stack([_render_json(p, size, canvas) for p in files])
+  else:
+    frames = [read_image(p) for p in files]
+    shapes = sorted({f.shape[:2] for f in frames})
+    if len(shapes) > 1:
+      raise ValueError(f"--poses {os.fspath(path)}: pose images of different sizes {shapes}; one sequence's frames "
+                       f"must share a size")
+    poses = np.stack([fit(f, size) for f in frames])
+  warn_blank_poses(poses, files)
+  return poses
+
+
+def blank_pose_frames(poses: np.ndarray) -> list[int]:
+  """Indices of the renders `[F, H, W, 3]` that are all black: frames where no person was drawn."""
+  return [int(i) for i in np.flatnonzero(~poses.reshape(len(poses), -1).any(axis=1))]
+
+
+def warn_blank_poses(poses: np.ndarray, files: Sequence[str]) -> list[int]:
+  """Logs a warning naming the frames without a person (the model animates them with no pose to follow: noise or a
+  copy of the reference, not the person), by file name, or by index for a video; returns their indices."""
+  blank = blank_pose_frames(poses)
+  if blank:
+    names = [os.path.basename(files[i]) if len(files) == len(poses) else f"frame {i}" for i in blank]
+    shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+    where = os.path.dirname(files[0]) if len(files) == len(poses) else files[0]
+    log.warning("%d of %d pose frames of %s show no person (nothing to follow: the model generates them "
+                "unguided): %s", len(blank), len(poses), where, shown)
+  return blank
 
 
 def _check_pose_model(path: str, pose_model: str | None) -> None:

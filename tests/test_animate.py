@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -43,11 +46,12 @@ def _frames(path) -> list[np.ndarray]:
   return out
 
 
-def test_animate_writes_three_frames_and_the_side_by_side(inputs, capsys):
-  root, poses, reference = inputs
+def test_animate_writes_three_frames_and_the_side_by_side(inputs, capsys, monkeypatch):
+  root, poses, _ = inputs
   out = root / "out.gif"
-  args = ["--checkpoint", make_tiny_run(), "--reference", str(reference), "--poses", str(poses), "--out", str(out),
-          "--steps", "2", "--batch-frames", "2"]  # 2 + 1 frames: a padded last chunk
+  monkeypatch.chdir(root)  # every path relative, as a user types them (orbax itself needs absolute ones)
+  args = ["--checkpoint", os.path.relpath(make_tiny_run()), "--reference", "reference.png", "--poses", "poses",
+          "--out", "out.gif", "--steps", "2", "--batch-frames", "2"]  # 2 + 1 frames: a padded last chunk
   assert animate_main(args) == 0, capsys.readouterr().err
   frames = _frames(out)
   assert len(frames) == 3 and all(f.shape == (32, 32, 3) for f in frames)
@@ -60,9 +64,10 @@ def test_animate_writes_three_frames_and_the_side_by_side(inputs, capsys):
 
   # The diffusers export of the run animates to the same frames (same weights, one compilation).
   export = root / "export"
-  convert(make_tiny_run(), export, "diffusers")
-  args = ["--checkpoint", str(export)] + args[2:]
-  args[args.index("--out") + 1] = str(root / "from_export.gif")
+  convert(os.path.relpath(make_tiny_run()), "export", "diffusers")
+  assert (export / "magicpose.json").is_file()
+  args = ["--checkpoint", "export"] + args[2:]
+  args[args.index("--out") + 1] = "from_export.gif"
   assert animate_main(args) == 0, capsys.readouterr().err
   for ours, theirs in zip(_frames(root / "from_export.gif"), frames, strict=True):
     np.testing.assert_array_equal(ours, theirs)
@@ -93,10 +98,35 @@ def test_clear_errors(inputs, capsys, monkeypatch):
        "run once:  python -m magicpose_jax.pose.models install"),
       (["--reference", str(reference), "--poses", str(mixed), "--out", str(root / "x.gif"), "--align"],
        "alignment needs keypoints"),
+      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.gif"), "--guidance", "-5"],
+       "guidance -5.0: expected a finite number >= 0"),
+      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.gif"), "--guidance", "nan"],
+       "guidance nan: expected a finite number >= 0"),
+      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.gif"), "--batch-frames", "0"],
+       "batch-frames 0: expected an integer >= 1"),
+      (["--reference", str(reference), "--poses", str(poses), "--out", str(root / "x.gif"), "--fps", "0"],
+       "--fps 0.0: expected a frame rate > 0"),
   ]
   for args, message in cases:
     assert animate_main(base + args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_pose_frame_without_a_person_is_named_in_a_warning(inputs, tmp_path, caplog):
+  _, poses, _ = inputs
+  folder = tmp_path / "poses"
+  folder.mkdir()
+  for name in ("000.json", "001.json"):
+    (folder / name).write_bytes((poses / name).read_bytes())
+  write_openpose_json(folder / "002.json", [], canvas=CANVAS)  # a frame where the detector found nobody
+  with caplog.at_level(logging.WARNING):
+    renders = inference.load_poses(folder, (32, 32), canvas=CANVAS)
+  assert inference.blank_pose_frames(renders) == [2]
+  assert f"1 of 3 pose frames of {folder} show no person" in caplog.text and caplog.text.rstrip().endswith("002.json")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    inference.load_poses(poses, (32, 32), canvas=CANVAS)
+  assert "show no person" not in caplog.text
 
 
 def test_png_strip(tmp_path):

@@ -299,7 +299,7 @@ def test_extract_frames_writes_kept_frames_and_report(tmp_path):
                                 "small_person": 0}
   assert report["filtered_frames"] == {"0001": "no_person", "0002": "several_people", "0003": "few_keypoints",
                                        "0005": "unreadable"}
-  assert json.loads((tmp_path / extract.REPORT_NAME).read_text()) == report
+  assert report["complete"] and json.loads((tmp_path / extract.REPORT_NAME).read_text()) == report
   assert sorted(os.listdir(tmp_path)) == ["0000.json", "0000.png", "0004.json", "0004.png", extract.REPORT_NAME]
   (pose,) = read_openpose_json(tmp_path / "0004.json")
   assert pose == _standing(offset=(1, 0))
@@ -308,6 +308,53 @@ def test_extract_frames_writes_kept_frames_and_report(tmp_path):
   from magicpose_jax.pose.render import render  # noqa: PLC0415
 
   np.testing.assert_array_equal(png, render(_standing(), 100, 100))
+
+
+def test_extract_frames_writes_its_report_when_stopped_by_an_error(tmp_path):
+  frames = [(f"{i:04d}", np.zeros((100, 100, 3), np.uint8)) for i in range(4)]
+  outcomes = iter([[_standing()], []])
+
+  def estimate(image):
+    for poses in outcomes:
+      return poses
+    raise RuntimeError("model crashed")  # on the third frame
+
+  with pytest.raises(RuntimeError, match="model crashed"):
+    extract.extract_frames(frames, estimate, str(tmp_path))
+  report = json.loads((tmp_path / extract.REPORT_NAME).read_text())
+  assert report["complete"] is False and report["error"] == "RuntimeError: model crashed"
+  assert (report["frames"], report["kept"], report["filtered_frames"]) == (3, 1, {"0001": "no_person"})
+
+
+def _fake_estimator(monkeypatch):
+  monkeypatch.setattr(extract, "make_estimator", lambda *args: lambda image: [_standing()])
+
+
+def test_cli_counts_unreadable_frames_and_strict_fails_after_writing_everything(tmp_path, monkeypatch, capsys):
+  _fake_estimator(monkeypatch)
+  src = tmp_path / "frames"
+  src.mkdir()
+  for name in ("a.png", "c.png"):
+    cv2.imwrite(str(src / name), np.zeros((100, 100, 3), np.uint8))
+  (src / "b.png").write_bytes(b"truncated")
+  for strict, rc in ((False, 0), (True, 1)):
+    out = tmp_path / f"out_{strict}"
+    assert extract.main(["--src", str(src), "--out", str(out)] + ["--strict"] * strict) == rc
+    err = capsys.readouterr().err
+    assert "warning: 1 frames could not be read: b" in err and ("--strict" in err) == strict
+    report = json.loads((out / extract.REPORT_NAME).read_text())
+    assert report["complete"] and report["kept"] == 2 and report["filtered_frames"] == {"b": "unreadable"}
+    assert sorted(os.listdir(out)) == ["a.json", "a.png", "c.json", "c.png", extract.REPORT_NAME]
+
+
+def test_cli_refuses_a_source_without_frames(tmp_path, monkeypatch, capsys):
+  _fake_estimator(monkeypatch)
+  (tmp_path / "empty").mkdir()
+  assert extract.main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+  assert "no frames" in capsys.readouterr().err
+  assert json.loads((tmp_path / "out" / extract.REPORT_NAME).read_text())["frames"] == 0
+  assert extract.main(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out2")]) == 2
+  assert "no such image folder" in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 
 def test_iter_frames(tmp_path):

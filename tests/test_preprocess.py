@@ -99,6 +99,14 @@ def test_strict_passes_on_clean_data(tmp_path):
   assert result.manifest["counts"]["skipped"] == {"near_constant": 1}
 
 
+def test_strict_fails_on_a_split_without_records(tmp_path, caplog):
+  (tmp_path / "src" / "train_set").mkdir(parents=True)
+  with pytest.raises(PreprocessError, match=r"--strict: no records: .*train_set holds no usable frame"):
+    run(str(tmp_path / "src"), str(tmp_path / "out"), shards=1, strict=True)
+  assert run(str(tmp_path / "src"), str(tmp_path / "out2"), shards=1).manifest["counts"]["records"] == 0
+  assert "no records" in caplog.text  # without --strict: a warning
+
+
 def test_cli(src, tmp_path, capsys):
   root, _ = src
   args = ["--layout", "tiktok", "--src", root, "--out", str(tmp_path), "--shards", "2", "--size", str(SIZE)]

@@ -117,9 +117,10 @@ def test_read_run_reads_the_params_subtree_or_the_config_alone(straight, tmp_pat
     ckpt.read_run(str(tmp_path))
 
 
-def test_stage2_starts_from_the_stage1_run(straight):
+def test_stage2_starts_from_the_stage1_run(straight, monkeypatch):
   _, stage1 = ckpt.read_run(straight)
-  run = loop.setup(tiny(stage="stage2", init_from=straight))
+  monkeypatch.chdir(os.path.dirname(straight))
+  run = loop.setup(tiny(stage="stage2", init_from=os.path.basename(straight)))  # a relative path, as typed
   params = flat(run.state.params)
   appearance = flat({"appearance": stage1["appearance"]})
   for k, v in appearance.items():

@@ -252,6 +252,13 @@ def preprocess(options: PreprocessOptions, encoder_factory: EncoderFactory | Non
   manifest = build_manifest(options, source, shard_infos, encoder, vae_hash, found)
   _write_json(os.path.join(options.out, records.MANIFEST), manifest)
   problems = {k: v for k, v in manifest["counts"]["skipped"].items() if k in PROBLEMS and v}
+  if manifest["counts"]["records"] == 0:
+    why = (f"no records: {os.path.join(options.src, options.split)} holds no usable frame (expected "
+           f"{options.split}/<video>/ folders of images with their poses; skipped: "
+           f"{manifest['counts']['skipped'] or 'nothing'})")
+    if options.strict:
+      raise PreprocessError(f"--strict: {why}")
+    log.warning("%s", why)
   if options.strict and problems:
     listed = "; ".join(f"{reason}: {count} (e.g. {manifest['skipped'][reason][0]['path']})"
                        for reason, count in sorted(problems.items()))

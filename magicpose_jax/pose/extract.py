@@ -9,7 +9,9 @@ Writes, per kept frame, `DIR/<stem>.json` (OpenPose JSON) and `DIR/<stem>.png` (
 render), where `<stem>` is the image's file stem (or the frame number, `00000`, for a video); and
 `DIR/extract_report.json` with the count of frames dropped by each filter. The filters are the release's: exactly
 one person, more than 6 body keypoints above the confidence threshold, and a body bounding box over 4 % of the
-image; frames that cannot be read are counted too ("unreadable"), never a crash.
+image; frames that cannot be read are counted too ("unreadable"), never a crash (`--strict`: exit 1 after writing
+everything when there is one). The report is written even when extraction stops early (`"complete": false` and the
+`"error"`).
 
 Backends: the default runs MediaPipe's BlazePose, hand and face-mesh models with ai-edge-litert (`holistic.py`;
 one person per frame). `--pose-model` runs a SimCC whole-body ONNX model with onnxruntime (imported only then)
@@ -101,31 +103,42 @@ def extract_frames(frames: Iterable[tuple[str, np.ndarray | None]], estimate: Ca
 
   Returns:
     The report also written to `out_dir/extract_report.json`: frame counts (`frames`, `kept`), `filtered`
-    (reason -> count, every reason listed), `filtered_frames` (stem -> reason) and the filter settings.
+    (reason -> count, every reason listed), `filtered_frames` (stem -> reason), the filter settings, and
+    `complete`. Written also when an exception stops the loop (then `complete` is false, `error` says why, the
+    counts cover the frames before it) and re-raised.
   """
   os.makedirs(out_dir, exist_ok=True)
   counts: Counter = Counter()
   dropped: dict[str, str] = {}
-  total = 0
-  for stem, image in frames:
-    total += 1
-    if image is None:
-      counts["unreadable"] += 1
-      dropped[stem] = "unreadable"
-      continue
-    height, width = image.shape[:2]
-    poses = estimate(image)
-    reason = filter_reason(poses, height, width, filt)
-    if reason is None:
-      (pose,) = [p for p in poses if body_box(p, filt.threshold) is not None]
-      write_frame(out_dir, stem, pose, height, width, filt.threshold)
-    else:
-      counts[reason] += 1
-      dropped[stem] = reason
-  report = {"frames": total, "kept": total - len(dropped), "filtered": {r: counts[r] for r in FILTER_REASONS},
-            "filtered_frames": dropped, "filter": dataclasses.asdict(filt)}
-  with open(os.path.join(out_dir, REPORT_NAME), "w") as f:
-    json.dump(report, f, indent=1)
+  total = kept = 0
+  error = None
+  try:
+    for stem, image in frames:
+      total += 1
+      if image is None:
+        counts["unreadable"] += 1
+        dropped[stem] = "unreadable"
+        continue
+      height, width = image.shape[:2]
+      poses = estimate(image)
+      reason = filter_reason(poses, height, width, filt)
+      if reason is None:
+        (pose,) = [p for p in poses if body_box(p, filt.threshold) is not None]
+        write_frame(out_dir, stem, pose, height, width, filt.threshold)
+        kept += 1
+      else:
+        counts[reason] += 1
+        dropped[stem] = reason
+  except BaseException as e:  # the report still says how far it got (and why it stopped), then the error goes on
+    error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    raise
+  finally:
+    report = {"frames": total, "kept": kept, "filtered": {r: counts[r] for r in FILTER_REASONS},
+              "filtered_frames": dropped, "filter": dataclasses.asdict(filt), "complete": error is None}
+    if error is not None:
+      report["error"] = error
+    with open(os.path.join(out_dir, REPORT_NAME), "w") as f:
+      json.dump(report, f, indent=1)
   return report
 
 
@@ -298,21 +311,37 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--src", required=True, help="folder of images, one image, or a video file")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="onnxruntime device (--pose-model)")
-  parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="keypoint confidence threshold")
+  parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                      help="keypoint confidence threshold (default: %(default)s)")
+  parser.add_argument("--strict", action="store_true", help="exit 1 when any frame cannot be read (the report is "
+                      "written either way)")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    if not os.path.exists(args.src):
+      raise FileNotFoundError(f"--src {args.src}: no such image folder, image or video")
     frames = iter_frames(args.src)
     estimator = make_estimator(args.pose_model, args.det, args.models_dir, args.device)
     report = extract_frames(frames, estimator, args.out, FrameFilter(threshold=args.threshold))
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{report['kept']} of {report['frames']} frames kept; filtered: {report['filtered']}; "
-        f"report in {os.path.join(args.out, REPORT_NAME)}")
+  where = os.path.join(args.out, REPORT_NAME)
+  if report["frames"] == 0:
+    print(f"error: --src {args.src}: no frames (images {', '.join(IMAGE_SUFFIXES)} or a video); report in {where}",
+          file=sys.stderr)
+    return 2
+  print(f"{report['kept']} of {report['frames']} frames kept; filtered: {report['filtered']}; report in {where}")
+  unreadable = [stem for stem, why in report["filtered_frames"].items() if why == "unreadable"]
+  if unreadable:
+    print(f"warning: {len(unreadable)} frames could not be read: {', '.join(unreadable[:10])}"
+          f"{' ...' if len(unreadable) > 10 else ''}", file=sys.stderr)
+    if args.strict:
+      print("error: --strict: unreadable frames (listed in the report)", file=sys.stderr)
+      return 1
   return 0
 
 

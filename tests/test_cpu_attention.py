@@ -5,8 +5,13 @@ against diffusers with `attention_backend="cpu_fused"` in test_unet_parity.py.
 """
 
 import ctypes
+import hashlib
+import json
+import logging
 import os
 import platform
+import stat
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +114,14 @@ def test_build_is_cached_and_failures_name_the_command(tmp_path, monkeypatch):
   monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(tmp_path / "cache"))
   built = cpu_attention.build(compiler)
   assert built.parent == tmp_path / "cache" / "cpu_attention" and built.exists()
+  assert stat.S_IMODE(os.stat(built.parent).st_mode) == 0o700  # private
+  record = json.loads(cpu_attention.record_path(built).read_text())
+  assert record["sha256"] == hashlib.sha256(built.read_bytes()).hexdigest()
+  assert record["source_sha256"] == hashlib.sha256(cpu_attention.SOURCE.read_bytes()).hexdigest()
+  assert record["compiler"] == compiler and "-O3" in record["flags"]
   stamp = built.stat().st_mtime_ns
   assert cpu_attention.build(compiler) == built and built.stat().st_mtime_ns == stamp  # no rebuild
-  assert os.listdir(built.parent) == [built.name]  # no temporary files left
+  assert sorted(os.listdir(built.parent)) == sorted([built.name, built.name + ".json", ".lock"])  # no temporaries
 
   broken = tmp_path / "broken.cc"
   broken.write_text("this is not C++\n")
@@ -119,7 +129,80 @@ def test_build_is_cached_and_failures_name_the_command(tmp_path, monkeypatch):
   assert cpu_attention.library_path(compiler) != built  # the key covers the source
   with pytest.raises(RuntimeError, match=r"building the CPU attention kernel failed \(.*broken\.cc"):
     cpu_attention.build(compiler)
-  assert os.listdir(built.parent) == [built.name]
+  assert sorted(os.listdir(built.parent)) == sorted([built.name, built.name + ".json", ".lock"])
+
+
+PLANTED = """
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+  FILE *f = fopen(getenv("PLANTED_MARKER"), "w");
+  if (f) { fputs("ran", f); fclose(f); }
+}
+"""
+
+
+def _plant(tmp_path, target):
+  """Compiles a library whose constructor writes $PLANTED_MARKER when loaded, at `target`."""
+  source = tmp_path / "planted.c"
+  source.write_text(PLANTED)
+  subprocess.run([cpu_attention.find_compiler(), "-x", "c", "-shared", "-fPIC", str(source), "-o", str(target)],
+                 check=True)
+
+
+@pytest.mark.parametrize("forged", ["no record", "record of another library", "symlink"])
+def test_a_planted_library_is_not_loaded(tmp_path, monkeypatch, caplog, forged):
+  compiler = cpu_attention.find_compiler()
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(tmp_path / "cache"))
+  marker = tmp_path / "marker"
+  monkeypatch.setenv("PLANTED_MARKER", str(marker))
+  target = cpu_attention.library_path(compiler)  # creates the (private) cache folder
+  if forged == "symlink":
+    _plant(tmp_path, tmp_path / "elsewhere.so")
+    target.symlink_to(tmp_path / "elsewhere.so")
+  else:
+    _plant(tmp_path, target)
+  if forged == "record of another library":
+    record = {**cpu_attention.build_record(compiler), "sha256": hashlib.sha256(b"the real kernel").hexdigest()}
+    cpu_attention.record_path(target).write_text(json.dumps(record))
+  if forged == "symlink":  # a record that matches the bytes behind the link: the link itself is refused
+    record = {**cpu_attention.build_record(compiler),
+              "sha256": hashlib.sha256((tmp_path / "elsewhere.so").read_bytes()).hexdigest()}
+    cpu_attention.record_path(target).write_text(json.dumps(record))
+  with caplog.at_level(logging.WARNING):
+    lib, why = cpu_attention.load_library(compiler)
+  assert lib is None and str(target) in why
+  assert not marker.exists()  # its constructor never ran
+  assert "is not loaded" in caplog.text and "Remove that file" in caplog.text
+  assert os.path.lexists(target)  # left for the user to look at, not deleted
+
+
+def test_a_library_without_the_kernel_symbol_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(tmp_path / "cache"))
+  source = tmp_path / "empty.cc"
+  source.write_text('extern "C" int something_else() { return 1; }\n')
+  monkeypatch.setattr(cpu_attention, "SOURCE", source)  # built and recorded as ours, but without the kernel
+  with caplog.at_level(logging.WARNING):
+    lib, why = cpu_attention.load_library(cpu_attention.find_compiler())
+  assert lib is None and "cannot be used as the CPU attention kernel" in why and "MagicposeAttentionForward" in why
+  assert "pure-JAX path" in caplog.text
+
+
+def test_a_cache_folder_of_another_user_or_writable_by_others_is_not_used(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(tmp_path / "cache"))
+  folder = cpu_attention._cache_dir()
+  assert folder == tmp_path / "cache" / "cpu_attention"
+  os.chmod(folder, 0o777)
+  with caplog.at_level(logging.WARNING):
+    other = cpu_attention._cache_dir()
+  assert other != folder and "writable by others (mode 777)" in caplog.text
+  assert stat.S_IMODE(os.stat(other).st_mode) == 0o700 and os.stat(other).st_uid == os.getuid()
+  os.chmod(folder, 0o700)
+  monkeypatch.setattr(cpu_attention.os, "getuid", lambda: os.stat(folder).st_uid + 1)  # as seen by another user
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert cpu_attention._cache_dir() != folder
+  assert "not by this user" in caplog.text
 
 
 def test_kernel_rejects_mismatched_shapes():
@@ -154,10 +237,17 @@ def test_eight_lane_build_matches_float64():
     np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6, err_msg=str(shape))
 
 
-def test_unusable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch):
+def test_unusable_cache_dir_falls_back_to_a_private_temporary_one(tmp_path, monkeypatch):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   monkeypatch.setenv("MAGICPOSE_CACHE_DIR", str(blocker / "cache"))  # under a file: mkdir fails
-  monkeypatch.setattr(cpu_attention.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-  built = cpu_attention.build(cpu_attention.find_compiler())
-  assert built.exists() and str(built).startswith(str(tmp_path / "tmp"))
+  monkeypatch.setattr(cpu_attention.tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  cpu_attention._private_temp_dir.cache_clear()
+  try:
+    built = cpu_attention.build(cpu_attention.find_compiler())
+    assert built.exists() and built.parent.parent == tmp_path / "tmp"
+    assert built.parent.name.startswith("magicpose_jax-cpu_attention-") and built.parent.name != "magicpose_jax-0"
+    assert stat.S_IMODE(os.stat(built.parent).st_mode) == 0o700  # mkdtemp: fresh, unpredictable, private
+  finally:
+    cpu_attention._private_temp_dir.cache_clear()

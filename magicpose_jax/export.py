@@ -399,23 +399,25 @@ def detect_source(src: str | os.PathLike) -> str:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
             variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False,
             prediction_type: str | None = None, base: str | os.PathLike | None = None,
-            base_vae: str | os.PathLike | None = None) -> str:
+            base_vae: str | os.PathLike | None = None, model_config: str | os.PathLike | None = None) -> str:
   """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
 
   Stable Diffusion sources go to `convert.formats.convert` (same arguments). For a training run `ema` takes its
   EMA weights; an export holds one set of weights. `base` / `base_vae` write a MagicPose model over another SD 1.5's
-  UNet / VAE (`with_base`).
+  UNet / VAE (`with_base`). Paths may be relative (made absolute here: orbax needs that).
   """
+  src, dst = (os.path.abspath(os.path.expanduser(os.fspath(p))) for p in (src, dst))
   kind = detect_source(src)
   if not kind.startswith("magicpose-"):
     if base is not None or base_vae is not None:
       raise ValueError(f"{src}: a {kind} source; --base / --base-vae apply to MagicPose runs and exports")
-    return formats.convert(src, dst, to, dtype, variant, max_shard_bytes, ema, prediction_type)
+    return formats.convert(src, dst, to, dtype, variant, max_shard_bytes, ema, prediction_type,
+                           model_config)
   if to not in formats.FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {formats.FORMATS}")
-  if variant is not None or max_shard_bytes is not None or prediction_type is not None:
-    raise ValueError(f"{src}: --variant, --max-shard-gb and --prediction-type apply to Stable Diffusion sources, "
-                     f"not to a {kind}")
+  if variant is not None or max_shard_bytes is not None or prediction_type is not None or model_config is not None:
+    raise ValueError(f"{src}: --variant, --max-shard-gb, --prediction-type and --model-config apply to Stable "
+                     f"Diffusion sources, not to a {kind}")
   if kind == "magicpose-export" and ema:
     raise ValueError(f"{src}: an export holds one set of weights (its magicpose.json says which); --ema applies "
                      f"to training runs")

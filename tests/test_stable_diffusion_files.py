@@ -17,6 +17,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, con
 from magicpose_jax.convert.clip import clip_key_table
 from magicpose_jax.convert.diffusers import unet_key_table
 from magicpose_jax.convert.keytable import ConversionError
+from magicpose_jax.convert.ldm import ldm_vae_key_table
 from magicpose_jax.convert.stable_diffusion import (
   SDConfigs,
   load_stable_diffusion,
@@ -140,6 +141,55 @@ def test_ldm_extras_ema_and_strictness(reference, tmp_path):
   safetensors.numpy.save_file(ldm, bad)
   with pytest.raises(ConversionError, match="missing \\(1\\):\n    first_stage_model.decoder.conv_out.bias"):
     load_stable_diffusion(bad, configs=TINY)
+  # An integer tensor where a float one belongs (quantised or corrupt): named, not cast.
+  ints = dict(safetensors.numpy.load_file(path))
+  qkv = "first_stage_model.encoder.mid.attn_1.q.weight"
+  ints[qkv] = ints[qkv].astype(np.int8)
+  ints["model.diffusion_model.out.2.bias"] = ints["model.diffusion_model.out.2.bias"].astype(np.int32)
+  safetensors.numpy.save_file(ints, bad)
+  with pytest.raises(ConversionError, match=r"wrong dtype \(1\):\n    model.diffusion_model.out.2.bias: got int32, "
+                     r"expected a float dtype"):
+    load_stable_diffusion(bad, configs=TINY)
+  del ints["model.diffusion_model.out.2.bias"]
+  vae = {k: v for k, v in ints.items() if k.startswith("first_stage_model.")}
+  with pytest.raises(ConversionError, match=r"wrong dtype \(1\):\n    " + qkv.replace(".", r"\.") + ": got int8"):
+    ldm_vae_key_table(TINY.vae, "first_stage_model.").to_flax(vae)
+
+
+def test_a_diffusers_tensor_of_an_integer_dtype_is_named(reference):
+  table = vae_key_table(TINY.vae)
+  state = table.to_torch(reference["vae"])
+  assert jax.tree.leaves(table.to_flax(state))  # floats: fine
+  state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"].astype(np.int64)
+  state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"] > 0  # bool
+  with pytest.raises(ConversionError, match=r"wrong dtype \(2\):\n    decoder.conv_out.bias: got int64, expected a "
+                     r"float dtype\n    encoder.conv_in.weight: got bool"):
+    table.to_flax(state)
+
+
+def test_a_single_file_is_read_as_sd15_unless_given_the_model_config(reference, tmp_path):
+  path = tmp_path / "tiny.safetensors"
+  save_ldm_checkpoint(TINY, reference, path)
+  with pytest.raises(ConversionError) as e:
+    load_stable_diffusion(path)  # a tiny model: not SD 1.5's tensors
+  message = str(e.value)
+  assert "unexpected tensors" in message or "does not match the model" in message
+  assert message.rstrip().endswith(f"{path} was read as SD 1.5: a single file does not record its architecture. For "
+                                   f"another one pass its config files: --model-config FOLDER (Python: configs=), a "
+                                   f"folder with unet/, vae/, text_encoder/ and scheduler/ configs, e.g. the pipeline "
+                                   f"or export the file was converted from")
+  save_stable_diffusion(TINY, reference, tmp_path / "hf")
+  configs, loaded = load_stable_diffusion(path, configs=tmp_path / "hf")
+  assert configs.unet == TINY.unet
+  _assert_same(loaded["unet"], reference["unet"])
+  with pytest.raises(FileNotFoundError, match="missing unet/, vae/, text_encoder/, scheduler/"):
+    load_stable_diffusion(path, configs=tmp_path)
+  out = subprocess.run([sys.executable, "-m", "magicpose_jax.convert", "--src", str(path), "--model-config",
+                        str(tmp_path / "hf"), "--dst", str(tmp_path / "back"), "--to", "flax"], capture_output=True,
+                       text=True, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  _, back = load_stable_diffusion(tmp_path / "back")
+  _assert_same(back["vae"], reference["vae"])
 
 
 def test_bad_files_are_named(tmp_path):

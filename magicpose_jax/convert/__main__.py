@@ -11,6 +11,9 @@ detected from the path (see `magicpose_jax.export` and `magicpose_jax.convert.fo
   magicpose  the released MagicPose single file (.safetensors), from a MagicPose model
 A training run's raw params are exported unless --ema is given (then its EMA weights).
 --base (and --base-vae) write a MagicPose model over another SD 1.5's UNet (and VAE), controllers unchanged.
+Single files do not record their architecture: they are read as SD 1.5 (SD 2.x when they
+hold an OpenCLIP text encoder); --model-config FOLDER gives another one's config files
+(unet/, vae/, text_encoder/, scheduler/: e.g. the pipeline or export the file came from).
 SD 2.x single files do not say what their UNet predicts: pass --prediction-type
 v_prediction (SD 2.x 768-v) or epsilon (512-base) when reading one.
 """
@@ -26,6 +29,7 @@ from magicpose_jax.animate import add_base_arguments, base_sources
 from magicpose_jax.convert.formats import FORMATS
 from magicpose_jax.diffusion.schedules import PREDICTION_TYPES
 from magicpose_jax.export import convert
+from magicpose_jax.train.validate import user_path
 
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
@@ -34,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
   """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--src", required=True, help="source folder or single file")
-  parser.add_argument("--dst", required=True,
+  parser.add_argument("--src", required=True, type=user_path, help="source folder or single file")
+  parser.add_argument("--dst", required=True, type=user_path,
                       help="destination folder (a .safetensors file for --to ldm and --to magicpose)")
   parser.add_argument("--to", required=True, choices=FORMATS, help="destination format")
   parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                       help="LDM single-file source: what the UNet predicts (required for SD 2.x files: "
                            "v_prediction for 768-v, epsilon for 512-base)")
+  parser.add_argument("--model-config", type=user_path, default=None,
+                      help="LDM single-file source of another architecture than SD 1.5 / 2.x: a folder with its "
+                           "unet/, vae/, text_encoder/ and scheduler/ config files (a diffusers pipeline or export)")
   add_base_arguments(parser)
   return parser
 
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     kind = convert(args.src, args.dst, args.to, _DTYPES[args.dtype] if args.dtype else None, args.variant,
                    int(args.max_shard_gb * 2**30) if args.max_shard_gb else None, args.ema, args.prediction_type,
-                   base, base_vae)
+                   base, base_vae, args.model_config)
   except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -54,17 +54,18 @@ def detect_source(src: str | os.PathLike) -> str:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any = None,
             variant: str | None = None, max_shard_bytes: int | None = None, ema: bool = False,
-            prediction_type: str | None = None) -> str:
+            prediction_type: str | None = None, model_config: str | os.PathLike | None = None) -> str:
   """Reads `src` (kind detected) and writes it to `dst` in format `to`; returns the source kind.
 
-  `prediction_type` is for single-file sources (see `load_stable_diffusion`); SD 2.x files need it.
-  `ema`: an LDM single file's `model_ema.*` UNet.
+  `prediction_type` and `model_config` (a folder of config files: `load_stable_diffusion`'s `configs`) are for
+  single-file sources, which are read as SD 1.5 (SD 2.x with an OpenCLIP text encoder) without one; SD 2.x files
+  need `prediction_type`. `ema`: an LDM single file's `model_ema.*` UNet.
   """
   if to not in FORMATS:
     raise ValueError(f"unknown destination format {to!r}; expected one of {FORMATS}")
   kind = detect_source(src)
-  if prediction_type is not None and kind != "sd-ldm":
-    raise ValueError(f"{src}: prediction_type applies to LDM single files only (this is {kind})")
+  if (prediction_type is not None or model_config is not None) and kind != "sd-ldm":
+    raise ValueError(f"{src}: --prediction-type and --model-config apply to LDM single files only (this is {kind})")
   cast = (lambda p: jax.tree.map(lambda x: np.asarray(x).astype(dtype), p)) if dtype is not None else (lambda p: p)
   if to == "magicpose":
     raise ValueError(f"{src}: a {kind} has no MagicPose nets; --to magicpose takes a training run or an export")
@@ -80,7 +81,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: Any 
       save_unet(config, params, dst, max_shard_bytes=max_shard_bytes)
     return kind
   configs, params = load_stable_diffusion(src, param_dtype=None, variant=variant, ema=ema,
-                                          prediction_type=prediction_type)
+                                          prediction_type=prediction_type, configs=model_config)
   params = cast(params)
   if to == "flax":
     save_flax_pipeline(configs, params, dst)

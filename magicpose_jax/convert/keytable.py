@@ -26,7 +26,13 @@ _INDEX = re.compile(r"^(.*)_(\d+)$")
 
 
 class ConversionError(ValueError):
-  """Missing, unexpected or mis-shaped tensors; the message lists every one of them."""
+  """Missing, unexpected, mis-shaped or non-float tensors; the message lists every one of them."""
+
+
+def not_float(x: Any) -> bool:
+  """True for bool, integer and complex tensors: every param of our models is a float (bfloat16 included, whose
+  numpy kind is "V"), and casting an integer tensor to float would convert quantised or corrupt data silently."""
+  return np.dtype(x.dtype).kind in "biuc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,10 @@ class KeyTable:
     bad_shape = [f"{k}: got {tuple(v.shape)}, expected {self.by_torch[k].torch_shape}"
                  for k, v in state_dict.items()
                  if k in self.by_torch and tuple(v.shape) != self.by_torch[k].torch_shape]
-    raise_mismatch(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape)
+    bad_dtype = [f"{k}: got {np.dtype(v.dtype)}, expected a float dtype" for k, v in state_dict.items()
+                 if k in self.by_torch and not_float(v)]
+    raise_mismatch(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape,
+                   bad_dtype)
     params: dict = {}
     for e in self.entries:
       x = _to_flax_layout(np.asarray(state_dict[e.torch_key]), e.layout)
@@ -145,7 +154,9 @@ class KeyTable:
     unexpected = ["/".join(p) for p in flat if p not in self.by_flax]
     bad_shape = [f"{'/'.join(p)}: got {tuple(v.shape)}, expected {self.by_flax[p].flax_shape}"
                  for p, v in flat.items() if p in self.by_flax and tuple(v.shape) != self.by_flax[p].flax_shape]
-    raise_mismatch(f"{self.name}: params do not match the model", missing, unexpected, bad_shape)
+    bad_dtype = [f"{'/'.join(p)}: got {np.dtype(v.dtype)}, expected a float dtype" for p, v in flat.items()
+                 if p in self.by_flax and not_float(v)]
+    raise_mismatch(f"{self.name}: params do not match the model", missing, unexpected, bad_shape, bad_dtype)
     out = {}
     for e in self.entries:
       x = _to_torch_layout(np.asarray(flat[e.flax_path]), e.layout)
@@ -173,14 +184,19 @@ def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
   return x
 
 
-def raise_mismatch(title: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
-  if not (missing or unexpected or bad_shape):
+def raise_mismatch(title: str, missing: list[str], unexpected: list[str], bad_shape: list[str],
+                   bad_dtype: list[str] = (), hint: str = "") -> None:
+  """Raises `ConversionError` listing every problem (nothing when there is none); `hint` ends the message."""
+  if not (missing or unexpected or bad_shape or bad_dtype):
     return
   lines = [title + ":"]
-  for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+  for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape),
+                       ("wrong dtype", bad_dtype)):
     if items:
       lines.append(f"  {label} ({len(items)}):")
       lines += [f"    {i}" for i in items]
+  if hint:
+    lines.append(hint)
   raise ConversionError("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from magicpose_jax.convert.keytable import Entry, KeyTable, raise_mismatch
+from magicpose_jax.convert.keytable import Entry, KeyTable, not_float, raise_mismatch
 from magicpose_jax.models.clip import CLIPTextConfig, abstract_text_encoder_params
 from magicpose_jax.models.unet import UNetConfig, abstract_unet_params
 from magicpose_jax.models.vae import VAEConfig, abstract_vae_params
@@ -244,7 +244,10 @@ class FusedKeyTable:
     unexpected = [k for k in state_dict if k not in self.torch_shapes]
     bad_shape = [f"{k}: got {tuple(np.shape(v))}, expected {self.torch_shapes[k]}" for k, v in state_dict.items()
                  if k in self.torch_shapes and tuple(np.shape(v)) != self.torch_shapes[k]]
-    raise_mismatch(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape)
+    bad_dtype = [f"{k}: got {np.dtype(v.dtype)}, expected a float dtype" for k, v in state_dict.items()
+                 if k in self.torch_shapes and not_float(v)]
+    raise_mismatch(f"{self.name}: state dict{where} does not match the model", missing, unexpected, bad_shape,
+                   bad_dtype)
     return self.table.to_flax(self.split(state_dict, source), dtype=dtype, source=source)
 
   def to_torch(self, params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:

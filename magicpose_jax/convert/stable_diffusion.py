@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -62,6 +63,8 @@ from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextConfig
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.models.vae import VAE_VARIANTS, VAEConfig
+
+log = logging.getLogger(__name__)
 
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 # The DDPM buffers of LatentDiffusion (`ldm/models/diffusion/ddpm.py`): derived from the schedule.
@@ -103,7 +106,7 @@ def sd2_configs(prediction_type: str) -> SDConfigs:
 
 
 def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float32, variant: str | None = None,
-                          ema: bool = False, configs: SDConfigs | None = None,
+                          ema: bool = False, configs: SDConfigs | str | os.PathLike | None = None,
                           prediction_type: str | None = None,
                           components: Sequence[str] = COMPONENTS) -> tuple[SDConfigs, dict]:
   """Reads a diffusers pipeline folder or an LDM single file (`.safetensors`, `.ckpt`, `.pth`).
@@ -114,7 +117,9 @@ def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float3
     variant: diffusers weight variant of a folder (e.g. "fp16").
     ema: single files only: use the `model_ema.*` UNet weights instead of `model.diffusion_model.*`.
     configs: single files only: the architecture and schedule, for non-standard sizes (default:
-      detected, `SD15` or `sd2_configs(prediction_type)`).
+      detected, `SD15` or `sd2_configs(prediction_type)`): an `SDConfigs`, or a folder laid out as a diffusers
+      pipeline (`unet/`, `vae/`, `text_encoder/`, `scheduler/` with their config files; e.g. the pipeline or
+      export the file was converted from).
     prediction_type: single files only: the schedule's prediction type ("epsilon", "v_prediction",
       "sample"), replacing the default's or `configs`'. Required for SD 2.x files unless `configs`
       is given: they do not say whether they are 768-v ("v_prediction") or 512-base ("epsilon").
@@ -139,8 +144,22 @@ def load_stable_diffusion(path: str | os.PathLike, param_dtype: Any = jnp.float3
     return _load_folder(path, param_dtype, variant, components)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Stable Diffusion checkpoint not found: {path}")
+  if configs is not None and not isinstance(configs, SDConfigs):
+    configs = model_configs(configs)
   configs, params = _load_single_file(path, param_dtype, ema, configs, prediction_type)
   return configs, {k: v for k, v in params.items() if k in components or k == EXTRAS}
+
+
+def model_configs(folder: str | os.PathLike) -> SDConfigs:
+  """The architectures and schedule a diffusers-layout folder's config files describe (no weights read): for an LDM
+  single file of another architecture than the ones detected (CLI: `convert --model-config FOLDER`)."""
+  folder = os.fspath(folder)
+  missing = [c for c in (*COMPONENTS, "scheduler") if not os.path.isdir(os.path.join(folder, c))]
+  if missing:
+    raise FileNotFoundError(f"model config {folder}: expected a folder with unet/, vae/, text_encoder/ and "
+                            f"scheduler/ config files (a diffusers pipeline or an export); missing "
+                            f"{', '.join(m + '/' for m in missing)}")
+  return _folder_configs(folder)
 
 
 def _folder_configs(path: str) -> SDConfigs:
@@ -228,7 +247,7 @@ def _sd2_configs_for(sd: dict, path: str, prediction_type: str) -> SDConfigs:
   if proj_in != [2] or cross != [1024]:
     raise ValueError(f"{path}: an OpenCLIP text encoder (SD 2.x), but not SD 2.x's UNet: proj_in weights of rank "
                      f"{proj_in} (SD 2.x: [2], linear) and cross-attention widths {cross} (SD 2.x: [1024]); "
-                     f"pass configs= for other architectures")
+                     f"pass the config files of other architectures (--model-config FOLDER; Python: configs=)")
   return sd2_configs(prediction_type)
 
 
@@ -247,8 +266,16 @@ def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs
                      f"\"epsilon\" for 512-base ones (CLI: --prediction-type)")
   if not any(k.startswith(LDM_UNET_PREFIX) for k in sd):
     raise ValueError(f"{path}: no {LDM_UNET_PREFIX}* tensors: not a Stable Diffusion single file")
+  # Single files do not record their architecture: without `configs` it is SD 1.5 (SD 2.x with an OpenCLIP text
+  # encoder), and every mismatch error says so.
+  assumed = ""
   if configs is None:
     configs = _sd2_configs_for(sd, path, prediction_type) if open_clip else SD15
+    assumed = (f"{path} was read as {'SD 2.x' if open_clip else 'SD 1.5'}: a single file does not record its "
+               f"architecture. For another one pass its config files: --model-config FOLDER (Python: configs=), a "
+               f"folder with unet/, vae/, text_encoder/ and scheduler/ configs, e.g. the pipeline or export the file "
+               f"was converted from")
+    log.info("reading %s as %s (no configs given)", path, "SD 2.x" if open_clip else "SD 1.5")
   if prediction_type is not None:
     configs = dataclasses.replace(configs, scheduler=configs.scheduler.replace(prediction_type=prediction_type))
   if open_clip != uses_open_clip(configs.text_encoder):
@@ -279,9 +306,15 @@ def _load_single_file(path: str, param_dtype: Any, ema: bool, configs: SDConfigs
     elif key not in _IGNORED_LDM_KEYS:
       unknown.append(key)
   if unknown:
-    raise ConversionError(f"{path}: unexpected tensors ({len(unknown)}):\n" + "\n".join(f"    {k}" for k in unknown))
+    raise ConversionError(f"{path}: unexpected tensors ({len(unknown)}):\n" + "\n".join(f"    {k}" for k in unknown)
+                          + (f"\n{assumed}" if assumed else ""))
   dtype = np.dtype(param_dtype) if param_dtype is not None else None
-  params = {name: tables[name].to_flax(groups[name], dtype=dtype, source=path) for name in COMPONENTS}
+  try:
+    params = {name: tables[name].to_flax(groups[name], dtype=dtype, source=path) for name in COMPONENTS}
+  except ConversionError as e:
+    if not assumed:
+      raise
+    raise ConversionError(f"{e}\n{assumed}") from None
   if groups[EXTRAS]:
     check_open_clip_extras(groups[EXTRAS], configs.text_encoder, path, LDM_OPEN_CLIP_PREFIX)
     params[EXTRAS] = {k: np.asarray(v).astype(dtype) if dtype is not None else v for k, v in groups[EXTRAS].items()}

@@ -11,19 +11,23 @@ import argparse
 import sys
 
 from magicpose_jax.eval.report import DEFAULT_METRICS, METRICS, evaluate_folders, write_report
+from magicpose_jax.train.validate import user_path
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line (also parsed by the README test)."""
   parser = argparse.ArgumentParser(prog="python -m magicpose_jax.evaluate", description=__doc__.splitlines()[0])
-  parser.add_argument("--pred", required=True, help="folder of generated frames")
-  parser.add_argument("--gt", required=True, help="folder of ground-truth frames (same names)")
-  parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, of {','.join(METRICS)}")
-  parser.add_argument("--weights", default=None, help="folder with the LPIPS / FID weight files")
-  parser.add_argument("--out", default="report", help="output folder for report.json and report.md")
+  parser.add_argument("--pred", required=True, type=user_path, help="folder of generated frames")
+  parser.add_argument("--gt", required=True, type=user_path, help="folder of ground-truth frames (same names)")
+  parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                      help=f"comma-separated, of {','.join(METRICS)} (default: %(default)s)")
+  parser.add_argument("--weights", default=None, type=user_path, help="folder with the LPIPS / FID weight files")
+  parser.add_argument("--out", default="report", type=user_path,
+                      help="output folder for report.json and report.md (default: %(default)s)")
   parser.add_argument("--fps", type=float, default=None, help="frame rate of the videos, recorded in the report")
-  parser.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
-  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS backbone (default: "
+                      "%(default)s)")
+  parser.add_argument("--batch-size", type=int, default=16, help="frames per metric batch (default: %(default)s)")
   return parser
 
 

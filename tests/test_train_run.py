@@ -225,3 +225,22 @@ def test_ctrl_c_during_the_first_compile_exits_at_once_and_leaves_no_workdir(tmp
   assert rc == 130 and waited < 10, (rc, waited)
   assert "nothing was saved" in proc.stderr.read()
   assert not os.path.exists(tmp_path / "new")  # the folders this run created were empty: removed
+
+
+def test_an_async_save_error_is_one_line_with_its_cause(tmp_path, monkeypatch):
+  checkpointer = ckpt.Checkpointer(str(tmp_path), 2, "random", "0" * 64, tiny())
+  closed = []
+  monkeypatch.setattr(checkpointer.manager, "close", lambda: closed.append(True))
+
+  def fail():  # what orbax's writer threads raise: the cause wrapped in layers
+    try:
+      raise ValueError("RESOURCE_EXHAUSTED: No space left on device [writing state/d/1234]")
+    except ValueError as cause:
+      raise RuntimeError("Event loop is closed") from cause
+
+  monkeypatch.setattr(checkpointer.manager, "wait_until_finished", fail)
+  with pytest.raises(ckpt.CheckpointError) as e:
+    checkpointer.close()
+  assert str(e.value) == (f"writing a checkpoint to {tmp_path}/checkpoints failed: ValueError: RESOURCE_EXHAUSTED: "
+                          f"No space left on device [writing state/d/1234]")
+  assert e.value.__cause__ is None and e.value.__suppress_context__ and closed == [True]

@@ -161,7 +161,10 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    try:  # also raises a previous async save's error
+      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # orbax's background threads: one line with the cause, not their tracebacks
+      raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {root_cause(e)}") from None
 
   def read_meta(self, step: int) -> dict:
     return read_step_meta(os.path.join(self.directory, str(step)))
@@ -222,11 +225,17 @@ class Checkpointer:
     return None, None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Until the async saves are written; their error as a `CheckpointError` naming the cause."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # raised from orbax's writer threads
+      raise CheckpointError(f"writing a checkpoint to {self.directory} failed: {root_cause(e)}") from None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], where: str) -> None:

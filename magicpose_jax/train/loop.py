@@ -242,6 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
                   key, now, then)
   created = _missing_dirs(os.path.join(workdir, "checkpoints"))  # removed again if the start fails
   checkpointer = logger = preempt = None
+  ok = False
   try:
     run = setup(config, devices)
     dataset = train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
@@ -256,6 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
     logger = MetricsLog(workdir, config.total_steps, start)
     if start >= config.total_steps:
       logger.message(f"nothing to do: {workdir} is at step {start} >= total_steps={config.total_steps}")
+      ok = True
       return {}
     # SIGTERM during the compile is honoured after the first step (saved); Ctrl-C stops the compile at once.
     preempt = PreemptionFlag((signal.SIGTERM,))
@@ -269,15 +271,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
              throughput.model_per_step / 1e12, throughput.peak)
     preempt.watch(signal.SIGINT)
     grids = _grid_writer(run, local, logger)
-    return _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids, throughput)
+    last = _loop(run, step_fn, batch, data_iter, checkpointer, logger, preempt, start, grids, throughput)
+    ok = True
+    return last
   finally:
+    _shut_down(checkpointer, logger, preempt, raise_errors=ok)
+    _remove_if_empty(created)
+
+
+def _shut_down(checkpointer: ckpt.Checkpointer | None, logger: MetricsLog | None, preempt: PreemptionFlag | None,
+               raise_errors: bool) -> None:
+  """Waits for the saves and closes everything. While another error propagates (`raise_errors` False), a save's
+  error is logged instead of raised, so it cannot replace (and bury) the first one."""
+  try:
     if checkpointer is not None:
       checkpointer.close()
+  except ckpt.CheckpointError as e:
+    if raise_errors:
+      raise
+    log.error("%s", e)
+  finally:
     if logger is not None:
       logger.close()
     if preempt is not None:
       preempt.restore()
-    _remove_if_empty(created)
 
 
 def _grid_writer(run: Run, local: dict, logger: MetricsLog) -> Any:

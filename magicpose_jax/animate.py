@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
   """--base / --base-vae (animate, convert and the app): another SD 1.5 under the trained controllers."""
-  parser.add_argument("--base", default=None, type=user_path, help="another SD 1.5 (a diffusers or our pipeline folder, an LDM "
-                      "single file, or a UNet folder) whose UNet replaces the trained base's main UNet; the "
-                      "controllers are kept; a different architecture is an error naming the difference")
+  parser.add_argument("--base", default=None, type=user_path, help="another SD 1.5 (a diffusers or our pipeline "
+                      "folder, an LDM single file, or a UNet folder) whose UNet replaces the trained base's main "
+                      "UNet; the controllers are kept; a different architecture is an error naming the difference")
   parser.add_argument("--base-vae", nargs="?", const="", default=None, metavar="PATH", type=user_path,
                       help="also replace the VAE: with no PATH, --base's; else a VAE folder or an SD pipeline/file")
 

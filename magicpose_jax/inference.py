@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -61,7 +62,7 @@ class AnimateOptions:
                        f"alone, the release uses 7)")
     for name in ("steps", "batch_frames"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name.replace('_', '-')} {value!r}: expected an integer >= 1")
 
 

@@ -113,7 +113,7 @@ def test_read_run_reads_the_params_subtree_or_the_config_alone(straight, tmp_pat
   shutil.copytree(os.path.join(step_dir, "meta"), tmp_path / "checkpoints" / os.path.basename(step_dir) / "meta")
   only, none = ckpt.read_run(str(tmp_path), with_params=False)
   assert none is None and only.to_dict() == config.to_dict()
-  with pytest.raises(ValueError, match="cannot be read as a training state"):
+  with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/6/state: no such folder \(the step holds \['meta'\]\)"):
     ckpt.read_run(str(tmp_path))
 
 

@@ -53,7 +53,8 @@ def test_packaged_files_are_installed(installed, tmp_path):
           "print(sorted(f.name for f in (p / 'configs').iterdir() if f.name.endswith('.py'))); "
           "print((p / 'models' / 'cpu_attention.cc').is_file(), (p / 'app' / 'static' / 'index.html').is_file())")
   out = run(installed, tmp_path, "-c", code)
-  assert out.stdout.split("\n")[:2] == ["['__init__.py', 'demo.py', 'stage1.py', 'stage2.py', 'tiny.py']", "True True"], out
+  configs = "['__init__.py', 'demo.py', 'stage1.py', 'stage2.py', 'tiny.py']"
+  assert out.stdout.split("\n")[:2] == [configs, "True True"], out
 
 
 def test_a_training_run_from_an_installed_copy(installed, tmp_path):

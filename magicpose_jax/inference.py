@@ -33,6 +33,7 @@ from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.export import TrainedModel, is_export, load_export, load_run, with_base
 from magicpose_jax.models.magicpose import MagicPose
+from magicpose_jax.models.patch_vae import PatchVAE, make_vae
 from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from magicpose_jax.pose import read_openpose_canvas, read_openpose_json, render
 from magicpose_jax.train import stages
@@ -296,7 +297,7 @@ class _Static:
   """What the jitted functions close over (hashable)."""
 
   model: MagicPose
-  vae: AutoencoderKL
+  vae: AutoencoderKL | PatchVAE
   sampler: SamplerConfig
   schedule_config: Any
 
@@ -340,7 +341,7 @@ def animate(model: TrainedModel, reference: np.ndarray, poses: np.ndarray, optio
   if len(poses) == 0:
     raise ValueError("no poses to animate")
   mp = MagicPose(model.model, dtype=options.dtype)
-  static = _Static(mp, AutoencoderKL(model.sd.vae, dtype=options.dtype),
+  static = _Static(mp, make_vae(model.sd.vae, options.dtype),
                    SamplerConfig(num_steps=options.steps, guidance=options.guidance), model.sd.scheduler)
   # The ablations (eval/retarget.py) lack one controller: sample with the nets the model has.
   params = {k: model.params[k] for k in ("unet", "appearance", "pose") if k in model.params}

@@ -228,6 +228,10 @@ def test_flip_swaps_sides_and_rerenders_the_pose():
   np.testing.assert_array_equal(flipped["pose"], render(_one_joint_pose(5, size - 1 - 10.0, 20.0), size, size))
   assert tuple(flipped["pose"][20, size - 1 - 10]) == BODY_COLORS[5]
   assert not np.array_equal(flipped["pose"], plain["pose"][:, ::-1])  # a mirrored render keeps the wrong colour
+  # A thin-stroke render (SyntheticConfig.pose_scale) is drawn again at its own scale.
+  thin = augment_example(np.random.default_rng(3), target, target, render(pose, size, size, scale=0.25), [pose], size,
+                         AugmentConfig(crop_scale=(1.0, 1.0), flip=True, flip_prob=1.0), pose_scale=0.25)
+  np.testing.assert_array_equal(thin["pose"], render(_one_joint_pose(5, size - 1 - 10.0, 20.0), size, size, scale=0.25))
   # Without keypoints the render can only be mirrored.
   mirrored = augment_example(np.random.default_rng(3), target, target, pose_image, None, size,
                              AugmentConfig(crop_scale=(1.0, 1.0), flip=True, flip_prob=1.0))

@@ -52,14 +52,17 @@ def test_writes_every_output(micro):
     budget = demo.MICRO
     assert gif.n_frames == budget.animation_keyframes * budget.animation_inbetweens
   assert report["outputs"]["grid"] == os.path.join(out, "retarget.png")
+  with open(os.path.join(out, "base_sd", "vae", "config.json")) as f:
+    assert json.load(f)["_class_name"] == "PatchVAE"  # the default autoencoder: fitted, not trained
 
 
 def test_metrics_are_finite_and_in_range(micro):
   _, report = micro
   assert set(report["models"]) == {"full", "no_appearance", "no_pose"}
   for name, m in report["models"].items():
-    assert all(math.isfinite(m[k]) for k in ("l1", "psnr", "ssim", "mean_iou", "identity_error")), name
+    assert all(math.isfinite(m[k]) for k in ("l1", "psnr", "ssim", "mean_iou", "identity_error", "face_l1")), name
     assert 0 <= m["l1"] <= 1 and 0 <= m["mean_iou"] <= 1 and 0 <= m["identity_error"] <= 1, name
+    assert 0 < m["face_l1"] <= 1, name
     assert -1 <= m["ssim"] <= 1 and 0 < m["psnr"] <= 100, name
     assert m["num_images"] == demo.MICRO.holdout_identities * demo.MICRO.poses_per_identity
   assert all(isinstance(v, bool) for v in report["claims"].values())
@@ -71,6 +74,11 @@ def test_second_run_reuses_finished_phases(micro):
   d.train_vae()
   d.train_all()
   assert d.cached == ["vae", "base", "stage1", "stage2", "no_appearance"]
+
+
+def test_budget_names_a_known_autoencoder():
+  with pytest.raises(ValueError, match=r"Budget.autoencoder: expected one of \('patch', 'trained'\), got 'pca'"):
+    demo.Budget(autoencoder="pca")
 
 
 def test_interpolated_poses_pass_through_the_keyframes():

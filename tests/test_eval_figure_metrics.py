@@ -80,11 +80,26 @@ def test_ground_truth_is_perfect_and_json_ready(source, frames, with_palettes):
   assert result["mean_iou"] == 1.0 and result["figure_iou"] == 1.0
   assert set(result["part_iou"].values()) == {1.0}
   assert result["identity_error"] == 0.0 and set(result["region_error"].values()) == {0.0}
-  assert result["l1"] == 0.0 and result["ssim"] == 1.0
+  assert result["l1"] == 0.0 and result["ssim"] == 1.0 and result["face_l1"] == 0.0
   assert result["num_images"] == NUM and len(result["per_image"]["mean_iou"]) == NUM
   assert np.array(result["per_image"]["part_iou"]).shape == (NUM, len(PART_NAMES))
   assert np.array(result["per_image"]["region_error"]).shape == (NUM, len(REGIONS))
   json.dumps(result, allow_nan=False)  # every value finite
+
+
+def test_face_l1_is_the_error_inside_the_head(frames):
+  images = _images(frames)
+  heads = np.stack([f["part_mask"] == PART_NAMES.index("head") for f in frames])
+  outside, inside = images.copy(), images.copy()
+  outside[~heads] = 255 - outside[~heads]
+  inside[heads] = 255 - inside[heads]
+  expected = np.mean([np.mean(np.abs(255 - 2 * images[i][heads[i]].astype(float))) / 255 for i in range(NUM)])
+  assert evaluate_figures(outside, frames)["face_l1"] == 0.0
+  np.testing.assert_allclose(evaluate_figures(inside, frames)["face_l1"], expected, rtol=1e-9)
+  no_head = [{**f, "part_mask": np.where(f["part_mask"] == PART_NAMES.index("head"), 0, f["part_mask"])}
+             for f in frames[:1]]
+  result = evaluate_figures(images[:1], no_head)
+  assert result["face_l1"] == 0.0 and result["per_image"]["face_l1"] == [None]
 
 
 def test_small_noise_keeps_iou(frames):

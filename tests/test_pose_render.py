@@ -163,3 +163,25 @@ def test_render_rejects_bad_input():
   with pytest.raises(ValueError, match="height and width must be positive"):
     render(Pose.empty(), 0, 10)
   assert not render([], 8, 8).any()
+
+
+def test_scale_draws_strokes_and_dots_in_proportion():
+  size = 64
+  pose = _plausible_pose(size, size)
+  np.testing.assert_array_equal(render(pose, size, size, scale=1.0), render(pose, size, size))  # SD size unchanged
+  # A face point alone at scale 1/8 (SD size -> 64 px): one white pixel each (radius 3 * 1/8 rounds to 0); at SD
+  # size a 7 x 7 disc.
+  face = np.zeros((70, 3), np.float32)
+  face[:3] = [(10.5, 12.2, 1), (30, 40, 1), (50.9, 20, 1)]
+  only_face = Pose(np.zeros((18, 3)), np.zeros((2, 21, 3)), face)
+  small = render(only_face, size, size, scale=0.125)
+  assert sorted(zip(*np.nonzero(small.any(-1)), strict=True)) == [(12, 10), (20, 50), (40, 30)]
+  assert np.count_nonzero(render(only_face, size, size).any(-1)) == 3 * 29
+  # A horizontal limb (neck to right shoulder): 2 * stick width + 1 rows thick at its middle, 9 at SD size, 3 here.
+  body = np.zeros((18, 3), np.float32)
+  body[1], body[2] = (10, 32, 1), (50, 32, 1)
+  limb = Pose(body, np.zeros((2, 21, 3)), np.zeros((70, 3)))
+  rows = lambda image: np.count_nonzero(image[:, 30].any(-1))
+  assert (rows(render(limb, size, size)), rows(render(limb, size, size, scale=0.125))) == (9, 3)
+  with pytest.raises(ValueError, match="scale must be positive"):
+    render(pose, size, size, scale=0.0)

@@ -79,6 +79,10 @@ def test_frame_contract_and_sizes(size):
     source.frame(4, 0)
   with pytest.raises(IndexError, match="frame 3 out of range"):
     source.frame(0, 3)
+  thin = SyntheticSource(SyntheticConfig(image_size=size, num_identities=4, frames_per_identity=3,
+                                         pose_scale=size / 512)).frame(3, 2)
+  np.testing.assert_array_equal(thin["pose_image"], render(d["pose"], size, size, scale=size / 512))
+  np.testing.assert_array_equal(thin["image"], d["image"])
 
 
 def test_config_validation():
@@ -90,6 +94,8 @@ def test_config_validation():
     SyntheticConfig(seed=-1)
   with pytest.raises(ValueError, match="detail: expected one of"):
     SyntheticConfig(detail="none")
+  with pytest.raises(ValueError, match="pose_scale: expected a positive number, got 0"):
+    SyntheticConfig(pose_scale=0)
 
 
 def test_plain_detail_is_the_same_people_without_patterns_or_textures():

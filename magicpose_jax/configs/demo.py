@@ -1,7 +1,7 @@
 """The demo's training config: tiny networks on 64 px synthetic figures, minutes on a 2-core CPU.
 
 `python -m magicpose_jax.demo` runs every stage with this config (setting `stage`, `total_steps`, `base.path`,
-`init_from` per phase). Its base is a tiny SD whose VAE the demo trains first (factor 4: 64 px -> 16 x 16 latents)
+`init_from` per phase). Its base is a tiny SD whose VAE the demo writes first (factor 4: 64 px -> 16 x 16 latents)
 and writes to outputs/demo/base_sd, so by hand, after one demo run:
 
     python -m magicpose_jax.train --config configs/demo.py --config.stage=base \
@@ -26,8 +26,8 @@ def get_config():
   c.model.unet = "tiny"
   c.model.vae = "tiny"
   c.model.text_encoder = "tiny"
-  c.model.sample_size = 16  # 64 px images through the demo's factor-4 VAE (train/autoencoder.py DEMO_VAE)
-  c.model.hint_channels = (16, 32, 64)  # downsamples by 4, like DEMO_VAE
+  c.model.sample_size = 16  # 64 px images through the demo's factor-4 autoencoder (demo/autoencoder.py)
+  c.model.hint_channels = (16, 32, 64)  # downsamples by 4, like the autoencoder
   # The demo's base trains with a zero-terminal-SNR schedule (magicpose_jax/demo.py DEMO_SCHEDULE), which needs v.
   c.model.prediction_type = "v_prediction"
   c.optimizer.lr = 1e-3
@@ -47,5 +47,9 @@ def get_config():
   # textures, which the tiny VAE blurs into a muddy mix of the two colours in its 800 steps (held-out L1 0.101 on
   # full figures, 0.082 on plain ones) and which hid whether the colours were transferred at all.
   c.data.synthetic.detail = "plain"
+  # Pose maps with strokes in proportion to the 64 px canvas (64 / 512 of ControlNet's SD-size widths and radii):
+  # at SD size the limbs are 9 px wide and every face landmark a 7 px disc, so the pose render was a blob with
+  # a white ball for a head; at 1/8 the limbs are 3 px, hands and the face's eyes, brows and mouth single pixels.
+  c.data.synthetic.pose_scale = 0.125
   c.data.pairs.allow_same = False  # the reference is always another frame (pose) than the target
   return c

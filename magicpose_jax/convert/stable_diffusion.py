@@ -46,23 +46,24 @@ from magicpose_jax.convert.diffusers import load_unet, save_unet
 from magicpose_jax.convert.flax_checkpoint import is_flax_model, load_flax_params, save_flax_model
 from magicpose_jax.convert.keytable import ConversionError, KeyTable
 from magicpose_jax.convert.ldm import (
-    LDM_OPEN_CLIP_PREFIX,
-    LDM_UNET_PREFIX,
-    LDM_VAE_PREFIX,
-    FusedKeyTable,
-    check_open_clip_extras,
-    ldm_open_clip_key_table,
-    ldm_unet_key_table,
-    ldm_vae_key_table,
-    open_clip_extra_shapes,
-    uses_open_clip,
+  LDM_OPEN_CLIP_PREFIX,
+  LDM_UNET_PREFIX,
+  LDM_VAE_PREFIX,
+  FusedKeyTable,
+  check_open_clip_extras,
+  ldm_open_clip_key_table,
+  ldm_unet_key_table,
+  ldm_vae_key_table,
+  open_clip_extra_shapes,
+  uses_open_clip,
 )
 from magicpose_jax.convert.tensor_files import read_state_dict, write_safetensors
 from magicpose_jax.convert.vae import load_vae, save_vae
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextConfig
+from magicpose_jax.models.patch_vae import AnyVAEConfig, PatchVAEConfig, vae_config_from_folder
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
-from magicpose_jax.models.vae import VAE_VARIANTS, VAEConfig
+from magicpose_jax.models.vae import VAE_VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SDConfigs:
   """The architecture of every Stable Diffusion component, plus where the tokenizer files are."""
 
   unet: UNetConfig
-  vae: VAEConfig
+  vae: AnyVAEConfig  # a PatchVAEConfig only in our Flax pipeline folders (no diffusers/LDM counterpart)
   text_encoder: CLIPTextConfig
   scheduler: ScheduleConfig
   tokenizer: str | None = None  # a folder with vocab.json + merges.txt (None: not in the checkpoint)
@@ -164,7 +165,7 @@ def model_configs(folder: str | os.PathLike) -> SDConfigs:
 
 def _folder_configs(path: str) -> SDConfigs:
   return SDConfigs(UNetConfig.from_diffusers(os.path.join(path, "unet")),
-                   VAEConfig.from_diffusers(os.path.join(path, "vae")),
+                   vae_config_from_folder(os.path.join(path, "vae")),
                    CLIPTextConfig.from_transformers(os.path.join(path, "text_encoder")),
                    ScheduleConfig.from_diffusers(os.path.join(path, "scheduler")), _tokenizer_dir(path))
 
@@ -219,9 +220,16 @@ def _write_scheduler_and_tokenizer(configs: SDConfigs, folder: str) -> None:
     shutil.copytree(configs.tokenizer, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
 
 
+def _check_diffusers_vae(configs: SDConfigs, layout: str) -> None:
+  if isinstance(configs.vae, PatchVAEConfig):
+    raise ValueError(f"the VAE is a PatchVAE (models/patch_vae.py, the demo's linear patch autoencoder), which "
+                     f"{layout} cannot hold (diffusers has no such class); save_flax_pipeline keeps it")
+
+
 def ldm_tables(configs: SDConfigs) -> dict[str, KeyTable | FusedKeyTable]:
   """The single-file key table of each component; the text encoder's layout follows its config
   (`convert.ldm.uses_open_clip`: SD 2.x's OpenCLIP, else SD 1.x's transformers CLIP)."""
+  _check_diffusers_vae(configs, "an LDM single file")
   text = (ldm_open_clip_key_table(configs.text_encoder, LDM_OPEN_CLIP_PREFIX) if uses_open_clip(configs.text_encoder)
           else clip_key_table(configs.text_encoder).with_prefix(LDM_CLIP_PREFIX))
   return {"unet": ldm_unet_key_table(configs.unet, LDM_UNET_PREFIX),
@@ -354,6 +362,7 @@ def save_stable_diffusion(configs: SDConfigs, params: dict, folder: str | os.Pat
   own converter drops them too): they are not written, with a warning naming how many.
   """
   folder = os.fspath(folder)
+  _check_diffusers_vae(configs, "a diffusers pipeline folder")
   if params.get(EXTRAS):
     warnings.warn(f"{folder}: the diffusers layout has no place for the {len(params[EXTRAS])} extra tensors of the "
                   f"SD 2.x file (OpenCLIP's last layer, text_projection, logit_scale; unused by SD); not written. "

@@ -86,7 +86,8 @@ def crop_poses(poses: Sequence[Pose] | None, box: Box, size: int) -> list[Pose] 
 
 
 def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.ndarray, pose_image: np.ndarray,
-                    poses: Sequence[Pose] | None, size: int, config: AugmentConfig) -> dict:
+                    poses: Sequence[Pose] | None, size: int, config: AugmentConfig,
+                    pose_scale: float = 1.0) -> dict:
   """One training example's images at the output size.
 
   Args:
@@ -96,6 +97,7 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
     poses: the target's keypoints in `target`'s pixels, or None (a pose map without keypoints).
     size: output side.
     config: the augmentation.
+    pose_scale: `render`'s stroke scale of `pose_image`, for the flipped pose's render.
   Returns:
     "reference", "target", "pose": uint8 [size, size, 3].
   """
@@ -117,5 +119,5 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
     if cropped is None:
       out["pose"] = np.ascontiguousarray(out["pose"][:, ::-1])
     else:
-      out["pose"] = render([flip_horizontal(p, size) for p in cropped], size, size)
+      out["pose"] = render([flip_horizontal(p, size) for p in cropped], size, size, scale=pose_scale)
   return out

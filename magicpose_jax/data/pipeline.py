@@ -80,6 +80,7 @@ class SyntheticFrames:
                        f"training identity of num_identities={self.config.num_identities}")
     self.counts = [self.config.frames_per_identity] * identities
     self.latents = False
+    self.pose_scale = self.config.pose_scale  # the renders' stroke scale (a flipped pose is drawn again)
     self._source = None  # built on first use, so the object pickles small into grain's workers
 
   def record_id(self, video: int, frame: int) -> int:
@@ -106,6 +107,7 @@ class RecordFrames:
     self.latents = bool(manifest.get("latent"))
     self._ids = [list(ids) for ids in manifest["videos"].values() if ids]
     self.counts = [len(ids) for ids in self._ids]
+    self.pose_scale = 1.0  # preprocessing renders pose maps at ControlNet's stroke sizes
     self._source = None
 
   def record_id(self, video: int, frame: int) -> int:
@@ -146,7 +148,8 @@ class MakeExample:
         pose = crop_resize_image(pose, center_box(*pose.shape[:2]), self.size)
       out = {"reference_latent": ref["latent"], "target_latent": tgt["latent"], "pose": pose}
     else:
-      out = augment_example(rng, ref["image"], tgt["image"], tgt["pose_image"], tgt["poses"], self.size, self.augment)
+      out = augment_example(rng, ref["image"], tgt["image"], tgt["pose_image"], tgt["poses"], self.size, self.augment,
+                            self.frames.pose_scale)
     out["target_id"] = np.int32(self.frames.record_id(video, target))
     out["reference_id"] = np.int32(self.frames.record_id(video, reference))
     return out

@@ -66,6 +66,9 @@ class SyntheticConfig:
     detail: "full" (shirt patterns, textured backgrounds) or "plain" (plain shirts on flat backgrounds of the
       identity's first background colour; everything else as "full"). The tiny models of the demo learn plain
       figures' colours within its budget; the patterns' 2-3 pixel periods cost most of a tiny VAE's capacity.
+    pose_scale: stroke widths and dot radii of "pose_image" (`render`'s `scale`): 1 draws ControlNet's SD-size
+      strokes, which at 64 px cover the whole figure (limbs 9 px wide, face dots 7 px across); `image_size / 512`
+      draws them in proportion.
   """
 
   image_size: int = 64
@@ -73,6 +76,7 @@ class SyntheticConfig:
   frames_per_identity: int = 32
   seed: int = 0
   detail: str = "full"
+  pose_scale: float = 1.0
 
   def __post_init__(self):
     if not MIN_SIZE <= self.image_size <= MAX_SIZE:
@@ -82,6 +86,8 @@ class SyntheticConfig:
     if self.num_identities < 1 or self.frames_per_identity < 1:
       raise ValueError(f"SyntheticConfig: num_identities and frames_per_identity must be >= 1, got "
                        f"{self.num_identities} and {self.frames_per_identity}")
+    if not self.pose_scale > 0:
+      raise ValueError(f"SyntheticConfig.pose_scale: expected a positive number, got {self.pose_scale}")
     if self.detail not in DETAILS:
       raise ValueError(f"SyntheticConfig.detail: expected one of {DETAILS}, got {self.detail!r}")
 
@@ -509,9 +515,9 @@ def _to_pixels(g: dict, scale: float, offset: np.ndarray) -> dict:
 class SyntheticSource:
   """Frame source of procedural figures: video = identity, frame = pose; see the module docstring.
 
-  `frame(video, frame)` returns "image" (uint8 [S, S, 3] RGB), "pose_image" (uint8 [S, S, 3], `render(pose)`),
-  "pose" (`Pose`, every keypoint confidence 1 except the pupils of closed eyes), "part_mask" (uint8 [S, S],
-  labels of `PART_NAMES`), "identity" (int), "expression" (float32 [3], `EXPRESSION_NAMES`), "video" and
+  `frame(video, frame)` returns "image" (uint8 [S, S, 3] RGB), "pose_image" (uint8 [S, S, 3], `render(pose)` at
+  `pose_scale`), "pose" (`Pose`, every keypoint confidence 1 except the pupils of closed eyes), "part_mask" (uint8
+  [S, S], labels of `PART_NAMES`), "identity" (int), "expression" (float32 [3], `EXPRESSION_NAMES`), "video" and
   "frame" (names).
   """
 
@@ -572,7 +578,7 @@ class SyntheticSource:
     pose = _pose(g, params["expression"])
     return {
       "image": image,
-      "pose_image": render(pose, size, size),
+      "pose_image": render(pose, size, size, scale=self.config.pose_scale),
       "pose": pose,
       "part_mask": cv2.LUT(materials, _MATERIAL_PART),
       "identity": video,

@@ -29,6 +29,7 @@ from magicpose_jax.demo.figures import image_grid, save_animation, save_png
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
 from magicpose_jax.models.clip import CLIP_VARIANTS
+from magicpose_jax.models.patch_vae import fit_patch_vae
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.pose.keypoints import Pose
 from magicpose_jax.pose.render import render
@@ -59,17 +60,22 @@ class TrainingRun:
   after: str
 
 
+AUTOENCODERS = ("patch", "trained")
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """How much each phase does. `no_pose_steps=0`: the "no pose" ablation is the stage-1 model itself (appearance
   only, trained `stage1_steps`); otherwise stage 2 with `use_pose=False` continues it for that many steps."""
 
-  vae_steps: int = 800
-  vae_images: int = 2048  # training figures rendered for the VAE (random training identities)
-  base_steps: int = 400
-  stage1_steps: int = 250
-  stage2_steps: int = 250
-  no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
+  autoencoder: str = "patch"  # "patch": autoencoder.DEMO_PATCH_VAE (PCA, no training); "trained": the tiny VAE
+  vae_steps: int = 800  # "trained" only
+  vae_images: int = 2048  # training figures rendered for the autoencoder (random training identities)
+  # The patch autoencoder freed the trained VAE's 2-3 minutes: they went to the diffusion phases (were 400 and 250).
+  base_steps: int = 600
+  stage1_steps: int = 400
+  stage2_steps: int = 400
+  no_appearance_steps: int = 400  # stage 2 with use_appearance=False, from the base
   no_pose_steps: int = 0
   batch_size: int = 8
   sample_steps: int = 20  # DDIM steps
@@ -78,6 +84,10 @@ class Budget:
   poses_per_identity: int = 4
   animation_keyframes: int = 4  # frames of the animated identity the motion passes through
   animation_inbetweens: int = 6  # interpolated poses from one keyframe to the next
+
+  def __post_init__(self):
+    if self.autoencoder not in AUTOENCODERS:
+      raise ValueError(f"Budget.autoencoder: expected one of {AUTOENCODERS}, got {self.autoencoder!r}")
 
 
 DEMO = Budget()
@@ -138,9 +148,10 @@ class Demo:
     and the VAE's training settings (JSON-able)."""
     unet = self.unet or VARIANTS[self.config.model.unet]
     as_json = lambda x: json.loads(json.dumps(x, default=str))
+    trained = self.budget.autoencoder == "trained"
     return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),
-                    "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(autoencoder.DEMO_VAE),
-                    "vae_training": dataclasses.asdict(self._vae_training()),
+                    "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(self._vae_config()),
+                    "vae_training": dataclasses.asdict(self._vae_training()) if trained else None,
                     "schedule": dataclasses.asdict(DEMO_SCHEDULE)})
 
   def _changed_setup(self, new: dict[str, Any]) -> list[str]:
@@ -156,6 +167,9 @@ class Demo:
 
   def _vae_training(self) -> autoencoder.AutoencoderTraining:
     return autoencoder.AutoencoderTraining(steps=self.budget.vae_steps)
+
+  def _vae_config(self) -> autoencoder.AnyVAEConfig:
+    return autoencoder.DEMO_VAE if self.budget.autoencoder == "trained" else autoencoder.DEMO_PATCH_VAE
 
   # -- paths and configs ---------------------------------------------------------------------------------------
 
@@ -179,7 +193,10 @@ class Demo:
   # -- phases --------------------------------------------------------------------------------------------------
 
   def train_vae(self) -> None:
-    self._header(1, "vae", f"tiny VAE, {self.budget.vae_steps} steps on {self.budget.vae_images} training figures")
+    b = self.budget
+    self._header(1, "vae", f"tiny VAE, {b.vae_steps} steps on {b.vae_images} training figures"
+                 if b.autoencoder == "trained" else f"patch autoencoder: PCA of the 4x4 patches of {b.vae_images} "
+                 f"training figures")
     folder, pipeline = self.path("vae"), self.path("base_sd")
     marker = os.path.join(pipeline, "demo_base.json")
     if autoencoder.is_saved_autoencoder(folder) and os.path.isfile(marker):
@@ -196,19 +213,15 @@ class Demo:
     images = np.stack([source.frame(int(i) // data.synthetic.frames_per_identity,
                                     int(i) % data.synthetic.frames_per_identity)["image"]
                        for i in tqdm.tqdm(flat, desc="render", unit="img", dynamic_ncols=True)])
-    bar = tqdm.tqdm(total=self.budget.vae_steps, desc="vae", unit="step", dynamic_ncols=True)
-
-    def progress(step: int, report: dict) -> None:
-      bar.update(1)
-      if report:
-        bar.set_postfix(l1=f"{report['l1']:.4f}", kl=f"{report['kl']:.2f}", refresh=False)
-
-    training = self._vae_training()
-    vae_config, params, metrics = autoencoder.train_autoencoder(autoencoder.DEMO_VAE, images, training, progress)
-    bar.close()
+    if b.autoencoder == "trained":
+      vae_config, params, metrics = self._train_tiny_vae(images)
+    else:
+      vae_config, params = fit_patch_vae(autoencoder.DEMO_PATCH_VAE, images)
+      metrics = autoencoder.reconstruction_metrics(vae_config, params, images[:256])
     autoencoder.save_autoencoder(folder, vae_config, params, metrics)
     latent = data.image_size // vae_config.downsample_factor
-    unet = (self.unet or VARIANTS[self.config.model.unet]).replace(sample_size=latent)
+    unet = (self.unet or VARIANTS[self.config.model.unet]).replace(
+        sample_size=latent, in_channels=vae_config.latent_channels, out_channels=vae_config.latent_channels)
     autoencoder.write_base_pipeline(pipeline, vae_config, params, unet, CLIP_VARIANTS[self.config.model.text_encoder],
                                     seed=self.config.seed, scheduler=DEMO_SCHEDULE)
     with open(marker, "w") as f:
@@ -218,6 +231,18 @@ class Demo:
         "latents_std " + "/".join(f"{v:.3f}" for v in vae_config.latents_std)
     print(f"VAE: l1 {metrics.get('l1', float('nan')):.4f} (pixels in [-1, 1]), {scaling}; SD pipeline folder "
           f"{pipeline}")
+
+  def _train_tiny_vae(self, images: np.ndarray) -> tuple[autoencoder.AnyVAEConfig, dict, dict[str, float]]:
+    bar = tqdm.tqdm(total=self.budget.vae_steps, desc="vae", unit="step", dynamic_ncols=True)
+
+    def progress(step: int, report: dict) -> None:
+      bar.update(1)
+      if report:
+        bar.set_postfix(l1=f"{report['l1']:.4f}", kl=f"{report['kl']:.2f}", refresh=False)
+
+    out = autoencoder.train_autoencoder(autoencoder.DEMO_VAE, images, self._vae_training(), progress)
+    bar.close()
+    return out
 
   def train_run(self, index: int, name: str, config: ml_collections.ConfigDict, text: str) -> None:
     """One `train.loop.train` run in runs/<name> (TensorBoard under tb/<name>), skipped when finished."""
@@ -304,7 +329,7 @@ class Demo:
     keyframes = [source.frame(identity, f) for f in range(1, b.animation_keyframes + 1)]
     poses = interpolate_poses([f["pose"] for f in keyframes], b.animation_inbetweens)
     size = source.config.image_size
-    pose_images = np.stack([render(p, size, size) for p in poses])
+    pose_images = np.stack([render(p, size, size, scale=source.config.pose_scale) for p in poses])
     reference = source.frame(identity, 0)["image"]
     bar = tqdm.tqdm(total=1, desc="animate", unit="video", dynamic_ncols=True)
     frames = rt.animate(model, reference, pose_images, sampler, seed=identity, batch_frames=b.poses_per_identity)

@@ -17,6 +17,9 @@ read back by colour:
   region, the distance between the mean colours of the generated and the ground-truth image inside the
   ground-truth region; RGB in [0, 1], Euclidean, divided by sqrt(3) so that black vs white is 1. Eye, brow and mouth
   colours belong to no region (too few pixels to weigh).
+- **Face (face L1).** The mean absolute error (RGB in [0, 1]) over the ground truth's head pixels: hair, skin,
+  eyes, brows and mouth. At 64 px a face is ~8 px wide, so open or closed eyes and mouth are a few pixels each;
+  this is where they count, with the head's place and colours (a head drawn elsewhere scores as badly as none).
 
 A palette (part name -> {colour name -> RGB}, as `SyntheticSource.palette(video)` returns) says which colours the
 figure is drawn with. Without one it is read from the ground-truth frame, which is exact: each part's colours are
@@ -245,6 +248,15 @@ def region_errors(generated: np.ndarray, target: np.ndarray, regions: np.ndarray
   return errors, present
 
 
+def face_l1(generated: np.ndarray, target: np.ndarray, part_mask: np.ndarray) -> float:
+  """Mean absolute difference (RGB in [0, 1]) of two uint8 [H, W, 3] images over the head pixels of `part_mask`
+  [H, W]; NaN when the mask has no head."""
+  head = part_mask == PART_NAMES.index("head")
+  if not head.any():
+    return float("nan")
+  return float(np.mean(np.abs(generated[head].astype(np.float64) - target[head].astype(np.float64))) / 255.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The benchmark's entry point
 
@@ -275,7 +287,9 @@ def evaluate_figures(generated: np.ndarray, frames: Sequence[Mapping], palettes:
     - "part_iou": {part name: [0, 1]}: mean over the images where the part is present (1 where never present).
     - "identity_error" [0, 1]: mean over images of the mean region colour error (0 best).
     - "region_error": {"skin", "hair", "clothes", "background": [0, 1]}: mean over images where present.
-    - "per_image": {"l1", "psnr", "ssim", "mean_iou", "figure_iou", "identity_error": [N] lists;
+    - "face_l1" [0, 1]: mean over images (with a head) of the L1 inside the ground-truth head (0 best).
+    - "per_image": {"l1", "psnr", "ssim", "mean_iou", "figure_iou", "identity_error", "face_l1" (NaN without a
+      head): [N] lists;
       "part_iou": [N][P] (parts in neither map: 1); "region_error": [N][4] (absent regions: 0)}.
     - "num_images", "parts" (PART_NAMES), "regions" (REGIONS), "tolerance".
   """
@@ -301,6 +315,7 @@ def evaluate_figures(generated: np.ndarray, frames: Sequence[Mapping], palettes:
     err, has = region_errors(generated[i], targets[i], region_map(targets[i], mask, palette))
     ious.append(iou), parts_present.append(present), errors.append(err), regions_present.append(has)
     per_image.setdefault("figure_iou", []).append(_iou(labels != 0, mask != 0))
+    per_image.setdefault("face_l1", []).append(face_l1(generated[i], targets[i], mask))
   ious, parts_present = np.array(ious), np.array(parts_present)
   errors, regions_present = np.array(errors), np.array(regions_present)
   per_image["mean_iou"] = _masked_mean(ious.T, parts_present.T, 1.0).tolist()
@@ -309,6 +324,9 @@ def evaluate_figures(generated: np.ndarray, frames: Sequence[Mapping], palettes:
   per_image["region_error"] = errors.tolist()
   out = {key: float(np.mean(per_image[key])) for key in ("l1", "psnr", "ssim", "mean_iou", "figure_iou",
                                                           "identity_error")}
+  faces = np.array(per_image["face_l1"])
+  out["face_l1"] = float(np.nanmean(faces)) if np.isfinite(faces).any() else 0.0
+  per_image["face_l1"] = [None if np.isnan(v) else v for v in faces.tolist()]  # JSON has no NaN
   out["part_iou"] = dict(zip(PART_NAMES, _masked_mean(ious, parts_present, 1.0).tolist(), strict=True))
   out["region_error"] = dict(zip(REGIONS, _masked_mean(errors, regions_present, 0.0).tolist(), strict=True))
   out.update(per_image=per_image, num_images=len(generated), parts=list(PART_NAMES), regions=list(REGIONS),

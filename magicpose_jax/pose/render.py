@@ -13,6 +13,11 @@ pixel for pixel on the rules of that code:
 The canvas is RGB (ControlNet 1.1 hands it to the model as is), so the hand dots, (0, 0, 255) in the code, are
 blue; MAGICPOSE.md calls them red after the BGR original of the OpenPose code.
 
+`scale` (default 1: ControlNet's SD-size strokes, pixel for pixel) multiplies every stick width, line thickness
+and dot radius (rounded; sticks, joints and hand lines keep at least 1 pixel, dots of radius 0 are one pixel): at
+64 px, SD's 4-pixel stick half-widths and radii cover the whole figure; `scale = size / 512` draws it as an SD-size
+pose render scaled down.
+
 Keypoints with confidence <= `threshold` are not drawn (nor are limbs/edges touching them). Coordinates are
 truncated to integers as ControlNet does; like its `x > eps` test, hand and face points at x < 1 or y < 1
 (truncated) are skipped. ControlNet stores coordinates divided by the image size and multiplies back; we keep
@@ -21,6 +26,7 @@ pixels, which can differ from its output by one pixel where that round trip lose
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -71,7 +77,24 @@ HAND_EDGE_COLORS = tuple(tuple(c * 255.0 for c in hsv_to_rgb(e / len(HAND_EDGES)
 _LIMB_LUT = (np.arange(256) * LIMB_SCALE).astype(np.uint8)
 
 
-def _draw_body(canvas: np.ndarray, bodies: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class _Strokes:
+  """Pixel sizes of one render (`render`'s `scale` applied to the SD-size constants)."""
+
+  stick: int = STICK_WIDTH
+  joint: int = JOINT_RADIUS
+  hand: int = HAND_THICKNESS
+  hand_dot: int = HAND_DOT_RADIUS
+  face_dot: int = FACE_DOT_RADIUS
+
+  @classmethod
+  def scaled(cls, scale: float) -> _Strokes:
+    at_least_one = lambda v: max(1, round(v * scale))
+    return cls(at_least_one(STICK_WIDTH), at_least_one(JOINT_RADIUS), at_least_one(HAND_THICKNESS),
+               round(HAND_DOT_RADIUS * scale), round(FACE_DOT_RADIUS * scale))
+
+
+def _draw_body(canvas: np.ndarray, bodies: Sequence[np.ndarray], threshold: float, strokes: _Strokes) -> np.ndarray:
   drawn = False
   for limb, color in zip(BODY_LIMBS, BODY_COLORS, strict=False):
     for body in bodies:
@@ -82,7 +105,7 @@ def _draw_body(canvas: np.ndarray, bodies: Sequence[np.ndarray], threshold: floa
       length = math.hypot(xs[0] - xs[1], ys[0] - ys[1])
       angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
       center = (int((xs[0] + xs[1]) / 2), int((ys[0] + ys[1]) / 2))
-      polygon = cv2.ellipse2Poly(center, (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1)
+      polygon = cv2.ellipse2Poly(center, (int(length / 2), strokes.stick), int(angle), 0, 360, 1)
       cv2.fillConvexPoly(canvas, polygon, color)
       drawn = True
   if drawn:
@@ -90,7 +113,7 @@ def _draw_body(canvas: np.ndarray, bodies: Sequence[np.ndarray], threshold: floa
   for j, color in enumerate(BODY_COLORS):
     for body in bodies:
       if body[j, 2] > threshold:
-        cv2.circle(canvas, (int(body[j, 0]), int(body[j, 1])), JOINT_RADIUS, color, thickness=-1)
+        cv2.circle(canvas, (int(body[j, 0]), int(body[j, 1])), strokes.joint, color, thickness=-1)
   return canvas
 
 
@@ -103,30 +126,32 @@ def _points(kp: np.ndarray, threshold: float) -> list[tuple[int, int] | None]:
   return out
 
 
-def _draw_hand(canvas: np.ndarray, hand: np.ndarray, threshold: float) -> None:
+def _draw_hand(canvas: np.ndarray, hand: np.ndarray, threshold: float, strokes: _Strokes) -> None:
   pts = _points(hand, threshold)
   for (i, j), color in zip(HAND_EDGES, HAND_EDGE_COLORS, strict=True):
     if pts[i] is not None and pts[j] is not None:
-      cv2.line(canvas, pts[i], pts[j], color, thickness=HAND_THICKNESS)
+      cv2.line(canvas, pts[i], pts[j], color, thickness=strokes.hand)
   for p in pts:
     if p is not None:
-      cv2.circle(canvas, p, HAND_DOT_RADIUS, HAND_DOT_COLOR, thickness=-1)
+      cv2.circle(canvas, p, strokes.hand_dot, HAND_DOT_COLOR, thickness=-1)
 
 
-def _draw_face(canvas: np.ndarray, face: np.ndarray, threshold: float) -> None:
+def _draw_face(canvas: np.ndarray, face: np.ndarray, threshold: float, strokes: _Strokes) -> None:
   for p in _points(face, threshold):
     if p is not None:
-      cv2.circle(canvas, p, FACE_DOT_RADIUS, FACE_DOT_COLOR, thickness=-1)
+      cv2.circle(canvas, p, strokes.face_dot, FACE_DOT_COLOR, thickness=-1)
 
 
 def render(poses: Pose | Sequence[Pose], height: int, width: int, *,
-           threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+           threshold: float = DEFAULT_THRESHOLD, scale: float = 1.0) -> np.ndarray:
   """Draws people as ControlNet's OpenPose annotator does (body, hands and face in one image).
 
   Args:
     poses: one pose or a sequence of poses, in pixel coordinates of the [height, width] image.
     height, width: canvas size.
     threshold: keypoints with confidence <= threshold are not drawn.
+    scale: stroke widths and dot radii relative to ControlNet's (1: SD size; e.g. `height / 512` for small
+      canvases).
 
   Returns:
     uint8 [height, width, 3] RGB image, black where nothing is drawn.
@@ -138,13 +163,16 @@ def render(poses: Pose | Sequence[Pose], height: int, width: int, *,
       raise TypeError(f"render: poses[{i}] is a {type(p).__name__}, expected a Pose")
   if height <= 0 or width <= 0:
     raise ValueError(f"render: height and width must be positive, got {height}x{width}")
+  if not scale > 0:
+    raise ValueError(f"render: scale must be positive, got {scale}")
+  strokes = _Strokes() if scale == 1.0 else _Strokes.scaled(scale)
   # Confidences are float32: compare in float32, so a confidence written as the threshold is not drawn.
   threshold = float(np.float32(threshold))
   canvas = np.zeros((height, width, 3), np.uint8)
-  canvas = _draw_body(canvas, [p.body for p in poses], threshold)
+  canvas = _draw_body(canvas, [p.body for p in poses], threshold, strokes)
   for p in poses:
     for hand in p.hands:
-      _draw_hand(canvas, hand, threshold)
+      _draw_hand(canvas, hand, threshold, strokes)
   for p in poses:
-    _draw_face(canvas, p.face, threshold)
+    _draw_face(canvas, p.face, threshold, strokes)
   return canvas

@@ -29,8 +29,8 @@ from typing import Any
 import ml_collections
 
 from magicpose_jax.models.controlnet import ControlNetConfig
+from magicpose_jax.models.patch_vae import AnyVAEConfig, PatchVAEConfig
 from magicpose_jax.models.unet import UNetConfig
-from magicpose_jax.models.vae import VAEConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device peaks.
@@ -276,9 +276,12 @@ def controlnet_forward_flops(cfg: ControlNetConfig, latent_hw: tuple[int, int], 
   return f + _conv(h, w, 1, c, c)
 
 
-def vae_encode_flops(cfg: VAEConfig, image_hw: tuple[int, int]) -> Flops:
-  """One image through the VAE encoder and `quant_conv` (the training step's latents)."""
+def vae_encode_flops(cfg: AnyVAEConfig, image_hw: tuple[int, int]) -> Flops:
+  """One image through the VAE encoder and `quant_conv` (the training step's latents); a `PatchVAE`: its
+  projection of every patch."""
   h, w = image_hw
+  if isinstance(cfg, PatchVAEConfig):
+    return _dense((h // cfg.patch_size) * (w // cfg.patch_size), cfg.patch_dim, cfg.latent_channels)
   ch = cfg.block_out_channels
   f = _conv(h, w, 3, cfg.in_channels, ch[0])
   c = ch[0]
@@ -314,7 +317,7 @@ class StepFlops:
   forward: float  # forward pass alone (VAE included)
 
 
-def train_step_flops(stage: str, unet: UNetConfig, vae: VAEConfig | None, latent_hw: tuple[int, int],
+def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, latent_hw: tuple[int, int],
                      pose: ControlNetConfig | None = None, use_appearance: bool = True, context_len: int = 77,
                      remat_policy: str = "none") -> StepFlops:
   """Analytic FLOPs per example of a `train.step.train_step` (multiply by the batch for the step).
@@ -327,8 +330,7 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: VAEConfig | None, latent
     raise ValueError(f"remat_policy {remat_policy!r} not in {tuple(RECOMPUTED)}")
   kinds = RECOMPUTED[remat_policy]
   recompute = lambda f: sum(getattr(f, k) for k in kinds)
-  image_hw = None if vae is None else (latent_hw[0] * 2 ** (len(vae.block_out_channels) - 1),
-                                       latent_hw[1] * 2 ** (len(vae.block_out_channels) - 1))
+  image_hw = None if vae is None else (latent_hw[0] * vae.downsample_factor, latent_hw[1] * vae.downsample_factor)
   enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
   if stage == "base":
     f = unet_forward_flops(unet, latent_hw, context_len)

@@ -28,8 +28,8 @@ import numpy as np
 from magicpose_jax.data.pipeline import train_dataset
 from magicpose_jax.diffusion.schedules import make_schedule
 from magicpose_jax.models.controlnet import abstract_controlnet_params
+from magicpose_jax.models.patch_vae import abstract_autoencoder_params
 from magicpose_jax.models.unet import abstract_unet_params
-from magicpose_jax.models.vae import abstract_vae_params
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import flops, samples, sharding, stages, validate
 from magicpose_jax.train.metrics_log import MetricsLog
@@ -129,7 +129,7 @@ def abstract_setup(config: ml_collections.ConfigDict,
   cast = lambda tree, dt: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
   text = jax.ShapeDtypeStruct((1, sd.text_encoder.max_position_embeddings, sd.text_encoder.hidden_size),
                               jnp.float32)
-  frozen = {"vae": cast(abstract_vae_params(sd.vae), frozen_dtype), "text": text}
+  frozen = {"vae": cast(abstract_autoencoder_params(sd.vae), frozen_dtype), "text": text}
   if stage == "base":
     trainable = {"unet": cast(unet, jnp.float32)}
   else:

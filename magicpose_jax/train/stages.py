@@ -27,9 +27,10 @@ from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, abstract_text_encoder_params, encode_text
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
+from magicpose_jax.models.patch_vae import PatchVAE, abstract_autoencoder_params, make_vae
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, abstract_unet_params
-from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, abstract_vae_params
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
 from magicpose_jax.tokenizer import CLIPTokenizer
 from magicpose_jax.train.checkpoint import is_training_run
 from magicpose_jax.train.config import STAGES
@@ -44,7 +45,7 @@ class Networks:
 
   stage: str
   model: MagicPose
-  vae: AutoencoderKL
+  vae: AutoencoderKL | PatchVAE
   schedule: ScheduleConfig
 
   @property
@@ -100,7 +101,7 @@ def networks(config: ml_collections.ConfigDict, sd: SDConfigs) -> Networks:
   dtype = _dtype(config.dtype, "dtype")
   if m.prediction_type not in ("epsilon", "v_prediction"):
     raise ValueError(f"config.model.prediction_type={m.prediction_type!r}; expected 'epsilon' or 'v_prediction'")
-  return Networks(stage, MagicPose(mp, dtype=dtype), AutoencoderKL(sd.vae, dtype=dtype),
+  return Networks(stage, MagicPose(mp, dtype=dtype), make_vae(sd.vae, dtype),
                   sd.scheduler.replace(prediction_type=m.prediction_type))
 
 
@@ -135,7 +136,7 @@ _encode_text = jax.jit(encode_text, static_argnums=(0, 3))
 
 def random_base(sd: SDConfigs, seed: int) -> Params:
   """A random-init SD `{"unet", "vae", "text_encoder"}` (tests and the demo, which trains its own base)."""
-  abstract = {"unet": abstract_unet_params(sd.unet), "vae": abstract_vae_params(sd.vae),
+  abstract = {"unet": abstract_unet_params(sd.unet), "vae": abstract_autoencoder_params(sd.vae),
               "text_encoder": abstract_text_encoder_params(sd.text_encoder)}
   return random_params(abstract, seed)
 

@@ -3,7 +3,7 @@ budget, scored on held-out identities x held-out poses; writes benchmarks/result
 
     python benchmarks/fidelity.py [--out outputs/fidelity] [--scale 1.0] [--fresh] [--reuse outputs/demo]
 
-Variants (shared: the tiny VAE and the base UNet, trained once, as in the demo):
+Variants (shared: the demo's autoencoder and the base UNet, made once, as in the demo):
   full            stage 1 then stage 2 (appearance + pose), sampled with guidance `Budget.guidance`;
   no_appearance   stage 2 without the Appearance Controller (pose net + frozen base), stage1 + stage2 steps;
   no_pose         stage 2 without the Pose Controller, from stage 1 (appearance only), same steps as full;
@@ -40,8 +40,9 @@ BENCH = dataclasses.replace(demo.DEMO, base_steps=1200, stage1_steps=800, stage2
 
 
 def scaled(budget: demo.Budget, scale: float) -> demo.Budget:
-  """The diffusion training budgets times `scale`. The VAE keeps the demo's budget: every variant is limited by its
-  reconstructions, so a shorter benchmark should not get a blurrier VAE than the demo's."""
+  """The diffusion training budgets times `scale`. The autoencoder keeps the demo's budget (the patch autoencoder
+  has none; a trained VAE limits every variant by its reconstructions, so a shorter benchmark should not get a
+  blurrier one than the demo's)."""
   steps = {f: max(1, round(getattr(budget, f) * scale)) for f in ("base_steps", "stage1_steps", "stage2_steps",
                                                                    "no_appearance_steps", "no_pose_steps")}
   return dataclasses.replace(budget, **steps)
@@ -98,7 +99,8 @@ def _commit() -> str:
 def claims(results: dict[str, dict]) -> dict[str, bool]:
   full = results["full"]
   out = {"identity error: full < no_appearance": full["identity_error"] < results["no_appearance"]["identity_error"],
-         "pose mIoU: full > no_pose": full["mean_iou"] > results["no_pose"]["mean_iou"]}
+         "pose mIoU: full > no_pose": full["mean_iou"] > results["no_pose"]["mean_iou"],
+         "face L1: full < no_pose": full["face_l1"] < results["no_pose"]["face_l1"]}
   for name in results:
     if name != "full":
       out[f"SSIM: full >= {name}"] = full["ssim"] >= results[name]["ssim"]

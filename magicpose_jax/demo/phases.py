@@ -377,6 +377,7 @@ class Demo:
     claims = {
         "identity: full < no_appearance": s["full"]["identity_error"] < s["no_appearance"]["identity_error"],
         "pose: full > no_pose (mIoU)": s["full"]["mean_iou"] > s["no_pose"]["mean_iou"],
+        "face: full < no_pose (face L1)": s["full"]["face_l1"] < s["no_pose"]["face_l1"],
     }
     b = self.budget
     report = {

@@ -53,7 +53,7 @@ def test_writes_every_output(micro):
     assert gif.n_frames == budget.animation_keyframes * budget.animation_inbetweens
   assert report["outputs"]["grid"] == os.path.join(out, "retarget.png")
   with open(os.path.join(out, "base_sd", "vae", "config.json")) as f:
-    assert json.load(f)["_class_name"] == "PatchVAE"  # the default autoencoder: fitted, not trained
+    assert json.load(f)["_class_name"] == "AutoencoderKL"  # the default autoencoder: the trained tiny VAE
 
 
 def test_metrics_are_finite_and_in_range(micro):

@@ -73,10 +73,14 @@ def test_fitted_components_are_the_least_squares_optimum(figures):
   random = np.linalg.qr(np.random.default_rng(0).normal(size=(48, k)))[0].astype(np.float32)
   other = {**params, "projection": random}
   assert np.mean(np.square(_apply(config, other, encode(other), "decode") - x)) * 48 > 2 * mse
-  # The scaling gives unit-variance latents; the first channel carries the most.
-  z = scale_latents(encode(params), config)
-  assert abs(float(np.std(z)) - 1) < 1e-3 and np.argmax(np.std(np.asarray(z), (0, 1, 2))) == 0
-  np.testing.assert_allclose(unscale_latents(z, config), z / config.scaling_factor, rtol=1e-6)
+  # The default scaling whitens: every channel of the UNet's latents at unit variance; with one scalar the
+  # latents have unit variance overall and the first channel carries the most.
+  z = np.asarray(scale_latents(encode(params), config))
+  np.testing.assert_allclose(np.std(z, (0, 1, 2)), 1.0, atol=1e-3)
+  np.testing.assert_allclose(unscale_latents(z, config), encode(params), atol=1e-5)
+  scalar, _ = fit_patch_vae(PatchVAEConfig(latent_channels=k), train, per_channel=False)
+  z = np.asarray(scale_latents(encode(params), scalar))
+  assert abs(float(np.std(z)) - 1) < 1e-3 and np.argmax(np.std(z, (0, 1, 2))) == 0 and scalar.latents_std is None
 
 
 def test_either_kind_of_config_picks_its_module():

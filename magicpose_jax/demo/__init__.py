@@ -3,9 +3,10 @@
 Phases (each cached in DIR; a second run skips finished ones unless --fresh, or unless DIR/setup.json says they were
 trained with another config, budget or architecture: then every phase is retrained):
 
-  1. vae        the patch autoencoder (factor 4: 64 px figures -> 16 x 16 x 12 latents, the principal components
-                of the training figures' 4 x 4 patches; `models/patch_vae.py`, `demo/autoencoder.py`), written with
-                a random tiny UNet + text encoder as an SD pipeline folder;
+  1. vae        a tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) trained on the training figures
+                (`demo/autoencoder.py`; or `Budget(autoencoder="patch")`: the principal components of their 4 x 4
+                patches, `models/patch_vae.py`), written with a random tiny UNet + text encoder as an SD pipeline
+                folder;
   2. base       the tiny UNet trained as plain (empty-prompt) SD on the figures: the "pretrained SD" MagicPose
                 freezes;
   3. stage1     the Appearance Controller over the frozen base (`train.loop.train`, configs/demo.py);

@@ -1,13 +1,15 @@
 """The demo's autoencoder (a linear patch autoencoder, or a tiny VAE trained on synthetic figures), and the SD
 pipeline folder the demo's base training starts from.
 
-    vae_config, vae_params = fit_patch_vae(DEMO_PATCH_VAE, images)      # the default: no training
-    vae_config, vae_params, _ = train_autoencoder(DEMO_VAE, images)     # or a trained tiny VAE
+    vae_config, vae_params, _ = train_autoencoder(DEMO_VAE, images)     # the default: a trained tiny VAE
+    vae_config, vae_params = fit_patch_vae(DEMO_PATCH_VAE, images)      # or the patch autoencoder: no training
     write_base_pipeline(folder, vae_config, vae_params, unet_config, text_config, seed=0)
 
-The default, `DEMO_PATCH_VAE` (`models/patch_vae.py`), cuts 64 px figures into 4 x 4 patches and keeps the first
-12 principal components of each: 16 x 16 x 12 latents, fitted in a second, 26.6 dB on held-out figures. The tiny
-VAE below reached 21 dB after 800 steps (2-3 minutes of the demo's budget) and was its quality ceiling.
+`DEMO_PATCH_VAE` (`models/patch_vae.py`) cuts 64 px figures into 4 x 4 patches and keeps the first 8 principal
+components of each, whitened: 16 x 16 x 8 latents, fitted in a second, 25.0 dB on held-out figures, where the tiny
+VAE reaches 21 dB after 800 steps (2-3 minutes of the demo's budget). The demo's diffusion models still generate
+better figures over the trained VAE (docs/demo.md): its decoder smooths their errors, the patch decoder shows each
+as a 4 x 4 block.
 
 Random VAE weights give latents that mean nothing, so a diffusion model over them cannot learn figures. The demo
 trains the VAE first (pixel L1 + MSE + a small KL to N(0, 1), as LDM's first stage without the GAN and LPIPS
@@ -55,10 +57,11 @@ Params = dict[str, Any]
 DEMO_VAE = VAEConfig(sample_size=64, block_out_channels=(8, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4)
 
-# The default: 4 x 4 patches (factor 4, as DEMO_VAE) projected onto their first 12 principal components. Held-out
-# plain figures (8 x 4, fitted on 1024 training figures): 3 components 21.1 dB PSNR, 6: 24.0, 8: 25.0, 12: 26.6,
-# 16: 28.5, 24: 32.4, 48 (lossless): exact.
-DEMO_PATCH_VAE = PatchVAEConfig(sample_size=64, patch_size=4, latent_channels=12)
+# The default: 4 x 4 patches (factor 4, as DEMO_VAE) projected onto their first 8 principal components, each
+# scaled to unit variance (`fit_patch_vae(per_channel=True)`). Held-out plain figures (benchmarks/patch_autoencoder.py):
+# 3 components 21.1 dB PSNR, 6: 24.0, 8: 25.0, 12: 26.6, 16: 28.5, 24: 32.4, 48 (lossless): exact. 12 components
+# with one scalar scale gave samples covered in high-frequency noise (benchmarks/results/demo.md).
+DEMO_PATCH_VAE = PatchVAEConfig(sample_size=64, patch_size=4, latent_channels=8)
 
 
 @dataclasses.dataclass(frozen=True)

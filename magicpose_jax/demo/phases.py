@@ -68,14 +68,15 @@ class Budget:
   """How much each phase does. `no_pose_steps=0`: the "no pose" ablation is the stage-1 model itself (appearance
   only, trained `stage1_steps`); otherwise stage 2 with `use_pose=False` continues it for that many steps."""
 
-  autoencoder: str = "patch"  # "patch": autoencoder.DEMO_PATCH_VAE (PCA, no training); "trained": the tiny VAE
+  # "trained": the tiny VAE (vae_steps); "patch": autoencoder.DEMO_PATCH_VAE (PCA, no training), measured worse
+  # within this budget (its linear, patch-by-patch decoder shows every latent error as a 4x4 block; docs/demo.md).
+  autoencoder: str = "trained"
   vae_steps: int = 800  # "trained" only
   vae_images: int = 2048  # training figures rendered for the autoencoder (random training identities)
-  # The patch autoencoder freed the trained VAE's 2-3 minutes: they went to the diffusion phases (were 400 and 250).
-  base_steps: int = 600
-  stage1_steps: int = 400
-  stage2_steps: int = 400
-  no_appearance_steps: int = 400  # stage 2 with use_appearance=False, from the base
+  base_steps: int = 400
+  stage1_steps: int = 250
+  stage2_steps: int = 250
+  no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
   no_pose_steps: int = 0
   batch_size: int = 8
   sample_steps: int = 20  # DDIM steps

@@ -10,8 +10,9 @@ Encoding cuts the image `[B, H, W, C]` into `f x f` patches (space-to-depth: `[B
 the mean patch and projects onto `latent_channels` orthonormal directions (`projection` `[f*f*C, k]`); decoding is
 the transpose (the least-squares reconstruction from those directions) and depth-to-space. With `k = f*f*C` it is
 lossless; with fewer, `fit_patch_vae` takes the principal components of the training images' patches, so the
-first channels are the patch's mean colour and the rest its strongest edges. On the demo's 64 px figures, 12 of 48
-components reconstruct held-out figures at 26.6 dB PSNR (a trained tiny VAE: 21 dB after 800 steps).
+first channels are the patch's mean colour and the rest its strongest edges. On the demo's 64 px figures, 8 of 48
+components reconstruct held-out figures at 25.0 dB PSNR, 12 at 26.6 dB (a trained tiny VAE: 21 dB after 800
+steps).
 
 The posterior is deterministic (`DiagonalGaussian` with log-variance -30), so every caller of `AutoencoderKL`
 (`encode(...).mode()`/`.sample()`, `decode`, `scale_latents`) works unchanged. `make_vae`,
@@ -148,15 +149,21 @@ class PatchVAE(nn.Module):
     return self.decode(self.encode(x).mode())
 
 
-def fit_patch_vae(config: PatchVAEConfig, images: np.ndarray) -> tuple[PatchVAEConfig, dict[str, np.ndarray]]:
-  """The principal components of `images`' patches as a `PatchVAE`, with the scalar latent scaling that gives the
-  UNet unit-variance latents over them (SD's convention, as `demo.autoencoder.fit_latent_scaling`).
+def fit_patch_vae(config: PatchVAEConfig, images: np.ndarray,
+                  per_channel: bool = True) -> tuple[PatchVAEConfig, dict[str, np.ndarray]]:
+  """The principal components of `images`' patches as a `PatchVAE`, with the latent scaling that gives the UNet
+  unit-variance latents over them.
 
   Args:
     images: uint8 [N, H, W, in_channels], H and W multiples of `patch_size`.
+    per_channel: every component scaled to unit variance (`latents_mean`/`latents_std`, `scaling_factor` 1), i.e.
+      whitened; else one `scaling_factor` for all (SD's convention). The components' spreads differ ~30-fold (the
+      demo's 12: std 3.0 for the first, ~0.1 for the last): with one scale, the UNet's errors on the faint edge
+      components are as large as on the mean colour, and decoded they cover the figure in high-frequency noise
+      (measured: full model SSIM 0.12); whitened, an error on a component is decoded at that component's spread.
 
   Returns:
-    (config with `scaling_factor`, params {"patch_mean": float32 [D], "projection": float32 [D, k]}), D =
+    (config with the scaling, params {"patch_mean": float32 [D], "projection": float32 [D, k]}), D =
     `patch_dim`, columns ordered by decreasing variance, each with its largest entry positive (deterministic).
   """
   if images.ndim != 4 or images.shape[-1] != config.in_channels or images.dtype != np.uint8:
@@ -169,7 +176,11 @@ def fit_patch_vae(config: PatchVAEConfig, images: np.ndarray) -> tuple[PatchVAEC
   vectors = vectors[:, np.argsort(-values, kind="stable")][:, : config.latent_channels]
   vectors *= np.where(vectors[np.abs(vectors).argmax(0), np.arange(vectors.shape[1])] < 0, -1.0, 1.0)
   z = (patches - mean) @ vectors
-  config = config.replace(scaling_factor=float(1.0 / max(z.std(), 1e-6)), latents_mean=None, latents_std=None)
+  if per_channel:
+    config = config.replace(scaling_factor=1.0, latents_mean=tuple(float(m) for m in z.mean(0)),
+                            latents_std=tuple(float(max(s, 1e-6)) for s in z.std(0)))
+  else:
+    config = config.replace(scaling_factor=float(1.0 / max(z.std(), 1e-6)), latents_mean=None, latents_std=None)
   return config, {"patch_mean": mean.astype(np.float32), "projection": vectors.astype(np.float32)}
 
 

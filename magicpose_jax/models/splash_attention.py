@@ -15,8 +15,9 @@ head dims 40/80/160 and cross-attention over 77 text tokens, so `splash_attentio
     otherwise gather the global batch onto every device.
 
 On a machine without a TPU the kernel runs only in Pallas' interpreter (`interpret=True`, what the tests do on
-CPU: slow, for correctness). The `splash` backend in `models/attention.py` calls this on TPUs; elsewhere it
-reports itself unsupported and the call falls back to `xla`.
+CPU: slow, for correctness). The `splash` backend in `models/attention.py` calls this when the target platform
+is a TPU (`models/platforms.py`: also when compiling for a TPU topology from a CPU host); naming it for any other
+target is an error.
 """
 
 from __future__ import annotations
@@ -110,11 +111,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
   return out[:, :, :nq, :d].transpose(0, 2, 1, 3).astype(v.dtype)
 
 
-def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  """None on a TPU (any shape: padding handles the rest), else why not."""
-  platform = jax.default_backend()
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> str | None:
+  """None on a TPU target (any shape: padding handles the rest), else why not."""
   if platform != "tpu":
-    return f"splash attention is a TPU kernel (platform is {platform!r})"
+    return "splash attention is a TPU kernel"
   return None
 
 

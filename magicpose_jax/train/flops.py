@@ -127,12 +127,20 @@ class KernelCost:
   flops: float  # matmul FLOPs of the kernel as called (padded shapes), x the trip counts of enclosing loops
   bytes: float  # operand + result bytes, x the same trip counts
   calls: int  # executions per program run (1 outside loops)
+  mxu_flops: float = 0.0  # `flops` with the head dim rounded up to `MXU_LANES`: what the matrix units pass over
+
+  def roofline_seconds(self, peak: Peak) -> float:
+    """max(MXU FLOPs / bf16 peak, bytes / HBM bandwidth): a lower bound on the kernel's time, not a measurement."""
+    return max(self.mxu_flops / (peak.bf16 * 1e12), self.bytes / ((peak.hbm_gbps or float("inf")) * 1e9))
 
 
 # Matmul FLOPs of splash attention's kernels in units of `2 Nq Nk D` per head: the forward runs QK^T and PV; the
 # dq kernel recomputes QK^T and runs dO V^T and dS K; the dkv kernel recomputes QK^T and runs dO V^T, P^T dO
 # and dS^T Q (jax.experimental.pallas.ops.tpu.splash_attention, separate dq/dkv kernels, its default).
 SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+# A head dim below the matrix unit's width still takes whole passes: QK^T contracts over D (40 of a 128-deep
+# systolic array's rows busy) and PV produces D columns. The roofline counts D rounded up to this.
+MXU_LANES = 128
 _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 _SHAPE = re.compile(r"\b(bf16|f16|f32|s32|u32|s8|u8|pred)\[([0-9,]*)\]")
 
@@ -181,7 +189,8 @@ def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:
   """The Mosaic kernels (`tpu_custom_call`) of a compiled TPU program's text (`compiled.as_text()`), costed.
 
   FLOPs are known for splash attention's kernels (`SPLASH_MATMULS` x 2 Nq Nk D per head, from the q and k
-  operand shapes `[.., H, N, D]`, padded as called); other kernels get their bytes and 0 FLOPs.
+  operand shapes `[.., H, N, D]`, padded as called; `mxu_flops` with D rounded up to `MXU_LANES`); other kernels
+  get their bytes and 0 FLOPs.
   """
   trips = _trip_counts(hlo)
   out = []
@@ -198,13 +207,14 @@ def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:
         if "operand_layout_constraints={" in line else ""
     operands = _shapes(constraints)
     arrays = [dims for dt, dims in operands if dt in ("bf16", "f16", "f32") and len(dims) >= 3]
-    flops = 0.0
+    flops = mxu = 0.0
     kind = next((k for k in ("dkv", "dq", "fwd") if f"_{k}" in name), None)
     if name.startswith("splash") and kind and len(arrays) >= 2:
       q, k = arrays[0], arrays[1]
       flops = SPLASH_MATMULS[kind] * 2.0 * math.prod(q) * k[-2]
+      mxu = flops * (-(-q[-1] // MXU_LANES) * MXU_LANES) / q[-1]
     n = trips.get(current, 1)
-    out.append(KernelCost(name, flops * n, (_nbytes(results) + _nbytes(operands)) * n, n))
+    out.append(KernelCost(name, flops * n, (_nbytes(results) + _nbytes(operands)) * n, n, mxu * n))
   return out
 
 

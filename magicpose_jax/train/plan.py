@@ -9,6 +9,7 @@ comes from `train.loop.abstract_setup(config, devices)`; `abstract_sampler` here
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -31,6 +32,9 @@ def topology_devices(name: str) -> list[jax.Device]:
   """
   from jax.experimental import topologies  # noqa: PLC0415  (only planners need it)
 
+  # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; describing a topology drives
+  # none, and without this a second compiling process (a pytest-xdist worker, a planner) fails to load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
   except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError depending on what is missing

@@ -199,7 +199,7 @@ def test_xla_chunked_is_an_error_naming_flash():
 
 def test_unknown_backend_is_an_error():
   q, k, v = _qkv(*SHAPES[0])
-  with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
+  with pytest.raises(ValueError, match="'flash9': unknown attention backend"):
     attend(q, k, v, "flash9")
 
 
@@ -214,6 +214,7 @@ def test_auto_picks_per_target_platform_and_shape():
   assert attention.auto_backend(*bf16, platform="gpu") == "cudnn"
   assert attention.auto_backend(*small, platform="tpu") == "xla"
   assert attention.auto_backend(*large, platform="tpu") == "splash"
+  assert attention.auto_backend(*_qkv(1, 4096, 77, 8, 40), platform="tpu") == "xla"  # cross-attention: xla is cheaper
   assert attention.auto_backend(*small, platform="cpu") == "xla"
   assert attention.auto_backend(*large, platform="cpu") == ("cpu_fused" if _cpu_fused_runs() else "flash")
   with platforms.target_platform("tpu"):  # the target, not the host (a CPU here), decides

@@ -381,6 +381,13 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> 
   return None
 
 
+# `auto` on a TPU: splash from this many queries and keys up. Compiled for v5p with libtpu, forward + backward at
+# batch 8 per chip (benchmarks/results/tpu-plan.md, a cost model, not a measurement): splash at 0.62x xla's time at
+# 4096 x 8192 (D 40) and 0.78x at 1024 x 2048 (D 80), but 1.2x at 256 x 512, 2.7x at 64 x 128 and 1.3-2x for every
+# cross-attention over 77 tokens (the kernel pads 77 keys to 128 and its fixed costs dominate small calls).
+TPU_SPLASH_MIN_TOKENS = 1024
+
+
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None = None) -> str:
   """The backend `auto` runs for these shapes on `platform` (None: `platforms.current_platform()`).
 
@@ -388,8 +395,10 @@ def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None 
   CPU: once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, `cpu_fused` where it runs (float32,
   one device, the kernel built), else `flash`; below that `xla` (one block is fastest while it stays
   cache-sized: there the kernel's 48-row blocks and per-call setup measured up to 1.3x slower).
-  GPU: `cudnn` where it applies, else `dot_product` (XLA's own choice). TPU: `splash` once the logits
-  outgrow `CHUNK_LOGITS_BYTES` (no `[B, H, Nq, Nk]` logits in HBM), else `xla`. Others: `flash` for
+  GPU: `cudnn` where it applies, else `dot_product` (XLA's own choice). TPU: `splash` when both
+  sequences are at least `TPU_SPLASH_MIN_TOKENS` (SD 1.5's self-attention at latent 64 and 32), else
+  `xla` (cross-attention over 77 tokens, the 16x16 and 8x8 levels), the cheaper of the two per the TPU
+  compiler's cost model and the kernels' roofline (benchmarks/tpu_attention.py). Others: `flash` for
   long sequences, else `xla`.
   """
   platform = platforms.current_platform() if platform is None else platform
@@ -402,7 +411,7 @@ def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None 
       return "cpu_fused"
     _warn_once("auto", reason, f"not using the fused CPU kernel: {reason}", logging.INFO)
   if platform == "tpu":
-    return "splash" if long else "xla"
+    return "splash" if min(q.shape[1], k.shape[1]) >= TPU_SPLASH_MIN_TOKENS else "xla"
   return "flash" if long else "xla"
 
 

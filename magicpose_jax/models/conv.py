@@ -17,9 +17,9 @@ would save 4x but carry ~7e-5 errors per conv on unit-scale outputs, too much fo
 
 The rules apply when the *target* platform is the CPU (`models/platforms.py`: the models' `target_platform`, else
 the mesh being traced for, else the default devices), so a TPU or GPU program compiled on a CPU host keeps XLA's
-convolution. `MAGICPOSE_CPU_CONV=lax` is a documented override for benchmarks and parity checks (not a setting: the
-default `auto` is what runs): every conv stays on `lax.conv_general_dilated`. It is read when a conv is traced,
-so a function `jax.jit` has already traced keeps its earlier choice.
+convolution. `with conv_mode("lax"):` (benchmarks' XLA-only baseline, parity checks) keeps every conv on
+`lax.conv_general_dilated`; `MAGICPOSE_CPU_CONV=lax` is the same as a documented environment override for a whole
+process. Both are read when a conv is traced, so a function `jax.jit` has already traced keeps its earlier choice.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so `flax.linen.Conv` takes it as its
 `conv_general_dilated` attribute and the parameters (`kernel [kh, kw, Cin, Cout]`, `bias`) are unchanged.
@@ -27,9 +27,11 @@ so a function `jax.jit` has already traced keeps its earlier choice.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -207,10 +209,28 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, in
   return out.reshape(b, ho, wo, cout)
 
 
+CONV_MODES = ("auto", "lax")
+ENV_OVERRIDE = "MAGICPOSE_CPU_CONV"
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("magicpose_conv_mode", default=None)
+
+
+@contextlib.contextmanager
+def conv_mode(mode: str) -> Iterator[None]:
+  """Traces the body with `mode`: "auto" (the rules above) or "lax" (every conv on XLA's; benchmarks' baseline)."""
+  if mode not in CONV_MODES:
+    raise ValueError(f"conv mode must be one of {CONV_MODES}, got {mode!r}")
+  token = _MODE.set(mode)
+  try:
+    yield
+  finally:
+    _MODE.reset(token)
+
+
 def _cpu_paths_enabled() -> bool:
-  mode = os.environ.get("MAGICPOSE_CPU_CONV", "auto")
-  if mode not in ("auto", "lax"):
-    raise ValueError(f"MAGICPOSE_CPU_CONV must be 'auto' or 'lax', got {mode!r}")
+  """The `conv_mode` context, else the `MAGICPOSE_CPU_CONV` override, else "auto"."""
+  mode = _MODE.get() or os.environ.get(ENV_OVERRIDE, "auto")
+  if mode not in CONV_MODES:
+    raise ValueError(f"{ENV_OVERRIDE} must be 'auto' or 'lax', got {mode!r}")
   return mode == "auto"
 
 

@@ -90,3 +90,17 @@ def test_cpu_convolution_paths_follow_the_target_platform():
   with platforms.target_platform("tpu"):
     assert not conv.use_im2col(small_map, (3, 3, 1280, 1280))
     assert not conv.use_winograd(large_map, kernel, ((1, 1), (1, 1)))
+
+
+def test_the_cpu_kernel_check_finds_the_cpu_kernel_where_there_is_one():
+  """Positive control of the 'no CPU-only kernel' assertion: a CPU program with `cpu_fused` shows its target."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from magicpose_jax.models import attention  # noqa: PLC0415
+
+  q = jnp.ones((1, 96, 1, 8), jnp.float32)
+  if attention.backend_supports("cpu_fused", q, q, q, "cpu") is not None:
+    pytest.skip("the fused CPU kernel cannot be built here")
+  with platforms.target_platform("cpu"):
+    hlo = jax.jit(lambda x: attention.attend(x, x, x, "cpu_fused")).lower(q).compile().as_text()
+  assert cpu_attention.FFI_TARGET in custom_call_targets(hlo)

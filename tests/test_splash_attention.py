@@ -19,8 +19,8 @@ from magicpose_jax.models import attention, platforms
 from magicpose_jax.models import splash_attention as splash
 from magicpose_jax.train import loop, sharding
 
-# (B, Nq, Nk, H, D): head dims 40/80/160 (unpadded, and padded with pad_head_dim); self-attention with the reference's tokens
-# (Nk = 2 Nq), lengths that are not multiples of 128, and cross-attention over 77 text tokens.
+# (B, Nq, Nk, H, D): head dims 40/80/160 (the kernel takes them unpadded); self-attention with the reference's
+# tokens (Nk = 2 Nq), lengths that are not multiples of 128, and cross-attention over 77 text tokens.
 SHAPES = [(2, 128, 256, 2, 40), (1, 200, 77, 2, 80), (1, 96, 192, 1, 160), (1, 256, 256, 2, 40)]
 
 

@@ -104,3 +104,14 @@ def test_the_cpu_kernel_check_finds_the_cpu_kernel_where_there_is_one():
   with platforms.target_platform("cpu"):
     hlo = jax.jit(lambda x: attention.attend(x, x, x, "cpu_fused")).lower(q).compile().as_text()
   assert cpu_attention.FFI_TARGET in custom_call_targets(hlo)
+
+
+def test_a_sampler_model_can_be_pointed_at_a_target():
+  """`MagicPose.for_platform` sets every net's target (what `sample_video` callers compiling for a TPU use)."""
+  from magicpose_jax.train import stages  # noqa: PLC0415
+
+  config = tiny_tpu_config()
+  model = stages.networks(config, stages.variant_configs(config)).model.for_platform("tpu")
+  assert model.config.unet.target_platform == model.config.pose.target_platform == "tpu"
+  with pytest.raises(ValueError, match="UNetConfig.attention_backend='cpu_fused' cannot run on platform 'tpu'"):
+    model.config.unet.replace(attention_backend="cpu_fused")

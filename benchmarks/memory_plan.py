@@ -95,6 +95,7 @@ class Plan:
   xla_seconds: float | None = None  # XLA's optimal_seconds (its own ops; loop bodies once)
   kernel_seconds: float | None = None  # roofline of the Mosaic kernels
   est_seconds: float | None = None  # xla_seconds + kernel_seconds: a model, not a measurement
+  measured_seconds: float | None = None  # --real-devices: median step time over --measure runs
   mfu: float | None = None  # analytic_model_flops / est_seconds / peak
 
 
@@ -301,6 +302,7 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
       analytic = counts.hardware * config.global_batch_size / len(devices)
       model = counts.model * config.global_batch_size / len(devices)
     hbm = peak.hbm_gb * 1e9 if peak is not None and peak.hbm_gb else None
+    measured = measure(compiled, fn_args, args.measure) if args.real_devices and name == stage else None
     p = Plan(stage=name, devices=len(devices), global_batch=batch, grad_accum=config.grad_accum_steps,
              remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
              attention=config.attention_backend, inputs="latents" if args.latents else "images",
@@ -309,10 +311,30 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
              mesh=f"data={config.mesh.data} fsdp={config.mesh.fsdp}", kernel_flops=kflops, kernel_bytes=kbytes,
              kernel_calls=sum(k.calls for k in kernels), analytic_flops=analytic, analytic_model_flops=model,
              xla_seconds=xla_s, kernel_seconds=kernel_s, est_seconds=est,
-             mfu=model / est / (peak.bf16 * 1e12) if model and est and peak else None, **mem)
+             mfu=model / est / (peak.bf16 * 1e12) if model and est and peak else None,
+             measured_seconds=measured, **mem)
     plans.append(p)
     print(describe(p), flush=True)
   return plans
+
+
+def measure(compiled: Any, fn_args: tuple[Any, ...], steps: int) -> float | None:
+  """Median seconds per step of a compiled training step run `steps` times (after one warm-up) on zero-filled
+  arguments of its abstract shapes and shardings (the step donates its state, so each run feeds the next)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  if steps <= 0:
+    return None
+  state, frozen, batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), fn_args)
+  times = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    if i:
+      times.append(time.perf_counter() - t0)
+  return sorted(times)[len(times) // 2]
 
 
 def describe(p: Plan) -> str:
@@ -336,6 +358,9 @@ def describe(p: Plan) -> str:
   else:
     lines.append(f"  estimated time: unavailable (XLA optimal_seconds {p.xla_seconds}, kernel roofline "
                  f"{p.kernel_seconds})")
+  if p.measured_seconds is not None:
+    vs = f" ({p.measured_seconds / p.est_seconds:.2f}x the estimate)" if p.est_seconds else ""
+    lines.append(f"  measured on the real devices: {p.measured_seconds:.3f} s per step{vs}")
   return "\n".join(lines)
 
 
@@ -352,7 +377,7 @@ def format_topology_table(plans: list[Plan]) -> str:
     mfu = f"{100 * p.mfu:.1f} %" if p.mfu is not None else "-"
     hbm = f"{p.hbm / GIB:.1f}" if p.hbm else "-"
     rows.append(f"| {p.stage} | {p.devices} x {p.device_kind} | {p.mesh} | {p.global_batch} | {p.grad_accum} "
-                f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} | {hbm} | {'yes' if p.fits else 'no'} | {total:.1f} "
+                f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} | {hbm} | {'-' if p.fits is None else 'yes' if p.fits else 'NO'} | {total:.1f} "
                 f"| {analytic} | {ratio} | {est} | {mfu} | {p.compile_s:.0f} |")
   return "\n".join(rows)
 
@@ -398,15 +423,21 @@ def main() -> None:
                       help="skip the loop-free re-lowering for the global FLOP count")
   parser.add_argument("--real-devices", action="store_true",
                       help="compile for this machine's first --devices accelerators (GPU/TPU) instead of simulated "
-                           "CPU devices: the backend's own memory analysis, still without running")
+                           "CPU devices: the backend's own memory analysis; with a real --attention backend (not "
+                           f"'{FLASH_PROXY}') also the time model and --measure runs, measured against estimated")
+  parser.add_argument("--measure", type=int, default=5,
+                      help="with --real-devices and a real attention backend: run each step this many times "
+                           "(zero-filled inputs) and print the measured time next to the modelled one (0: do not run)")
   parser.add_argument("--json", default=None, help="write the plans to this JSON file")
   args = parser.parse_args()
   if args.attention is None:
     args.attention = "splash" if args.topology else FLASH_PROXY
   if args.topology:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler runs on the host; no TPU is probed
-    sys.path.insert(0, REPO)
     main_topology(args)
+    return
+  if args.real_devices and args.attention != FLASH_PROXY:
+    main_topology(args)  # the machine's own accelerators: compiled, modelled, then measured
     return
   if not args.real_devices:
     code = _reexec_with_devices(args.devices)
@@ -436,14 +467,19 @@ def main() -> None:
 
 
 def main_topology(args: argparse.Namespace) -> None:
-  """`--topology`: every stage compiled by libtpu for the topology's chips."""
+  """`--topology`: every stage compiled by libtpu for the topology's chips; `--real-devices`: for this machine's
+  first `--devices` accelerators, then run `--measure` times for the measured step time next to the model's."""
   import jax  # noqa: PLC0415
 
   from magicpose_jax.models.attention import register_backend  # noqa: PLC0415
   from magicpose_jax.train import plan  # noqa: PLC0415
 
   register_backend(FLASH_PROXY, flash_proxy_attention)
-  devices = plan.topology_devices(args.topology)
+  if args.topology:
+    devices = plan.topology_devices(args.topology)
+  else:
+    devices = jax.devices()[:args.devices]
+    args.topology = f"{len(devices)} real {devices[0].platform} device(s)"
   args.devices = len(devices)
   stages = [s.strip() for s in args.stages.split(",") if s.strip()]
   batches = [int(b) for b in args.batch.split(",")] if args.batch else [DEFAULT_BATCH[s] for s in stages]

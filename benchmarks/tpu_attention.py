@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # (latent side, Nq, Nk, heads, head dim): SD 1.5 with MagicPose's doubled self-attention keys
 LAYERS = [(64, 4096, 8192, 8, 40), (64, 4096, 77, 8, 40), (32, 1024, 2048, 8, 80), (32, 1024, 77, 8, 80),
           (16, 256, 512, 8, 160), (16, 256, 77, 8, 160), (8, 64, 128, 8, 160), (8, 64, 77, 8, 160)]
@@ -37,7 +35,6 @@ def main() -> None:
   parser.add_argument("--backends", default="xla,splash,splash_pad128")
   args = parser.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  sys.path.insert(0, REPO)
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 

@@ -376,8 +376,9 @@ def format_topology_table(plans: list[Plan]) -> str:
     est = f"{p.est_seconds:.3f}" if p.est_seconds is not None else "-"
     mfu = f"{100 * p.mfu:.1f} %" if p.mfu is not None else "-"
     hbm = f"{p.hbm / GIB:.1f}" if p.hbm else "-"
+    fits = "-" if p.fits is None else "yes" if p.fits else "NO"
     rows.append(f"| {p.stage} | {p.devices} x {p.device_kind} | {p.mesh} | {p.global_batch} | {p.grad_accum} "
-                f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} | {hbm} | {'-' if p.fits is None else 'yes' if p.fits else 'NO'} | {total:.1f} "
+                f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} | {hbm} | {fits} | {total:.1f} "
                 f"| {analytic} | {ratio} | {est} | {mfu} | {p.compile_s:.0f} |")
   return "\n".join(rows)
 

@@ -4,8 +4,9 @@ Three sources of a step's FLOP count, each with its blind spot:
 
 * `compiled_flops(compiled)`: XLA's `cost_analysis()` of the compiled step. Per device for an SPMD program
   (the partitioned module). XLA counts a `while`/`scan` body ONCE, whatever its trip count, so the scanned
-  micro-batches of `grad_accum_steps > 1`, a `lax.map` over query chunks (the `xla_chunked`/flash CPU attention)
-  and the sampler's scan are under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs.
+  micro-batches of `grad_accum_steps > 1`, the loops of the `flash` CPU attention and the sampler's scan are
+  under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs: `mosaic_kernel_costs` reads
+  the Mosaic (TPU) kernels out of the compiled program and counts theirs, with the loops' trip counts.
   It includes remat recomputation: it is what the device executes ("hardware FLOPs").
 * `lowered_flops(lowered)` of `loop_free_config(config)`: the same step with `xla` attention and no
   accumulation, lowered but not compiled, so nothing is looped or hidden in a custom call (global, before
@@ -16,7 +17,8 @@ Three sources of a step's FLOP count, each with its blind spot:
   definition); `.hardware` adds what the remat policy recomputes.
 
 `peak_tflops(device_kind, dtype)` maps `jax.devices()[0].device_kind` to the dense peak of `PEAKS` (None for
-CPUs and devices not in the table: no MFU is reported then).
+CPUs and devices not in the table: no MFU is reported then); `PEAKS` also holds each device's HBM size and
+bandwidth (`benchmarks/memory_plan.py --topology`: fits or not, and the kernels' roofline).
 """
 
 from __future__ import annotations

@@ -1,12 +1,27 @@
-"""Per-device memory and FLOPs of the full training steps, compiled (never run) on simulated devices.
+"""Per-device memory and FLOPs of the full training steps, compiled (never run) for TPU topologies or simulated devices.
 
+    python benchmarks/memory_plan.py --topology v5p:2x2x1 --stages stage1     # libtpu's compiler, splash attention
+    python benchmarks/memory_plan.py --topology v5e:4x4 --stages stage1,stage2,sampler --set mesh.data=4 \
+        --set mesh.fsdp=4 --json plan.json
     python benchmarks/memory_plan.py                  # SD 1.5 stage 1 (batch 192) + stage 2 (16), 8x FSDP, ~45 min
     python benchmarks/memory_plan.py --stages stage1 --grad-accum 2 --json plan.json
     python benchmarks/memory_plan.py --real-devices --attention cudnn --grad-accum 2   # on 8 GPUs
     python benchmarks/memory_plan.py --set model.unet=tiny --set model.vae=tiny --set model.text_encoder=tiny \
         --set model.sample_size=16 --set model.hint_channels=16,32 --set sharding.min_size=1024   # minutes
 
-Builds each stage from `configs/<stage>.py` with mesh data=1, fsdp=N, nothing materialised
+`--topology NAME` (jax's TPU topology names: v4:2x2x2, v5e:2x4, v5p:2x2x1, v6e:4x4, ...; needs libtpu, `pip install
+"jax[tpu]==0.10.2"`) compiles with the TPU compiler for that slice from this CPU host: per chip argument/output/
+temp/peak bytes against the chip's HBM (`train.flops.PEAKS`, with sources), fits or not, compile time, XLA's FLOPs
+plus the Mosaic kernels' own (splash attention, which `cost_analysis()` does not count; `train.flops.
+mosaic_kernel_costs`) against the analytic count (`train.flops.train_step_flops`, remat recomputation included),
+and an estimated step time and MFU. The estimate is a MODEL, not a measurement: XLA's `optimal_seconds` for its
+own ops plus, per kernel, max(FLOPs / peak, bytes / HBM bandwidth); communication overlap, MXU padding inside the
+kernels and host input are not in it. `sampler` plans the 16-frame guided sampler (`sample_video` with
+`batch_frames=16`, 50 steps, cached reference states): two programs, the cache and the DDIM loop; XLA counts the
+loop body once, so its FLOPs and optimal_seconds are per step there, while kernel costs carry the trip count.
+
+Builds each stage from `configs/<stage>.py` with mesh data=1, fsdp=N (`--set mesh.data=..` overrides), nothing
+materialised
 (`loop.abstract_setup`), and compiles the jitted step for N XLA:CPU devices (re-running itself with
 `--xla_force_host_platform_device_count=N`). XLA compiles one SPMD program per device, so
 `memory_analysis()` and the compiled `cost_analysis()` are per device (measured at stage 1: 8 x the
@@ -41,7 +56,7 @@ if TYPE_CHECKING:  # imported for real only after the device-count flag is set
   import ml_collections
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-DEFAULT_BATCH = {"base": 192, "stage1": 192, "stage2": 16}
+DEFAULT_BATCH = {"base": 192, "stage1": 192, "stage2": 16, "sampler": 16}
 GIB = 2**30
 
 
@@ -68,6 +83,20 @@ class Plan:
   flops_per_device: float  # compiled cost analysis (while bodies counted once)
   model_flops: float | None  # global, loop-free re-lowering; None with --no-model-flops
   compile_s: float
+  device_kind: str = ""
+  hbm: float | None = None  # bytes per device (train.flops.PEAKS); None: unknown
+  fits: bool | None = None  # peak <= hbm
+  mesh: str = ""  # "data=.. fsdp=.."
+  kernel_flops: float = 0.0  # Mosaic kernels, per device (trip counts included)
+  kernel_bytes: float = 0.0
+  kernel_calls: int = 0
+  analytic_flops: float | None = None  # per device: train.flops hardware count (remat included), or None (sampler)
+  analytic_model_flops: float | None = None  # per device, no recomputation: the MFU numerator
+  xla_seconds: float | None = None  # XLA's optimal_seconds (its own ops; loop bodies once)
+  kernel_seconds: float | None = None  # roofline of the Mosaic kernels
+  est_seconds: float | None = None  # xla_seconds + kernel_seconds: a model, not a measurement
+  measured_seconds: float | None = None  # --real-devices: median step time over --measure runs
+  mfu: float | None = None  # analytic_model_flops / est_seconds / peak
 
 
 FLASH_PROXY = "flash_proxy"
@@ -215,6 +244,145 @@ def plan_stage(args: argparse.Namespace, stage: str, batch: int) -> Plan:
               model_flops=model_flops, compile_s=compile_s)
 
 
+def _memory(compiled: Any) -> dict[str, int]:
+  mem = compiled.memory_analysis()
+  out = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes, "temp": mem.temp_size_in_bytes,
+         "generated_code": mem.generated_code_size_in_bytes, "alias": mem.alias_size_in_bytes}
+  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def _optimal_seconds(compiled: Any) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  value = (cost or {}).get("optimal_seconds")
+  return float(value) if value is not None and value > 0 else None  # negative: the compiler has no estimate
+
+
+def _compile(fn: Any, fn_args: tuple[Any, ...]) -> tuple[Any, float]:
+  t0 = time.perf_counter()
+  compiled = fn.lower(*fn_args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: list[jax.Device]) -> list[Plan]:
+  """Compiles `stage` ("stage1", "stage2", "base" or "sampler") for the TPU `devices` and models its time."""
+  from magicpose_jax.train import flops, plan  # noqa: PLC0415
+  from magicpose_jax.train.loop import abstract_setup  # noqa: PLC0415
+
+  config = configure(args, "stage2" if stage == "sampler" else stage, batch)
+  kind = devices[0].device_kind
+  peak = flops.device_peak(kind)
+  if stage == "sampler":
+    programs = plan.abstract_sampler(config, devices, frames=batch, steps=args.sampler_steps)
+    jobs = [("sampler-cache", *programs["cache"]), ("sampler", *programs["sample"])]
+  else:
+    step_fn, step_args = abstract_setup(config, devices)
+    if args.latents:
+      step_args = (*step_args[:2], latent_batch(step_args[2], config))
+    jobs = [(stage, step_fn, step_args)]
+  plans = []
+  for name, fn, fn_args in jobs:
+    compiled, compile_s = _compile(fn, fn_args)
+    mem = _memory(compiled)
+    kernels = flops.mosaic_kernel_costs(compiled.as_text())
+    kflops, kbytes = sum(k.flops for k in kernels), sum(k.bytes for k in kernels)
+    xla_s = _optimal_seconds(compiled)
+    kernel_s = None
+    if peak is not None and peak.hbm_gbps:
+      kernel_s = sum(k.roofline_seconds(peak) for k in kernels)
+    est = xla_s + kernel_s if xla_s is not None and kernel_s is not None else None
+    analytic = model = None
+    if not name.startswith("sampler"):
+      from magicpose_jax.train import stages  # noqa: PLC0415
+
+      nets = stages.networks(config, stages.variant_configs(config))
+      size = config.model.sample_size  # what abstract_setup's batch holds: sample_size x the VAE factor pixels
+      counts = flops.config_step_flops(config, nets, (size, size), args.latents)
+      analytic = counts.hardware * config.global_batch_size / len(devices)
+      model = counts.model * config.global_batch_size / len(devices)
+    hbm = peak.hbm_gb * 1e9 if peak is not None and peak.hbm_gb else None
+    measured = measure(compiled, fn_args, args.measure) if args.real_devices and name == stage else None
+    p = Plan(stage=name, devices=len(devices), global_batch=batch, grad_accum=config.grad_accum_steps,
+             remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
+             attention=config.attention_backend, inputs="latents" if args.latents else "images",
+             xla_peak=None, flops_per_device=flops.compiled_flops(compiled) or 0.0, model_flops=None,
+             compile_s=compile_s, device_kind=kind, hbm=hbm, fits=None if hbm is None else mem["peak"] <= hbm,
+             mesh=f"data={config.mesh.data} fsdp={config.mesh.fsdp}", kernel_flops=kflops, kernel_bytes=kbytes,
+             kernel_calls=sum(k.calls for k in kernels), analytic_flops=analytic, analytic_model_flops=model,
+             xla_seconds=xla_s, kernel_seconds=kernel_s, est_seconds=est,
+             mfu=model / est / (peak.bf16 * 1e12) if model and est and peak else None,
+             measured_seconds=measured, **mem)
+    plans.append(p)
+    print(describe(p), flush=True)
+  return plans
+
+
+def measure(compiled: Any, fn_args: tuple[Any, ...], steps: int) -> float | None:
+  """Median seconds per step of a compiled training step run `steps` times (after one warm-up) on zero-filled
+  arguments of its abstract shapes and shardings (the step donates its state, so each run feeds the next)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  if steps <= 0:
+    return None
+  state, frozen, batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), fn_args)
+  times = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    if i:
+      times.append(time.perf_counter() - t0)
+  return sorted(times)[len(times) // 2]
+
+
+def describe(p: Plan) -> str:
+  """The lines `--topology` prints per compiled program."""
+  fit = {None: "HBM unknown", True: "fits", False: "DOES NOT FIT"}[p.fits]
+  hbm = f" of {p.hbm / GIB:.1f} GiB HBM" if p.hbm else ""
+  lines = [f"{p.stage}: {p.devices} x {p.device_kind} ({p.mesh}), global batch {p.global_batch}, grad accum "
+           f"{p.grad_accum}, remat {p.remat}, {p.dtype}, attention {p.attention}: compiled in {p.compile_s:.0f} s",
+           f"  memory per chip: peak {p.peak / GIB:.2f} GiB{hbm} -> {fit} (argument {p.argument / GIB:.2f}, output "
+           f"{p.output / GIB:.2f}, temp {p.temp / GIB:.2f}, alias {p.alias / GIB:.2f})",
+           f"  FLOPs per chip: XLA {p.flops_per_device / 1e12:.2f} T + Mosaic kernels {p.kernel_flops / 1e12:.2f} T "
+           f"({p.kernel_calls} calls) = {(p.flops_per_device + p.kernel_flops) / 1e12:.2f} T"]
+  if p.analytic_flops:
+    ratio = (p.flops_per_device + p.kernel_flops) / p.analytic_flops
+    lines.append(f"  analytic (train/flops.py, remat included): {p.analytic_flops / 1e12:.2f} T per chip -> "
+                 f"compiled / analytic = {ratio:.3f}")
+  if p.est_seconds is not None:
+    mfu = f", MFU {100 * p.mfu:.1f} %" if p.mfu is not None else ""
+    lines.append(f"  estimated time (a MODEL, not a measurement): XLA optimal_seconds {p.xla_seconds:.3f} s + kernel "
+                 f"roofline {p.kernel_seconds:.3f} s = {p.est_seconds:.3f} s{mfu}")
+  else:
+    lines.append(f"  estimated time: unavailable (XLA optimal_seconds {p.xla_seconds}, kernel roofline "
+                 f"{p.kernel_seconds})")
+  if p.measured_seconds is not None:
+    vs = f" ({p.measured_seconds / p.est_seconds:.2f}x the estimate)" if p.est_seconds else ""
+    lines.append(f"  measured on the real devices: {p.measured_seconds:.3f} s per step{vs}")
+  return "\n".join(lines)
+
+
+def format_topology_table(plans: list[Plan]) -> str:
+  """The Markdown table of `--topology` plans: GiB per chip, TFLOP per chip per step."""
+  head = ("| program | chips | mesh | batch | accum | remat | attention | peak GiB | HBM GiB | fits | XLA+kernel TFLOP "
+          "| analytic TFLOP | ratio | est. s | MFU | compile s |")
+  rows = [head, "|" + "---|" * (head.count("|") - 1)]
+  for p in plans:
+    total = (p.flops_per_device + p.kernel_flops) / 1e12
+    analytic = f"{p.analytic_flops / 1e12:.1f}" if p.analytic_flops else "-"
+    ratio = f"{(p.flops_per_device + p.kernel_flops) / p.analytic_flops:.3f}" if p.analytic_flops else "-"
+    est = f"{p.est_seconds:.3f}" if p.est_seconds is not None else "-"
+    mfu = f"{100 * p.mfu:.1f} %" if p.mfu is not None else "-"
+    hbm = f"{p.hbm / GIB:.1f}" if p.hbm else "-"
+    fits = "-" if p.fits is None else "yes" if p.fits else "NO"
+    rows.append(f"| {p.stage} | {p.devices} x {p.device_kind} | {p.mesh} | {p.global_batch} | {p.grad_accum} "
+                f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} | {hbm} | {fits} | {total:.1f} "
+                f"| {analytic} | {ratio} | {est} | {mfu} | {p.compile_s:.0f} |")
+  return "\n".join(rows)
+
+
 def format_table(plans: list[Plan]) -> str:
   """A Markdown table; memory in GiB per device, FLOPs in TFLOP per step."""
   head = ("| stage | global batch | grad accum | inputs | remat | attention | argument | output | temp | code "
@@ -240,11 +408,15 @@ def main() -> None:
   parser.add_argument("--remat", default=None, help="config.remat_policy (default: the config's, 'full')")
   parser.add_argument("--dtype", default=None, help="config.dtype, compute (default: the config's, bfloat16)")
   parser.add_argument("--frozen-dtype", default=None, help="config.frozen_dtype (default: the config's, bfloat16)")
-  parser.add_argument("--attention", default=FLASH_PROXY,
-                      help=f"config.attention_backend: '{FLASH_PROXY}' (default: this script's loop-free stand-in "
-                           "for a fused flash attention), 'xla' (full [B, H, Nq, Nk] logits), 'flash' (our pure-JAX "
-                           "flash backend, what 'auto' runs on CPU at long sequences; on TPU it runs 'splash'), "
-                           "or 'config' (the config's own)")
+  parser.add_argument("--topology", default=None,
+                      help="compile for this TPU topology with libtpu (e.g. v5p:2x2x1, v5e:2x4, v6e:4x4, v4:2x2x2) "
+                           "instead of simulated CPU devices; --devices is then the topology's chip count")
+  parser.add_argument("--sampler-steps", type=int, default=50, help="DDIM steps of the 'sampler' plan")
+  parser.add_argument("--attention", default=None,
+                      help=f"config.attention_backend: '{FLASH_PROXY}' (default on simulated devices: this script's "
+                           "loop-free stand-in for a fused flash attention), 'splash' (default with --topology), "
+                           "'xla' (full [B, H, Nq, Nk] logits), 'flash' (our pure-JAX flash backend), 'auto', or "
+                           "'config' (the config's own)")
   parser.add_argument("--latents", action="store_true",
                       help="batches of cached VAE latents (preprocess --vae) instead of images: no VAE in the step")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field")
@@ -252,10 +424,22 @@ def main() -> None:
                       help="skip the loop-free re-lowering for the global FLOP count")
   parser.add_argument("--real-devices", action="store_true",
                       help="compile for this machine's first --devices accelerators (GPU/TPU) instead of simulated "
-                           "CPU devices: the backend's own memory analysis, still without running")
+                           "CPU devices: the backend's own memory analysis; with a real --attention backend (not "
+                           f"'{FLASH_PROXY}') also the time model and --measure runs, measured against estimated")
+  parser.add_argument("--measure", type=int, default=5,
+                      help="with --real-devices and a real attention backend: run each step this many times "
+                           "(zero-filled inputs) and print the measured time next to the modelled one (0: do not run)")
   parser.add_argument("--json", default=None, help="write the plans to this JSON file")
   args = parser.parse_args()
-
+  if args.attention is None:
+    args.attention = "splash" if args.topology else FLASH_PROXY
+  if args.topology:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler runs on the host; no TPU is probed
+    main_topology(args)
+    return
+  if args.real_devices and args.attention != FLASH_PROXY:
+    main_topology(args)  # the machine's own accelerators: compiled, modelled, then measured
+    return
   if not args.real_devices:
     code = _reexec_with_devices(args.devices)
     if code is not None:
@@ -278,6 +462,36 @@ def main() -> None:
           f"output {p.output / GIB:.2f}, temp {p.temp / GIB:.2f}, alias {p.alias / GIB:.2f}), compiled in "
           f"{p.compile_s:.0f} s", flush=True)
   print(format_table(plans))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([dataclasses.asdict(p) for p in plans], f, indent=2)
+
+
+def main_topology(args: argparse.Namespace) -> None:
+  """`--topology`: every stage compiled by libtpu for the topology's chips; `--real-devices`: for this machine's
+  first `--devices` accelerators, then run `--measure` times for the measured step time next to the model's."""
+  import jax  # noqa: PLC0415
+
+  from magicpose_jax.models.attention import register_backend  # noqa: PLC0415
+  from magicpose_jax.train import plan  # noqa: PLC0415
+
+  register_backend(FLASH_PROXY, flash_proxy_attention)
+  if args.topology:
+    devices = plan.topology_devices(args.topology)
+  else:
+    devices = jax.devices()[:args.devices]
+    args.topology = f"{len(devices)} real {devices[0].platform} device(s)"
+  args.devices = len(devices)
+  stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+  batches = [int(b) for b in args.batch.split(",")] if args.batch else [DEFAULT_BATCH[s] for s in stages]
+  if len(batches) == 1:
+    batches *= len(stages)
+  print(f"memory plan: TPU topology {args.topology}: {len(devices)} x {devices[0].device_kind}, compiled by libtpu "
+        f"on this host (jax {jax.__version__}); estimates are a model, not a measurement", flush=True)
+  plans = []
+  for stage, batch in zip(stages, batches, strict=True):
+    plans += plan_on_topology(args, stage, batch, devices)
+  print(format_topology_table(plans))
   if args.json:
     with open(args.json, "w") as f:
       json.dump([dataclasses.asdict(p) for p in plans], f, indent=2)

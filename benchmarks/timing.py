@@ -91,17 +91,12 @@ def paired_ratio_interval(ours: list[float], reference: list[float], level: floa
 
 
 def compile_with_xla_convs(fn: Callable[..., Any], *args: Any) -> Any:
-  """`fn` jitted and compiled for `args` with every conv on XLA's convolution (`MAGICPOSE_CPU_CONV=lax`), the
-  variable restored after. The rule applies when tracing, and `jax.jit` reuses the trace of a function object it
-  has seen, so `fn` is wrapped in a new one first."""
+  """`fn` jitted and compiled for `args` with every conv on XLA's convolution (`models.conv.conv_mode("lax")`).
+  The mode applies when tracing, and `jax.jit` reuses the trace of a function object it has seen, so `fn` is
+  wrapped in a new one first."""
   import jax  # noqa: PLC0415  (the benchmarks import jax after setting their thread flags)
 
-  before = os.environ.get("MAGICPOSE_CPU_CONV")
-  os.environ["MAGICPOSE_CPU_CONV"] = "lax"
-  try:
+  from magicpose_jax.models.conv import conv_mode  # noqa: PLC0415
+
+  with conv_mode("lax"):
     return jax.jit(lambda *a: fn(*a)).lower(*args).compile()  # noqa: PLW0108
-  finally:
-    if before is None:
-      del os.environ["MAGICPOSE_CPU_CONV"]
-    else:
-      os.environ["MAGICPOSE_CPU_CONV"] = before

@@ -1,6 +1,5 @@
 """Attention backends agree with each other (and with a numpy softmax), kv length free."""
 
-import logging
 import textwrap
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from simulated_devices import run_script
 
-from magicpose_jax.models import attention
+from magicpose_jax.models import attention, platforms
 from magicpose_jax.models.attention import attend, available_backends
 
 SHAPES = [  # (B, Nq, Nk, H, D)
@@ -39,7 +38,7 @@ def test_xla_matches_numpy(shape):
   np.testing.assert_allclose(np.asarray(attend(q, k, v, "xla")), _numpy_attention(q, k, v), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["dot_product", "xla_chunked", "auto", "flash"])
+@pytest.mark.parametrize("backend", ["dot_product", "auto", "flash"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backends_match_xla(shape, backend):
   q, k, v = _qkv(*shape, seed=1)
@@ -93,7 +92,7 @@ def _cpu_fused_runs() -> bool:
 
 @pytest.mark.parametrize(("shape", "backend"), [(s, "flash") for s in FLASH_SHAPES]
                          + [(s, "cpu_fused") for s in FLASH_SHAPES]
-                         + [(FLASH_SHAPES[0], "xla_chunked"), (FLASH_SHAPES[3], "auto")])
+                         + [(FLASH_SHAPES[3], "auto")])
 def test_flash_outputs_and_gradients_match_xla(shape, backend, monkeypatch):
   """flash (and cpu_fused, whose backward is flash's) vs xla: outputs, loss and gradients."""
   monkeypatch.setattr(attention, "CHUNK_LOGITS_BYTES", SMALL_BUDGET)  # several flash chunks per head
@@ -183,40 +182,43 @@ def test_flash_keeps_batch_sharded_on_8_devices():
   assert run_script(SHARDED_SCRIPT).startswith("ok")
 
 
-def test_unsupported_backend_falls_back_once(caplog):
-  attention._WARNED.clear()
+def test_explicit_backend_that_cannot_run_is_an_error_naming_backend_and_platform():
   q, k, v = _qkv(*SHAPES[1], seed=2)
-  with caplog.at_level(logging.WARNING, logger=attention.__name__):
-    first = attend(q, k, v, "cudnn")  # CPU and fp32: cuDNN cannot run this
-    second = attend(q, k, v, "cudnn")
-  np.testing.assert_allclose(np.asarray(first), np.asarray(attend(q, k, v, "xla")), atol=0)
-  np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
-  warnings = [r for r in caplog.records if "using 'xla'" in r.getMessage()]
-  assert len(warnings) == 1 and "cudnn" in warnings[0].getMessage()
+  with pytest.raises(ValueError, match=r"'cudnn' cannot run .* on platform 'cpu': 'cudnn' runs on gpu only"):
+    attend(q, k, v, "cudnn")
+  with platforms.target_platform("gpu"):  # on a GPU target: the dtype rule speaks
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+      attend(q, k, v, "cudnn")
+
+
+def test_xla_chunked_is_an_error_naming_flash():
+  q, k, v = _qkv(*SHAPES[0])
+  with pytest.raises(ValueError, match="'xla_chunked' was renamed 'flash'"):
+    attend(q, k, v, "xla_chunked")
 
 
 def test_unknown_backend_is_an_error():
   q, k, v = _qkv(*SHAPES[0])
-  with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
+  with pytest.raises(ValueError, match="'flash9': unknown attention backend"):
     attend(q, k, v, "flash9")
 
 
 def test_registry_lists_the_documented_backends():
-  assert {"auto", "xla", "xla_chunked", "flash", "cpu_fused", "dot_product", "cudnn", "splash"} <= set(
-      available_backends())
+  assert {"auto", "xla", "flash", "cpu_fused", "dot_product", "cudnn", "splash"} == set(available_backends())
 
 
-def test_auto_picks_per_platform_and_shape():
+def test_auto_picks_per_target_platform_and_shape():
   small, large = _qkv(1, 64, 128, 8, 40), _qkv(1, 1024, 2048, 8, 40)
-  platform = jax.default_backend()
-  if platform == "gpu":
-    assert attention.auto_backend(*large) == "dot_product"  # float32: cuDNN cannot run it
-  elif platform == "cpu" and _cpu_fused_runs():  # float32 on one CPU device: the fused kernel for long sequences
-    assert attention.auto_backend(*small) == "xla"
-    assert attention.auto_backend(*large) == "cpu_fused"
-  else:
-    assert attention.auto_backend(*small) == "xla"
-    assert attention.auto_backend(*large) == "flash"
+  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in large]
+  assert attention.auto_backend(*large, platform="gpu") == "dot_product"  # float32: cuDNN cannot run it
+  assert attention.auto_backend(*bf16, platform="gpu") == "cudnn"
+  assert attention.auto_backend(*small, platform="tpu") == "xla"
+  assert attention.auto_backend(*large, platform="tpu") == "splash"
+  assert attention.auto_backend(*_qkv(1, 4096, 77, 8, 40), platform="tpu") == "xla"  # cross-attention: xla is cheaper
+  assert attention.auto_backend(*small, platform="cpu") == "xla"
+  assert attention.auto_backend(*large, platform="cpu") == ("cpu_fused" if _cpu_fused_runs() else "flash")
+  with platforms.target_platform("tpu"):  # the target, not the host (a CPU here), decides
+    assert attention.auto_backend(*large) == "splash"
 
 
 def test_bf16_softmax_is_float32():

@@ -15,12 +15,12 @@ import pytest
 from simulated_devices import run_script
 from test_train_step import tiny
 
-from magicpose_jax.models import attention
+from magicpose_jax.models import attention, platforms
 from magicpose_jax.models import splash_attention as splash
 from magicpose_jax.train import loop, sharding
 
-# (B, Nq, Nk, H, D): head dims 40/80/160 (padded to 128/128/256); self-attention with the reference's tokens
-# (Nk = 2 Nq), lengths that are not multiples of 128, and cross-attention over 77 text tokens.
+# (B, Nq, Nk, H, D): head dims 40/80/160 (the kernel takes them unpadded); self-attention with the reference's
+# tokens (Nk = 2 Nq), lengths that are not multiples of 128, and cross-attention over 77 text tokens.
 SHAPES = [(2, 128, 256, 2, 40), (1, 200, 77, 2, 80), (1, 96, 192, 1, 160), (1, 256, 256, 2, 40)]
 
 
@@ -51,25 +51,27 @@ def test_splash_gradients_equal_xla_attention(shape):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
-def test_splash_is_a_tpu_backend_and_falls_back_elsewhere():
+def test_splash_is_a_tpu_backend_and_an_error_elsewhere():
   q, k, v = _qkv(*SHAPES[0])
-  if jax.default_backend() != "tpu":
-    assert "TPU" in attention.backend_supports("splash", q, k, v)
-    np.testing.assert_array_equal(np.asarray(attention.attend(q, k, v, "splash")),
-                                  np.asarray(attention.xla_attention(q, k, v)))
+  assert attention.backend_supports("splash", q, k, v, "tpu") is None
+  assert "tpu only" in attention.backend_supports("splash", q, k, v, "cpu")
+  with platforms.target_platform("cpu"), pytest.raises(ValueError, match="'splash' cannot run .* platform 'cpu'"):
+    attention.attend(q, k, v, "splash")
 
 
-def test_auto_picks_splash_for_long_sequences_on_tpu(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+def test_auto_picks_splash_for_long_sequences_on_a_tpu_target():
   long = _qkv(1, 4096, 8192, 8, 40)
   short = _qkv(1, 64, 77, 8, 40)
-  assert attention.auto_backend(*long) == "splash"
-  assert attention.auto_backend(*short) == "xla"
+  with platforms.target_platform("tpu"):
+    assert attention.auto_backend(*long) == "splash"
+    assert attention.auto_backend(*short) == "xla"
 
 
 def test_padding_overhead():
-  assert splash.padding_overhead((1, 4096, 8, 40), (1, 8192, 8, 40)) == pytest.approx(128 / 40)
-  assert splash.padding_overhead((1, 4096, 8, 160), (1, 77, 8, 160)) == pytest.approx(256 / 160 * 128 / 77)
+  assert splash.padding_overhead((1, 4096, 8, 40), (1, 8192, 8, 40)) == 1.0  # SD 1.5's biggest layer
+  assert splash.padding_overhead((1, 4096, 8, 40), (1, 8192, 8, 40), pad_head_dim=True) == pytest.approx(128 / 40)
+  assert splash.padding_overhead((1, 4096, 8, 160), (1, 77, 8, 160)) == pytest.approx(128 / 77)
+  assert splash.padding_overhead((1, 4096, 8, 160), (1, 77, 8, 160), True) == pytest.approx(256 / 160 * 128 / 77)
 
 
 def test_batch_axes_match_the_training_mesh():

@@ -11,24 +11,22 @@ Backends:
     sharded), `[B, chunk, Nk]` float32 logits within `CHUNK_LOGITS_BYTES`, only the
     output and the per-query logsumexp saved, probabilities recomputed chunk by chunk
     in the backward (FlashAttention-2). Any platform, dtype and `Nk`.
-  * `xla_chunked`: the old name of `flash` (configs use it). It used to loop over
-    every (batch x head, query chunk), which ran each device over the global batch.
   * `cpu_fused`: the fused C++ kernel of `models/cpu_attention.cc` (built on first use with
     the machine's C++ compiler): one 48-query block of one head at a time, logits kept in
     cache, on XLA's intra-op threads. CPU, float32, one device; the backward is `flash`'s.
-  * `auto`: `auto_backend` -- CPU: when the logits outgrow `CHUNK_LOGITS_BYTES`, `cpu_fused`
-    where it runs, else `flash`; below that `xla`; GPU: `cudnn` where it applies, else `dot_product`; TPU: `splash` for
-    long sequences, else `xla`; others: `flash` for long sequences, else `xla`.
   * `dot_product`: `jax.nn.dot_product_attention` with no implementation pinned,
     so XLA picks cuDNN flash attention on GPUs where it applies.
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only,
     fp16/bf16, head dim a multiple of 8 and at most 128.
-  * `splash`: the TPU splash kernel (`models/splash_attention.py`): head dim and
-    sequences padded to 128, batch-sharded through `jax.shard_map` inside a mesh
-    context. TPU only; elsewhere it reports itself unsupported (falls back to `xla`).
+  * `splash`: the TPU splash kernel (`models/splash_attention.py`), batch-sharded through
+    `jax.shard_map` inside a mesh context. TPU only.
+  * `auto`: `auto_backend` picks one of the above per shape and target platform.
 
-A backend that cannot run a given shape/dtype/platform falls back to `xla` and
-says so once in the log (the decision is made at trace time: shapes are static).
+The platform is the *target's* (`models/platforms.py`: the config's `target_platform`, else the
+mesh being traced for, else the default devices), never the host's: a TPU program compiled on a
+CPU host gets TPU kernels. A backend named explicitly that cannot run a shape/dtype on the target
+is an error naming the backend, the platform and why (decided at trace time, before any compile);
+no kernel is swapped silently. `xla_chunked`, the old name of `flash`, is an error naming `flash`.
 """
 
 from __future__ import annotations
@@ -37,18 +35,19 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magicpose_jax.models import cpu_attention, splash_attention
+from magicpose_jax.models import cpu_attention, platforms, splash_attention
 
 _log = logging.getLogger(__name__)
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-# Returns None when the backend can run (q, k, v), else the reason it cannot.
-SupportsFn = Callable[[jax.Array, jax.Array, jax.Array], "str | None"]
+# Returns None when the backend can run (q, k, v) on the platform (the last argument), else the reason it cannot.
+SupportsFn = Callable[[jax.Array, jax.Array, jax.Array, str], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,8 @@ class AttentionBackend:
 
   name: str
   fn: AttentionFn
-  supports: SupportsFn
+  supports: SupportsFn  # shape/dtype rules on a platform it runs on
+  platforms: tuple[str, ...] | None  # the platforms it runs on (None: all)
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -71,13 +71,27 @@ def _warn_once(backend: str, reason: str, message: str, level: int = logging.WAR
     _log.log(level, message)
 
 
-def register_backend(name: str, fn: AttentionFn, supports: SupportsFn | None = None) -> None:
-  """Adds (or replaces) an attention backend under `name`."""
-  _BACKENDS[name] = AttentionBackend(name, fn, supports or (lambda q, k, v: None))
+def register_backend(name: str, fn: AttentionFn, supports: SupportsFn | None = None,
+                     platforms: tuple[str, ...] | None = None) -> None:
+  """Adds (or replaces) an attention backend under `name`, runnable on `platforms` (None: all)."""
+  _BACKENDS[name] = AttentionBackend(name, fn, supports or (lambda q, k, v, platform: None), platforms)
 
 
 def available_backends() -> tuple[str, ...]:
   return tuple(_BACKENDS)
+
+
+# Names that no longer exist, with what replaced them (an error that says so rather than "unknown").
+RENAMED = {"xla_chunked": "flash"}
+
+
+def check_backend_name(backend: str, field: str = "attention_backend") -> str:
+  """`backend` if registered, else a `ValueError` naming `field` (and the new name of a renamed backend)."""
+  if backend in RENAMED:
+    raise ValueError(f"{field}={backend!r} was renamed {RENAMED[backend]!r}; use {RENAMED[backend]!r}")
+  if backend not in _BACKENDS:
+    raise ValueError(f"{field}={backend!r}: unknown attention backend; available: {available_backends()}")
+  return backend
 
 
 def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -301,9 +315,7 @@ def cpu_fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return _cpu_fused_core(_scale_queries(q), k, v)
 
 
-def _cpu_fused_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  if jax.default_backend() != "cpu":
-    return f"the fused CPU kernel runs on CPU (platform is {jax.default_backend()!r})"
+def _cpu_fused_supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> str | None:
   if {q.dtype, k.dtype, v.dtype} != {jnp.dtype(jnp.float32)}:
     return f"the fused CPU kernel takes float32, got {q.dtype}/{k.dtype}/{v.dtype}"
   if jax.device_count() > 1:  # a custom call is not partitioned: under jit over a mesh its inputs would be gathered
@@ -360,9 +372,7 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  if jax.default_backend() != "gpu":
-    return f"cuDNN attention needs a GPU (platform is {jax.default_backend()!r})"
+def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> str | None:
   if q.dtype not in (jnp.float16, jnp.bfloat16):
     return f"cuDNN attention needs float16/bfloat16 inputs, got {q.dtype}"
   d = q.shape[-1]
@@ -371,28 +381,37 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   return None
 
 
-def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-  """The backend `auto` runs for these shapes on this platform (a static rule; numbers in benchmarks/attention.py).
+# `auto` on a TPU: splash from this many queries and keys up. Compiled for v5p with libtpu, forward + backward at
+# batch 8 per chip (benchmarks/results/tpu-plan.md, a cost model, not a measurement): splash at 0.62x xla's time at
+# 4096 x 8192 (D 40) and 0.78x at 1024 x 2048 (D 80), but 1.2x at 256 x 512, 2.7x at 64 x 128 and 1.3-2x for every
+# cross-attention over 77 tokens (the kernel pads 77 keys to 128 and its fixed costs dominate small calls).
+TPU_SPLASH_MIN_TOKENS = 1024
 
+
+def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None = None) -> str:
+  """The backend `auto` runs for these shapes on `platform` (None: `platforms.current_platform()`).
+
+  A static rule (numbers in benchmarks/attention.py and benchmarks/results/tpu-plan.md).
   CPU: once the float32 logits outgrow `CHUNK_LOGITS_BYTES`, `cpu_fused` where it runs (float32,
   one device, the kernel built), else `flash`; below that `xla` (one block is fastest while it stays
   cache-sized: there the kernel's 48-row blocks and per-call setup measured up to 1.3x slower).
-  GPU: `cudnn` where it applies, else `dot_product` (XLA's own choice). TPU: `splash` for long
-  sequences, else `xla`. Others: `flash` for long sequences, else `xla`. The GPU and TPU rules are
-  the kernels' documented sweet spots, not yet measured here: `benchmarks/attention.py` on the
-  device says per shape.
+  GPU: `cudnn` where it applies, else `dot_product` (XLA's own choice). TPU: `splash` when both
+  sequences are at least `TPU_SPLASH_MIN_TOKENS` (SD 1.5's self-attention at latent 64 and 32), else
+  `xla` (cross-attention over 77 tokens, the 16x16 and 8x8 levels), the cheaper of the two per the TPU
+  compiler's cost model and the kernels' roofline (benchmarks/tpu_attention.py). Others: `flash` for
+  long sequences, else `xla`.
   """
-  platform = jax.default_backend()
+  platform = platforms.current_platform() if platform is None else platform
   if platform == "gpu":
-    return "cudnn" if _cudnn_supports(q, k, v) is None else "dot_product"
+    return "cudnn" if backend_supports("cudnn", q, k, v, platform) is None else "dot_product"
   long = _logits_bytes(q, k) > CHUNK_LOGITS_BYTES
   if platform == "cpu" and long:
-    reason = _cpu_fused_supports(q, k, v)
+    reason = backend_supports("cpu_fused", q, k, v, platform)
     if reason is None:
       return "cpu_fused"
     _warn_once("auto", reason, f"not using the fused CPU kernel: {reason}", logging.INFO)
   if platform == "tpu":
-    return "splash" if long else "xla"
+    return "splash" if min(q.shape[1], k.shape[1]) >= TPU_SPLASH_MIN_TOKENS else "xla"
   return "flash" if long else "xla"
 
 
@@ -402,21 +421,46 @@ def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 register_backend("xla", xla_attention)
 register_backend("flash", flash_attention)
-register_backend("xla_chunked", flash_attention)  # the old name (configs use it)
-register_backend("cpu_fused", cpu_fused_attention, _cpu_fused_supports)
+register_backend("cpu_fused", cpu_fused_attention, _cpu_fused_supports, ("cpu",))
 register_backend("auto", _auto)
 register_backend("dot_product", _dot_product)
-register_backend("cudnn", _cudnn, _cudnn_supports)
-register_backend("splash", splash_attention.splash_attention, splash_attention.supports)
+register_backend("cudnn", _cudnn, _cudnn_supports, ("gpu",))
+register_backend("splash", splash_attention.splash_attention, splash_attention.supports, ("tpu",))
 
 
-def backend_supports(backend: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  """None when `backend` can run (q, k, v) here, else why not (then `attend` falls back to `xla`)."""
-  return _BACKENDS[backend].supports(q, k, v)
+def platform_reason(backend: str, platform: str) -> str | None:
+  """None when `backend` runs on `platform` (for some shapes), else why not; shapes play no part."""
+  runs_on = _BACKENDS[check_backend_name(backend)].platforms
+  if runs_on is not None and platform not in runs_on:
+    return f"{backend!r} runs on {'/'.join(runs_on)} only"
+  return None
+
+
+def backend_supports(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None = None) -> str | None:
+  """None when `backend` can run (q, k, v) on `platform` (None: the target being traced for), else why not."""
+  platform = platforms.current_platform() if platform is None else platform
+  return platform_reason(backend, platform) or _BACKENDS[backend].supports(q, k, v, platform)
+
+
+def check_backend_platform(backend: str, platform: str, field: str = "attention_backend") -> None:
+  """Raises when `backend` cannot run on `platform` whatever the shapes: the config check before any trace."""
+  reason = platform_reason(backend, platforms.normalize(platform))
+  if reason is not None:
+    raise ValueError(f"{field}={backend!r} cannot run on platform {platform!r}: {reason} "
+                     f"(use 'auto' to pick one that can)")
+
+
+def check_runtime_fields(config: Any, name: str) -> None:
+  """Validates a model config's `attention_backend` and `target_platform` (the backend must run on the platform
+  when one is set), naming `name.field` in the error."""
+  check_backend_name(config.attention_backend, f"{name}.attention_backend")
+  platform = platforms.normalize(config.target_platform, f"{name}.target_platform")
+  if platform:
+    check_backend_platform(config.attention_backend, platform, f"{name}.attention_backend")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla") -> jax.Array:
-  """Scaled dot-product attention through `backend`, falling back to `xla`.
+  """Scaled dot-product attention through `backend` on the target platform (`platforms.current_platform()`).
 
   Args:
     q: `[B, Nq, H, D]` queries.
@@ -426,16 +470,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = "xla") -> ja
 
   Returns:
     `[B, Nq, H, D]`.
+
+  Raises:
+    ValueError: `backend` is unknown, or cannot run these shapes/dtypes on the target platform.
   """
-  if backend not in _BACKENDS:
-    raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
-  chosen = _BACKENDS[backend]
-  reason = chosen.supports(q, k, v)
+  platform = platforms.current_platform()
+  reason = backend_supports(backend, q, k, v, platform)
   if reason is not None:
-    _warn_once(backend, reason, f"attention backend {backend!r} cannot run q{tuple(q.shape)} k{tuple(k.shape)} "
-               f"{q.dtype}: {reason}; using 'xla'")
-    chosen = _BACKENDS["xla"]
-  return chosen.fn(q, k, v)
+    raise ValueError(f"attention backend {backend!r} cannot run q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} on "
+                     f"platform {platform!r}: {reason} (use 'auto' to pick one that can)")
+  return _BACKENDS[backend].fn(q, k, v)
 
 
 class Attention(nn.Module):

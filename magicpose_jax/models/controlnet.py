@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magicpose_jax.models import platforms
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from magicpose_jax.models.random_init import random_params
@@ -56,8 +57,8 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {"cross_attention_dim": 1280}
 _UNET_FIELDS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
                 "block_out_channels", "downsample_padding", "mid_block_scale_factor", "norm_num_groups", "norm_eps",
                 "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
-                "upcast_attention", "attention_backend", "remat_policy")
-_RUNTIME_FIELDS = ("attention_backend", "remat_policy")
+                "upcast_attention", "attention_backend", "remat_policy", "target_platform")
+_RUNTIME_FIELDS = ("attention_backend", "remat_policy", "target_platform")
 _UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
 
@@ -68,8 +69,8 @@ class ControlNetConfig:
   The UNet fields mean what they mean in `UNetConfig` (and are validated by it, through
   `unet_config()`); `layers_per_block` is one int, as diffusers' ControlNetModel takes it.
   `conditioning_embedding_out_channels` are the hint encoder's widths: it downsamples
-  `len - 1` times (3 for SD: the pose image is 8× the latent). `attention_backend` and
-  `remat_policy` are runtime choices, not written to config.json.
+  `len - 1` times (3 for SD: the pose image is 8× the latent). `attention_backend`,
+  `remat_policy` and `target_platform` are runtime choices, not written to config.json.
   """
 
   in_channels: int = 4
@@ -93,6 +94,7 @@ class ControlNetConfig:
   conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
   attention_backend: str = "auto"
   remat_policy: str = "none"
+  target_platform: str = ""  # as UNetConfig's
 
   def __post_init__(self):
     if not isinstance(self.layers_per_block, int):
@@ -205,6 +207,7 @@ class ControlNetModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  @platforms.traced_for_config_platform
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
                controlnet_cond: jax.Array,

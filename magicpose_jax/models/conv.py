@@ -15,8 +15,11 @@ matmul. Its transforms have coefficients 0, +-1 and +-1/2 only (exact in fp32), 
 convolution's (measured 1-2x its max error against float64, `tests/test_conv.py`). The larger tiles, F(4x4, 3x3),
 would save 4x but carry ~7e-5 errors per conv on unit-scale outputs, too much for 1e-4 parity through a UNet.
 
-`MAGICPOSE_CPU_CONV=lax` keeps every conv on `lax.conv_general_dilated`; the default `auto` applies the rules
-below. It is read when a conv is traced, so a function `jax.jit` has already traced keeps its earlier choice.
+The rules apply when the *target* platform is the CPU (`models/platforms.py`: the models' `target_platform`, else
+the mesh being traced for, else the default devices), so a TPU or GPU program compiled on a CPU host keeps XLA's
+convolution. `with conv_mode("lax"):` (benchmarks' XLA-only baseline, parity checks) keeps every conv on
+`lax.conv_general_dilated`; `MAGICPOSE_CPU_CONV=lax` is the same as a documented environment override for a whole
+process. Both are read when a conv is traced, so a function `jax.jit` has already traced keeps its earlier choice.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so `flax.linen.Conv` takes it as its
 `conv_general_dilated` attribute and the parameters (`kernel [kh, kw, Cin, Cout]`, `bias`) are unchanged.
@@ -24,15 +27,19 @@ below. It is read when a conv is traced, so a function `jax.jit` has already tra
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from magicpose_jax.models import platforms
 
 # Take the im2col path on CPU when the input map has at most this many pixels per image and at least this many
 # channels. Measured with benchmarks/conv.py (fp32, batch 1, 2-core Sapphire Rapids, loaded): at 16x16 and 8x8
@@ -68,7 +75,7 @@ def _is_nhwc(dimension_numbers: Any) -> bool:
 
 def use_im2col(input_shape: Sequence[int], kernel_shape: Sequence[int], platform: str | None = None) -> bool:
   """Whether `conv_general_dilated` takes the im2col path for an NHWC input and HWIO kernel (any stride)."""
-  platform = platform or jax.default_backend()
+  platform = platform or platforms.current_platform()
   _, h, w, cin = input_shape
   kh, kw = kernel_shape[:2]
   return platform == "cpu" and kh * kw > 1 and h * w <= IM2COL_MAX_PIXELS and cin >= IM2COL_MIN_CHANNELS
@@ -77,7 +84,7 @@ def use_im2col(input_shape: Sequence[int], kernel_shape: Sequence[int], platform
 def use_winograd(input_shape: Sequence[int], kernel_shape: Sequence[int], padding: Sequence[tuple[int, int]],
                  dtype: Any = jnp.float32, platform: str | None = None) -> bool:
   """Whether `conv_general_dilated` takes `winograd_conv` for an NHWC input and HWIO kernel (stride 1)."""
-  platform = platform or jax.default_backend()
+  platform = platform or platforms.current_platform()
   _, h, w, cin = input_shape
   kh, kw, _, cout = kernel_shape
   (top, bottom), (left, right) = padding
@@ -202,10 +209,28 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, in
   return out.reshape(b, ho, wo, cout)
 
 
+CONV_MODES = ("auto", "lax")
+ENV_OVERRIDE = "MAGICPOSE_CPU_CONV"
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("magicpose_conv_mode", default=None)
+
+
+@contextlib.contextmanager
+def conv_mode(mode: str) -> Iterator[None]:
+  """Traces the body with `mode`: "auto" (the rules above) or "lax" (every conv on XLA's; benchmarks' baseline)."""
+  if mode not in CONV_MODES:
+    raise ValueError(f"conv mode must be one of {CONV_MODES}, got {mode!r}")
+  token = _MODE.set(mode)
+  try:
+    yield
+  finally:
+    _MODE.reset(token)
+
+
 def _cpu_paths_enabled() -> bool:
-  mode = os.environ.get("MAGICPOSE_CPU_CONV", "auto")
-  if mode not in ("auto", "lax"):
-    raise ValueError(f"MAGICPOSE_CPU_CONV must be 'auto' or 'lax', got {mode!r}")
+  """The `conv_mode` context, else the `MAGICPOSE_CPU_CONV` override, else "auto"."""
+  mode = _MODE.get() or os.environ.get(ENV_OVERRIDE, "auto")
+  if mode not in CONV_MODES:
+    raise ValueError(f"{ENV_OVERRIDE} must be 'auto' or 'lax', got {mode!r}")
   return mode == "auto"
 
 

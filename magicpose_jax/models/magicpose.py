@@ -83,6 +83,12 @@ class MagicPose:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def for_platform(self, platform: str) -> MagicPose:
+    """This model with its kernels picked for `platform` ("cpu", "gpu", "tpu"; see models/platforms.py)."""
+    unet = self.config.unet.replace(target_platform=platform)
+    pose = None if self.config.pose is None else self.config.pose.replace(target_platform=platform)
+    return dataclasses.replace(self, config=dataclasses.replace(self.config, unet=unet, pose=pose))
+
   @property
   def unet(self) -> UNet2DConditionModel:
     return UNet2DConditionModel(self.config.unet, self.dtype, self.param_dtype)

@@ -2,21 +2,25 @@
 
 `jax.experimental.pallas.ops.tpu.splash_attention` is a FlashAttention-2 style kernel for TPUs: forward and
 backward kernels, no `[Nq, Nk]` logits in HBM. It takes one example's `[H, N, D]` queries/keys/values with the
-sequence lengths a multiple of its block sizes and the head dim a multiple of the TPU's 128 lanes. SD 1.5 has
-head dims 40/80/160 and cross-attention over 77 text tokens, so `splash_attention`
+sequence lengths a multiple of its block sizes. SD 1.5 has head dims 40/80/160 and cross-attention over 77 text
+tokens, so `splash_attention`
 
-  * zero-pads the head dim to a multiple of 128 (zero query/key columns leave the logits unchanged, zero value
-    columns are sliced off the output); the scale stays 1/sqrt(true D), applied to q before the kernel;
+  * keeps the head dim as it is: Mosaic compiles the kernel at D = 40, 80 and 160 (checked with libtpu for
+    v5e/v5p, `benchmarks/tpu_attention.py`), and zero-padding D to 128 only multiplied the kernel's HBM traffic
+    (3.2x at D = 40) for the same MXU passes (the MXU pads a 40-deep contraction to its 128 rows either way).
+    `pad_head_dim=True` keeps the old padding for comparison; the scale is 1/sqrt(true D), applied to q first;
   * pads the sequences to a multiple of 128 and masks padded keys out with segment ids (queries in segment 0,
     real keys 0, padded keys 1); padded query rows attend to the real keys and are sliced off, so their
     cotangents are zero;
   * vmaps the kernel over the batch and, inside a mesh context whose `data`/`fsdp` axes split the batch, runs it
     under `jax.shard_map` over those axes: a Pallas call is opaque to XLA's sharding propagation, which would
-    otherwise gather the global batch onto every device.
+    otherwise gather the global batch onto every device (and the TPU compiler refuses to partition it). A batch
+    the mesh cannot split runs replicated under `shard_map`.
 
 On a machine without a TPU the kernel runs only in Pallas' interpreter (`interpret=True`, what the tests do on
-CPU: slow, for correctness). The `splash` backend in `models/attention.py` calls this on TPUs; elsewhere it
-reports itself unsupported and the call falls back to `xla`.
+CPU: slow, for correctness). The `splash` backend in `models/attention.py` calls this when the target platform
+is a TPU (`models/platforms.py`: also when compiling for a TPU topology from a CPU host); naming it for any other
+target is an error.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def _kernel(heads: int, nq: int, nk: int, interpret: bool):
     return kernel.make_splash_mha(full, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool = False,
+                     pad_head_dim: bool = False) -> jax.Array:
   """Attention through the TPU splash kernel; the same function as `attention.xla_attention`.
 
   Args:
@@ -75,6 +80,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
     k: `[B, Nk, H, D]` keys (`Nk` free).
     v: `[B, Nk, H, D]` values.
     interpret: run the kernel in Pallas' interpreter (any platform; for tests).
+    pad_head_dim: zero-pad D to a multiple of 128 (the old layout; for `benchmarks/tpu_attention.py`).
 
   Returns:
     `[B, Nq, H, D]` in v's dtype.
@@ -85,7 +91,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
 
   b, nq, h, d = q.shape
   nk = k.shape[1]
-  nq_pad, nk_pad, d_pad = _round_up(nq, LANES), _round_up(nk, LANES), _round_up(d, LANES)
+  nq_pad, nk_pad = _round_up(nq, LANES), _round_up(nk, LANES)
+  d_pad = _round_up(d, LANES) if pad_head_dim else d
   q = q * jnp.asarray(d**-0.5, q.dtype)
 
   def heads_first(x: jax.Array, n_pad: int) -> jax.Array:  # [B, N, H, D] -> [B, H, N', D'], zero-padded
@@ -106,22 +113,26 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool =
   if shards > 1 and b % shards == 0:
     spec = P(axes)
     run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  elif not mesh.empty and mesh.size > 1:
+    # A batch the mesh does not split (the sampler's one reference): every device runs the whole call. Mosaic
+    # kernels cannot be partitioned automatically, so they are wrapped all the same, replicated.
+    run = jax.shard_map(run, mesh=mesh, in_specs=(P(),) * 3, out_specs=P(), check_vma=False)
   out = run(qh, kh, vh)  # [B, H, Nq', D']
   return out[:, :, :nq, :d].transpose(0, 2, 1, 3).astype(v.dtype)
 
 
-def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-  """None on a TPU (any shape: padding handles the rest), else why not."""
-  platform = jax.default_backend()
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> str | None:
+  """None on a TPU target (any shape: padding handles the rest), else why not."""
   if platform != "tpu":
-    return f"splash attention is a TPU kernel (platform is {platform!r})"
+    return "splash attention is a TPU kernel"
   return None
 
 
-def padding_overhead(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> float:
-  """Kernel FLOPs / true FLOPs of `splash_attention` for these `[B, N, H, D]` shapes (head dim and lengths
-  padded to 128): e.g. 3.2 for SD 1.5's head dim 40."""
+def padding_overhead(q_shape: tuple[int, ...], k_shape: tuple[int, ...], pad_head_dim: bool = False) -> float:
+  """Kernel FLOPs / true FLOPs of `splash_attention` as called for these `[B, N, H, D]` shapes (lengths padded to
+  128; the head dim too with `pad_head_dim`): 1.0 at SD 1.5's 4096 x 8192 self-attention, 128/77 for its
+  cross-attention, and 3.2 at head dim 40 with `pad_head_dim` (the old layout)."""
   (_, nq, _, d), nk = q_shape, k_shape[1]
-  padded = _round_up(nq, LANES) * _round_up(nk, LANES) * _round_up(d, LANES)
+  padded = _round_up(nq, LANES) * _round_up(nk, LANES) * (_round_up(d, LANES) if pad_head_dim else d)
   return float(padded / (nq * nk * d))
 

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magicpose_jax.models.attention import available_backends
+from magicpose_jax.models import platforms
+from magicpose_jax.models.attention import check_runtime_fields
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from magicpose_jax.models.resnet import conv
@@ -90,14 +91,18 @@ def _per_level(value: IntOrTuple, n: int, field: str) -> tuple[int, ...]:
   return tuple(value)
 
 
+# Ours, not diffusers': how the model runs, not what it is (never written to config.json).
+RUNTIME_FIELDS = ("attention_backend", "remat_policy", "target_platform")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Architecture of a `UNet2DConditionModel`; field names and meanings are diffusers'.
 
   `attention_head_dim` keeps diffusers' historical meaning: it is the number of
   heads per level (SD 1.5: 8; SD 2.x: (5, 10, 20, 20)); the head width is
-  `channels // heads`. `attention_backend` and `remat_policy` are ours (runtime
-  choices, not written to diffusers' config.json).
+  `channels // heads`. `attention_backend`, `remat_policy` and `target_platform` are ours
+  (runtime choices, `RUNTIME_FIELDS`, not written to diffusers' config.json).
   """
 
   sample_size: int | None = 64  # informational (diffusers' default latent size)
@@ -121,6 +126,9 @@ class UNetConfig:
   upcast_attention: bool = False  # our attention always takes the softmax in float32
   attention_backend: str = "auto"
   remat_policy: str = "none"
+  # The platform the attention and convolution kernels are picked for ("cpu", "gpu", "tpu"; "": the mesh's or the
+  # default devices'): see models/platforms.py. The train step and the sampler set it from their devices.
+  target_platform: str = ""
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -145,9 +153,7 @@ class UNetConfig:
                          f"{self.norm_num_groups}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"UNetConfig.remat_policy: {self.remat_policy!r} not in {tuple(REMAT_POLICIES)}")
-    if self.attention_backend not in available_backends():
-      raise ValueError(f"UNetConfig.attention_backend: {self.attention_backend!r} not in "
-                       f"{available_backends()}")
+    check_runtime_fields(self, "UNetConfig")
 
   @property
   def heads(self) -> tuple[int, ...]:
@@ -189,14 +195,14 @@ class UNetConfig:
     """
     config, source = read_config_dict(config, "UNet")
     check_class_name(config, source, "UNet2DConditionModel")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"attention_backend", "remat_policy"}
+    fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
     kwargs = parse_config_entries(config, source, "UNet", fields, _FIXED_DIFFUSERS_KEYS)
     return cls(**{**_DIFFUSERS_DEFAULTS, **kwargs, **overrides})
 
   def to_diffusers(self) -> dict[str, Any]:
     """diffusers' `config.json` dict for this architecture (loads with `from_pretrained`)."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-         if f.name not in ("attention_backend", "remat_policy")}
+         if f.name not in RUNTIME_FIELDS}
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
     return {"_class_name": "UNet2DConditionModel", **d}
 
@@ -233,6 +239,7 @@ class UNet2DConditionModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  @platforms.traced_for_config_platform
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
                down_block_additional_residuals: Sequence[jax.Array] | None = None,

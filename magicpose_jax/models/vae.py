@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magicpose_jax.models.attention import attend, available_backends
+from magicpose_jax.models import platforms
+from magicpose_jax.models.attention import attend, check_runtime_fields
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
@@ -54,15 +55,15 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "sample_size": 32,
 }
 
-_RUNTIME_FIELDS = ("attention_backend",)
+_RUNTIME_FIELDS = ("attention_backend", "target_platform")
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """Architecture of an `AutoencoderKL`; field names and meanings are diffusers'.
 
-  Defaults are SD 1.5's VAE. `attention_backend` is ours (a runtime choice, not
-  written to diffusers' config.json).
+  Defaults are SD 1.5's VAE. `attention_backend` and `target_platform` are ours (runtime
+  choices, not written to diffusers' config.json).
   """
 
   sample_size: int | tuple[int, ...] = 512  # informational (diffusers' tiling default)
@@ -80,6 +81,7 @@ class VAEConfig:
   latents_std: tuple[float, ...] | None = None
   force_upcast: bool = True  # informational: diffusers runs such VAEs in float32 in fp16 pipelines
   attention_backend: str = "auto"
+  target_platform: str = ""  # as UNetConfig's
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -105,8 +107,7 @@ class VAEConfig:
         raise ValueError(f"VAEConfig.{name}: {len(value)} values for {self.latent_channels} latent channels")
     if self.latents_std is not None and min(self.latents_std) <= 0:
       raise ValueError(f"VAEConfig.latents_std: expected positive values, got {self.latents_std}")
-    if self.attention_backend not in available_backends():
-      raise ValueError(f"VAEConfig.attention_backend: {self.attention_backend!r} not in {available_backends()}")
+    check_runtime_fields(self, "VAEConfig")
 
   @property
   def downsample_factor(self) -> int:
@@ -296,6 +297,7 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  @platforms.traced_for_config_platform
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
@@ -319,6 +321,7 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  @platforms.traced_for_config_platform
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg = self.config

@@ -52,7 +52,13 @@ def default_config() -> ml_collections.ConfigDict:
   # "dots_saveable" (keep conv and matmul outputs), "dots_with_no_batch_dims_saveable" (keep the projections),
   # "offload" (the projections to host memory). Step time vs memory: docs/performance.md.
   c.remat_policy = "none"
-  c.attention_backend = "auto"  # models.attention backends: auto, xla, xla_chunked, dot_product, cudnn
+  # models.attention backends: "auto" (per shape and platform), "xla", "flash" (pure-JAX, any platform),
+  # "cpu_fused" (CPU), "dot_product" (XLA's choice), "cudnn" (GPU), "splash" (TPU). One that cannot run on the
+  # target platform is an error.
+  c.attention_backend = "auto"
+  # The platform kernels are picked for ("cpu", "gpu", "tpu"); "": that of the devices the step is built for
+  # (models/platforms.py). Set it only to override those devices' own.
+  c.target_platform = ""
 
   # The frozen base (main UNet, VAE, CLIP text encoder).
   c.base = ml_collections.ConfigDict()

@@ -4,8 +4,9 @@ Three sources of a step's FLOP count, each with its blind spot:
 
 * `compiled_flops(compiled)`: XLA's `cost_analysis()` of the compiled step. Per device for an SPMD program
   (the partitioned module). XLA counts a `while`/`scan` body ONCE, whatever its trip count, so the scanned
-  micro-batches of `grad_accum_steps > 1`, a `lax.map` over query chunks (the `xla_chunked`/flash CPU attention)
-  and the sampler's scan are under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs.
+  micro-batches of `grad_accum_steps > 1`, the loops of the `flash` CPU attention and the sampler's scan are
+  under-counted; fused-attention custom calls (cuDNN flash, splash) count 0 FLOPs: `mosaic_kernel_costs` reads
+  the Mosaic (TPU) kernels out of the compiled program and counts theirs, with the loops' trip counts.
   It includes remat recomputation: it is what the device executes ("hardware FLOPs").
 * `lowered_flops(lowered)` of `loop_free_config(config)`: the same step with `xla` attention and no
   accumulation, lowered but not compiled, so nothing is looped or hidden in a custom call (global, before
@@ -16,13 +17,15 @@ Three sources of a step's FLOP count, each with its blind spot:
   definition); `.hardware` adds what the remat policy recomputes.
 
 `peak_tflops(device_kind, dtype)` maps `jax.devices()[0].device_kind` to the dense peak of `PEAKS` (None for
-CPUs and devices not in the table: no MFU is reported then).
+CPUs and devices not in the table: no MFU is reported then); `PEAKS` also holds each device's HBM size and
+bandwidth (`benchmarks/memory_plan.py --topology`: fits or not, and the kernels' roofline).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +46,8 @@ class Peak:
   name: str
   bf16: float
   fp32: float | None  # what XLA's default precision runs float32 matmuls at (see PEAKS); None: not published
+  hbm_gb: float | None = None  # memory per device, 1e9 bytes (the vendors' "GB"); None: not tabled
+  hbm_gbps: float | None = None  # memory bandwidth per device, 1e9 bytes/s
 
 
 # Sources (vendor datasheets, dense figures; the sparse ones are 2x):
@@ -50,24 +55,25 @@ class Peak:
 # - H100 SXM: NVIDIA H100 datasheet (2023): BF16 989.4, TF32 494.7. H100 PCIe: BF16 756, TF32 378.
 #   H100 NVL: BF16 835 (per GPU), TF32 418.
 # - H200: NVIDIA H200 datasheet (2024), same compute as H100 SXM: BF16 989.4, TF32 494.7.
-# - TPU v4: cloud.google.com/tpu/docs/v4: 275 BF16 per chip. v5e: /docs/v5e: 197. v5p: /docs/v5p: 459.
-#   v6e (Trillium): /docs/v6e: 918.
+# - TPU v4: cloud.google.com/tpu/docs/v4: 275 BF16 per chip, 32 GiB HBM2 at 1200 GB/s. v5e: /docs/v5e: 197,
+#   16 GB HBM2 at 819 GB/s. v5p: /docs/v5p: 459, 95 GB HBM2e at 2765 GB/s. v6e (Trillium): /docs/v6e: 918,
+#   32 GB at 1638 GB/s. H100 SXM / H200: 80 GB HBM3 at 3350 GB/s / 141 GB HBM3e at 4800 GB/s (datasheets).
 # On GPUs XLA runs float32 dots and convolutions on TF32 tensor cores at the default precision, so the
 # "fp32" column is the TF32 peak; TPUs run float32 matmuls as several bf16 passes and publish no float32 peak.
 PEAKS: tuple[tuple[tuple[str, ...], Peak], ...] = (
     # (lower-case substrings all present in device_kind, peak); first match wins, so the specific ones first.
     (("h100", "pcie"), Peak("H100 PCIe", 756.0, 378.0)),
     (("h100", "nvl"), Peak("H100 NVL", 835.0, 418.0)),
-    (("h100",), Peak("H100 SXM", 989.4, 494.7)),
-    (("h200",), Peak("H200", 989.4, 494.7)),
+    (("h100",), Peak("H100 SXM", 989.4, 494.7, 80.0, 3350.0)),
+    (("h200",), Peak("H200", 989.4, 494.7, 141.0, 4800.0)),
     (("a100",), Peak("A100", 312.0, 156.0)),
-    (("v5 lite",), Peak("TPU v5e", 197.0, None)),
-    (("v5e",), Peak("TPU v5e", 197.0, None)),
-    (("v6 lite",), Peak("TPU v6e", 918.0, None)),
-    (("v6e",), Peak("TPU v6e", 918.0, None)),
-    (("v5p",), Peak("TPU v5p", 459.0, None)),
-    (("tpu v5",), Peak("TPU v5p", 459.0, None)),  # v5p reports device_kind "TPU v5"
-    (("tpu v4",), Peak("TPU v4", 275.0, None)),
+    (("v5 lite",), Peak("TPU v5e", 197.0, None, 16.0, 819.0)),
+    (("v5e",), Peak("TPU v5e", 197.0, None, 16.0, 819.0)),
+    (("v6 lite",), Peak("TPU v6e", 918.0, None, 32.0, 1638.0)),
+    (("v6e",), Peak("TPU v6e", 918.0, None, 32.0, 1638.0)),
+    (("v5p",), Peak("TPU v5p", 459.0, None, 95.0, 2765.0)),
+    (("tpu v5",), Peak("TPU v5p", 459.0, None, 95.0, 2765.0)),  # v5p reports device_kind "TPU v5"
+    (("tpu v4",), Peak("TPU v4", 275.0, None, 32 * 2**30 / 1e9, 1200.0)),
 )
 
 
@@ -113,6 +119,105 @@ def lowered_flops(lowered: Any) -> float | None:
     return _flops_of(lowered.cost_analysis())
   except (AttributeError, NotImplementedError, RuntimeError):
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+  """One Mosaic (Pallas TPU) kernel call of a compiled program, which XLA's cost analysis does not count."""
+
+  name: str  # the kernel's name, e.g. "splash_mha_fwd_residuals"
+  flops: float  # matmul FLOPs of the kernel as called (padded shapes), x the trip counts of enclosing loops
+  bytes: float  # operand + result bytes, x the same trip counts
+  calls: int  # executions per program run (1 outside loops)
+  mxu_flops: float = 0.0  # `flops` with the head dim rounded up to `MXU_LANES`: what the matrix units pass over
+
+  def roofline_seconds(self, peak: Peak) -> float:
+    """max(MXU FLOPs / bf16 peak, bytes / HBM bandwidth): a lower bound on the kernel's time, not a measurement."""
+    return max(self.mxu_flops / (peak.bf16 * 1e12), self.bytes / ((peak.hbm_gbps or float("inf")) * 1e9))
+
+
+# Matmul FLOPs of splash attention's kernels in units of `2 Nq Nk D` per head: the forward runs QK^T and PV; the
+# dq kernel recomputes QK^T and runs dO V^T and dS K; the dkv kernel recomputes QK^T and runs dO V^T, P^T dO
+# and dS^T Q (jax.experimental.pallas.ops.tpu.splash_attention, separate dq/dkv kernels, its default).
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+# A head dim below the matrix unit's width still takes whole passes: QK^T contracts over D (40 of a 128-deep
+# systolic array's rows busy) and PV produces D columns. The roofline counts D rounded up to this.
+MXU_LANES = 128
+_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
+_SHAPE = re.compile(r"\b(bf16|f16|f32|s32|u32|s8|u8|pred)\[([0-9,]*)\]")
+
+
+def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _SHAPE.findall(text)]
+
+
+def _nbytes(shapes: list[tuple[str, tuple[int, ...]]]) -> float:
+  return float(sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in shapes))
+
+
+def _trip_counts(hlo: str) -> dict[str, int]:
+  """Executions per program run of each computation of a compiled HLO module (product of enclosing `while`s'
+  known trip counts; 1 where XLA knows none)."""
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      bodies[current] = []
+    elif current is not None:
+      bodies[current].append(line)
+  callers: dict[str, list[tuple[str, int]]] = {}
+  for name, lines in bodies.items():
+    for line in lines:
+      trips = 1
+      if " while(" in line:
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        trips = int(known.group(1)) if known else 1
+      for ref in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+        callers.setdefault(ref, []).append((name, trips if "body=%" + ref in line else 1))
+  memo: dict[str, int] = {}
+
+  def count(name: str, depth: int = 0) -> int:
+    if name not in memo:
+      up = callers.get(name)
+      memo[name] = 1 if not up or depth > 64 else max(count(c, depth + 1) * t for c, t in up)
+    return memo[name]
+
+  return {name: count(name) for name in bodies}
+
+
+def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:
+  """The Mosaic kernels (`tpu_custom_call`) of a compiled TPU program's text (`compiled.as_text()`), costed.
+
+  FLOPs are known for splash attention's kernels (`SPLASH_MATMULS` x 2 Nq Nk D per head, from the q and k
+  operand shapes `[.., H, N, D]`, padded as called; `mxu_flops` with D rounded up to `MXU_LANES`); other kernels
+  get their bytes and 0 FLOPs.
+  """
+  trips = _trip_counts(hlo)
+  out = []
+  current = None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+    if 'custom_call_target="tpu_custom_call"' not in line:
+      continue
+    name = re.match(r"\s*%?([A-Za-z_]+)", line).group(1).rstrip("_")
+    results = _shapes(line.split(" custom-call(")[0].split("=", 1)[1])
+    constraints = line.split("operand_layout_constraints={", 1)[1].split("}, frontend_attributes", 1)[0] \
+        if "operand_layout_constraints={" in line else ""
+    operands = _shapes(constraints)
+    arrays = [dims for dt, dims in operands if dt in ("bf16", "f16", "f32") and len(dims) >= 3]
+    flops = mxu = 0.0
+    kind = next((k for k in ("dkv", "dq", "fwd") if f"_{k}" in name), None)
+    if name.startswith("splash") and kind and len(arrays) >= 2:
+      q, k = arrays[0], arrays[1]
+      flops = SPLASH_MATMULS[kind] * 2.0 * math.prod(q) * k[-2]
+      mxu = flops * (-(-q[-1] // MXU_LANES) * MXU_LANES) / q[-1]
+    n = trips.get(current, 1)
+    out.append(KernelCost(name, flops * n, (_nbytes(results) + _nbytes(operands)) * n, n, mxu * n))
+  return out
 
 
 def loop_free_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -97,8 +97,9 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   if config.init_from:
     run_config, init = ckpt.read_run(config.init_from)
     log.info("init_from %s (a %s run): trainable subtrees %s", config.init_from, run_config.stage, sorted(init))
+  platform = stages.target_platform(config, devices)  # before loading anything: a wrong backend fails fast
   sd, base, base_source = stages.load_base(config, ckpt.read_run)
-  nets = stages.networks(config, sd)
+  nets = stages.networks(config, sd, platform)
   trainable, frozen = stages.initial_params(config, nets, sd, base, init)
   del base
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -112,6 +113,26 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
              base_hash, parts["lr_fn"])
 
 
+def abstract_params(config: ml_collections.ConfigDict, nets: stages.Networks,
+                    sd: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(trainable, frozen) param trees of `config.stage` as `ShapeDtypeStruct`s (the `config.model` sizes)."""
+  frozen_dtype = jnp.dtype(config.frozen_dtype)
+  unet = abstract_unet_params(sd.unet)
+  cast = lambda tree, dt: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
+  text = jax.ShapeDtypeStruct((1, sd.text_encoder.max_position_embeddings, sd.text_encoder.hidden_size),
+                              jnp.float32)
+  frozen = {"vae": cast(abstract_autoencoder_params(sd.vae), frozen_dtype), "text": text}
+  if nets.stage == "base":
+    return {"unet": cast(unet, jnp.float32)}, frozen
+  frozen["unet"] = cast(unet, frozen_dtype)
+  trainable = {}
+  if nets.model.config.use_appearance:
+    trainable["appearance"] = cast(unet, jnp.float32)
+  if nets.model.config.pose is not None:
+    trainable["pose"] = cast(abstract_controlnet_params(nets.model.config.pose), jnp.float32)
+  return trainable, frozen
+
+
 def abstract_setup(config: ml_collections.ConfigDict,
                    devices: list[jax.Device] | None = None) -> tuple[Any, tuple[Any, Any, dict[str, Any]]]:
   """The jitted step and abstract (shape, dtype, sharding) arguments, with no array materialised.
@@ -119,26 +140,12 @@ def abstract_setup(config: ml_collections.ConfigDict,
   For compiling full-size steps on simulated devices (`benchmarks/memory_plan.py`): `step_fn.lower(*args)
   .compile().memory_analysis()`. Uses the `config.model` architectures (random-init sizes).
   """
-  stage = stages.check_stage(config)
+  stages.check_stage(config)
   sd = stages.variant_configs(config)
-  nets = stages.networks(config, sd)
+  nets = stages.networks(config, sd, stages.target_platform(config, devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.global_batch_size, config.grad_accum_steps, mesh, 1)
-  frozen_dtype = jnp.dtype(config.frozen_dtype)
-  unet = abstract_unet_params(sd.unet)
-  cast = lambda tree, dt: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
-  text = jax.ShapeDtypeStruct((1, sd.text_encoder.max_position_embeddings, sd.text_encoder.hidden_size),
-                              jnp.float32)
-  frozen = {"vae": cast(abstract_autoencoder_params(sd.vae), frozen_dtype), "text": text}
-  if stage == "base":
-    trainable = {"unet": cast(unet, jnp.float32)}
-  else:
-    frozen["unet"] = cast(unet, frozen_dtype)
-    trainable = {}
-    if nets.model.config.use_appearance:
-      trainable["appearance"] = cast(unet, jnp.float32)
-    if nets.model.config.pose is not None:
-      trainable["pose"] = cast(abstract_controlnet_params(nets.model.config.pose), jnp.float32)
+  trainable, frozen = abstract_params(config, nets, sd)
   parts = _jit_step(config, nets, trainable, frozen, mesh)
   with_sh = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   px = sd.unet.sample_size * sd.vae.downsample_factor

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,13 +25,15 @@ import numpy as np
 
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, SDConfigs, load_stable_diffusion
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
+from magicpose_jax.models import platforms
+from magicpose_jax.models.attention import check_backend_platform
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, abstract_text_encoder_params, encode_text
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
 from magicpose_jax.models.patch_vae import PatchVAE, abstract_autoencoder_params, make_vae
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, abstract_unet_params
-from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL
+from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL, VAEConfig
 from magicpose_jax.tokenizer import CLIPTokenizer
 from magicpose_jax.train.checkpoint import is_training_run
 from magicpose_jax.train.config import STAGES
@@ -81,11 +84,23 @@ def variant_configs(config: ml_collections.ConfigDict) -> SDConfigs:
   return SDConfigs(unet, VAE_VARIANTS[m.vae], CLIP_VARIANTS[m.text_encoder], SD15_SCHEDULE)
 
 
-def networks(config: ml_collections.ConfigDict, sd: SDConfigs) -> Networks:
-  """Modules for `config.stage` over the base architectures `sd`."""
+def target_platform(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> str:
+  """The platform the step's kernels are picked for: `config.target_platform`, else that of `devices` (default:
+  `jax.devices()`, the mesh's), never the host's. Checks `config.attention_backend` runs there (before any trace)."""
+  explicit = platforms.normalize(config.target_platform, "config.target_platform")
+  devices = list(jax.devices() if devices is None else devices)
+  platform = explicit or platforms.device_platform(devices[0])
+  check_backend_platform(config.attention_backend, platform, "config.attention_backend")
+  return platform
+
+
+def networks(config: ml_collections.ConfigDict, sd: SDConfigs, platform: str = "") -> Networks:
+  """Modules for `config.stage` over the base architectures `sd`, with kernels for `platform` (see
+  `target_platform`; "": the mesh's or the default devices', resolved at trace time)."""
   stage = check_stage(config)
   m = config.model
-  unet = dataclasses.replace(sd.unet, remat_policy=config.remat_policy, attention_backend=config.attention_backend)
+  unet = dataclasses.replace(sd.unet, remat_policy=config.remat_policy, attention_backend=config.attention_backend,
+                             target_platform=platform)
   if stage == "base":
     mp = MagicPoseConfig(unet, None, use_appearance=False)
   else:
@@ -101,7 +116,9 @@ def networks(config: ml_collections.ConfigDict, sd: SDConfigs) -> Networks:
   dtype = _dtype(config.dtype, "dtype")
   if m.prediction_type not in ("epsilon", "v_prediction"):
     raise ValueError(f"config.model.prediction_type={m.prediction_type!r}; expected 'epsilon' or 'v_prediction'")
-  return Networks(stage, MagicPose(mp, dtype=dtype), make_vae(sd.vae, dtype),
+  # The patch autoencoder has no attention: only a VAEConfig carries the target platform.
+  vae = dataclasses.replace(sd.vae, target_platform=platform) if isinstance(sd.vae, VAEConfig) else sd.vae
+  return Networks(stage, MagicPose(mp, dtype=dtype), make_vae(vae, dtype),
                   sd.scheduler.replace(prediction_type=m.prediction_type))
 
 

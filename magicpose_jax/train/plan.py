@@ -1,0 +1,90 @@
+"""Compiling for accelerators this host does not have: TPU topologies from libtpu, and the guided sampler's program.
+
+`topology_devices("v5p:2x2x1")` gives TPU device descriptions (no TPU needed: `pip install "jax[tpu]"` brings
+libtpu, whose compiler runs on the CPU); a mesh over them and `jax.jit(...).lower(ShapeDtypeStructs).compile()`
+compile with the TPU compiler, whose `memory_analysis()` and `cost_analysis()` are the chip's own. The train step
+comes from `train.loop.abstract_setup(config, devices)`; `abstract_sampler` here builds the sampler's two programs
+(the reference-state cache and the guided DDIM loop over a chunk of frames) the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_states, sample, step_times
+from magicpose_jax.diffusion.schedules import make_schedule
+from magicpose_jax.train import stages
+from magicpose_jax.train.loop import abstract_params
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+  """The devices of TPU topology `name` (jax's names: "v5p:2x2x1", "v5e:2x4", "v6e:4x4", "v4:2x2x2").
+
+  Raises a `ValueError` naming the topology when libtpu is missing or does not know it.
+  """
+  from jax.experimental import topologies  # noqa: PLC0415  (only planners need it)
+
+  # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; describing a topology drives
+  # none, and without this a second compiling process (a pytest-xdist worker, a planner) fails to load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError depending on what is missing
+    raise ValueError(f"TPU topology {name!r}: cannot describe it ({e}); needs libtpu (`pip install "
+                     f"'jax[tpu]==0.10.2'`, pinned in requirements-test.txt) and a name such as 'v5p:2x2x1'") from e
+
+
+def abstract_sampler(config: ml_collections.ConfigDict, devices: list[jax.Device], frames: int, steps: int = 50,
+                     guidance: float = 7.0) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+  """The guided sampler's programs for `frames` frames in one chunk, batch-sharded over `devices`, not run.
+
+  Returns {"cache": (jitted `precompute_reference_states`, abstract args), "sample": (jitted `sample` over the
+  cached states, abstract args)}: what `diffusion.sampler.sample_video(..., batch_frames=frames, cache=True)`
+  runs, for the stage-2 model of `config` (its `model`, `dtype`, `attention_backend`, `target_platform`).
+  Params are the config's frozen dtype for the base UNet, float32 for the rest, replicated (inference holds every
+  net on every chip); frames are split over all devices when they divide.
+  """
+  sd = stages.variant_configs(config)
+  platform = stages.target_platform(config, devices)
+  nets = stages.networks(config, sd, platform)
+  model = nets.model
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("data",))
+  rows = NamedSharding(mesh, P("data")) if frames % len(devices) == 0 else NamedSharding(mesh, P())
+  rep = NamedSharding(mesh, P())
+  trainable, frozen = abstract_params(config, nets, sd)
+  model_params = {**trainable, "unet": frozen["unet"]}  # inference: every net on every chip
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), model_params)
+  h = sd.unet.sample_size
+  f = sd.vae.downsample_factor
+  text_shape = (sd.text_encoder.max_position_embeddings, sd.text_encoder.hidden_size)
+  z_ref = jax.ShapeDtypeStruct((1, h, h, sd.unet.in_channels), jnp.float32, sharding=rep)
+  text1 = jax.ShapeDtypeStruct((1, *text_shape), jnp.float32, sharding=rep)
+  times = step_times(sd.scheduler, steps)[0]
+  sampler = SamplerConfig(num_steps=steps, guidance=guidance)
+  schedule = make_schedule(sd.scheduler)
+
+  def in_mesh(fn):
+    def run(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # splash shard_maps over the mesh it sees
+        return fn(*args)
+    return run
+
+  cache_fn = jax.jit(in_mesh(lambda p, z, t: precompute_reference_states(model, p, z, t, times)))
+  cached = jax.eval_shape(cache_fn, params, z_ref, text1)
+  cached = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), cached)
+  x_t = jax.ShapeDtypeStruct((frames, h, h, sd.unet.in_channels), jnp.float32, sharding=rows)
+  text = jax.ShapeDtypeStruct((frames, *text_shape), jnp.float32, sharding=rows)
+  poses = jax.ShapeDtypeStruct((frames, h * f, h * f, 3), jnp.float32, sharding=rows)
+  sample_fn = jax.jit(in_mesh(lambda p, x, t, z, pose, c: sample(model, p, schedule, sd.scheduler, sampler, x, t, z,
+                                                                  pose, None, c)), out_shardings=rows)
+  return {"cache": (cache_fn, (params, z_ref, text1)),
+          "sample": (sample_fn, (params, x_t, text, z_ref, poses, cached))}
+

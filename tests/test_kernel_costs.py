@@ -1,0 +1,48 @@
+"""`train.flops.mosaic_kernel_costs`: splash kernels' FLOPs and bytes read from compiled HLO text, times the
+trip counts of the loops around them (a hand-written module; the numbers are worked out by hand below)."""
+
+import pytest
+
+from magicpose_jax.train import flops
+
+FWD = ('  %splash_mha_fwd_residuals.7 = (bf16[2,256,40]{2,1,0}, f32[2,256,128]{2,1,0}) '
+       'custom-call(%a, %b, %q, %k, %v), '
+       'custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,1,1]{2,1,0}, s8[1,1,1]{2,1,0}, '
+       'bf16[2,256,40]{2,1,0}, bf16[2,512,40]{2,1,0}, bf16[2,512,40]{2,1,0}}, frontend_attributes={kernel_metadata={}}')
+TRIPS = 'backend_config={"known_trip_count":{"n":"50"}}'
+HLO = f"""HloModule jit_sample
+
+%body.1 (p: (s32[], bf16[2,256,40])) -> (s32[], bf16[2,256,40]) {{
+{FWD}
+  ROOT %t = (s32[], bf16[2,256,40]) tuple(%i, %o)
+}}
+
+%cond.1 (p: (s32[], bf16[2,256,40])) -> pred[] {{
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+
+ENTRY %main.2 (x: bf16[2,256,40]) -> bf16[2,256,40] {{
+{FWD.replace("fwd_residuals.7", "fwd_residuals.8")}
+  %w = (s32[], bf16[2,256,40]) while(%init), condition=%cond.1, body=%body.1, {TRIPS}
+  ROOT %r = bf16[2,256,40] get-tuple-element(%w), index=1
+}}
+"""
+
+
+def test_splash_kernel_flops_bytes_and_trip_counts():
+  costs = sorted(flops.mosaic_kernel_costs(HLO), key=lambda c: c.calls)
+  assert [c.calls for c in costs] == [1, 50]
+  one = 2 * 2.0 * (2 * 256 * 40) * 512  # QK^T and PV: 2 matmuls x 2 FLOPs x heads x Nq x D x Nk
+  nbytes = 2 * (2 * 256 * 40) + 4 * (2 * 256 * 128) + 2 * (2 * 256 * 40) + 2 * 2 * (2 * 512 * 40) + 2 * 1
+  for cost in costs:
+    assert cost.name == "splash_mha_fwd_residuals"
+    assert cost.flops == pytest.approx(one * cost.calls)
+    assert cost.mxu_flops == pytest.approx(one * cost.calls * 128 / 40)  # D 40 takes a full 128-row pass
+    assert cost.bytes == pytest.approx(nbytes * cost.calls)
+
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+  peak = flops.device_peak("TPU v5")
+  cost = flops.KernelCost("k", flops=0.0, bytes=2765e9, calls=1, mxu_flops=459e12 / 2)
+  assert cost.roofline_seconds(peak) == pytest.approx(1.0)  # bytes: 1 s at 2765 GB/s; MXU: 0.5 s
+  assert flops.device_peak("TPU v5 lite").hbm_gb == 16.0

@@ -15,13 +15,9 @@ HINT = "pose/controlnet_cond_embedding/"
 
 
 def tiny(**changes):
+  """The tiny config with dotted keys set, e.g. `tiny(**{"optimizer.lr": 1e-2})`."""
   config = load_config("tiny")
-  for k, v in changes.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config.update_from_flattened_dict(changes)
   return config
 
 

@@ -49,13 +49,9 @@ def test_packaged_configs_pass(name):
 
 
 def with_(**changes):
+  """The tiny config with `a__b=v` set as `a.b = v`."""
   config = load_config("tiny")
-  for dotted, value in changes.items():
-    *parents, leaf = dotted.split("__")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict({k.replace("__", "."): v for k, v in changes.items()})
   return config
 
 

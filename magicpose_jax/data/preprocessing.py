@@ -108,11 +108,8 @@ def split_runs(count: int, parts: int) -> list[range]:
 
 
 def _sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tree_hash(paths: Sequence[str], root: str) -> str:

@@ -78,11 +78,8 @@ def check_installed(path: str | os.PathLike | None = None) -> str:
 
 
 def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def unpack_wheel(wheel: str | os.PathLike, folder: str | os.PathLike) -> dict[str, str]:

@@ -343,7 +343,7 @@ def animate(model: TrainedModel, reference: np.ndarray, poses: np.ndarray, optio
   mp = MagicPose(model.model, dtype=options.dtype)
   static = _Static(mp, make_vae(model.sd.vae, options.dtype),
                    SamplerConfig(num_steps=options.steps, guidance=options.guidance), model.sd.scheduler)
-  # The ablations (eval/retarget.py) lack one controller: sample with the nets the model has.
+  # The ablations (demo/retarget.py) lack one controller: sample with the nets the model has.
   params = {k: model.params[k] for k in ("unet", "appearance", "pose") if k in model.params}
   vae = model.params["vae"]
   text = jnp.asarray(stages.text_context(model.sd, model.params["text_encoder"]))  # [1, L, D]

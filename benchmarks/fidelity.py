@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ import tqdm
 from magicpose_jax import demo
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.eval.report import source_commit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.md")
 BENCH = dataclasses.replace(demo.DEMO, base_steps=1200, stage1_steps=800, stage2_steps=800, no_appearance_steps=1600,
@@ -84,18 +84,6 @@ class Fidelity(demo.Demo):
     return out
 
 
-def _commit() -> str:
-  try:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                           text=True, check=True).stdout.strip()
-    return rev + ("+dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def claims(results: dict[str, dict]) -> dict[str, bool]:
   full = results["full"]
   out = {"identity error: full < no_appearance": full["identity_error"] < results["no_appearance"]["identity_error"],
@@ -130,10 +118,11 @@ def reuse_demo(demo_out: str, out: str) -> str:
 def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, seconds: float, seed: int,
                    scale: float | None, note: str = "", command: str = "") -> str:
   checked = claims(results)
+  commit = source_commit() or "unknown"
   lines = [
       "# Fidelity benchmark: MagicPose and its ablations on synthetic figures",
       "",
-      f"`{command or f'python benchmarks/fidelity.py --scale {scale}'}` -- commit {_commit()}, seed {seed}, "
+      f"`{command or f'python benchmarks/fidelity.py --scale {scale}'}` -- commit {commit}, seed {seed}, "
       f"{datetime.date.today().isoformat()}, wall time {seconds / 60:.1f} min on {jax.default_backend()} "
       f"({os.cpu_count()} cores).",
       "",
@@ -157,7 +146,7 @@ def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, sec
     f.write(text)
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
     json.dump({"results": results, "claims": checked, "budget": dataclasses.asdict(budget), "seconds": seconds,
-               "seed": seed, "scale": scale, "commit": _commit()}, f, indent=2)
+               "seed": seed, "scale": scale, "commit": commit}, f, indent=2)
   return text
 
 

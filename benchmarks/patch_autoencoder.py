@@ -11,7 +11,6 @@ seconds on a CPU.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 from magicpose_jax.configs import load_config
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.autoencoder import reconstruction_metrics
+from magicpose_jax.eval.report import source_commit
 from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae
 
 
@@ -37,11 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                   for i in rng.integers(train_ids, size=args.fit_images)])
   pairs = rt.holdout_pairs(data, poses_per_identity=4)
   held_out = np.stack([source.frame(identity, t)["image"] for identity, _, targets in pairs for t in targets])
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
+  commit = source_commit() or "unknown"
   command = " ".join(["python benchmarks/patch_autoencoder.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"`{command}` -- commit {commit}; fitted on {len(fit)} training figures, scored on {len(held_out)} "
         f"held-out frames\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from magicpose_jax.demo import DEMO, load_config
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.eval.report import source_commit
 
 # (claim, metric, better model, worse model, "lower" or "higher" is better)
 CLAIMS = (("identity: full < no_appearance", "identity_error", "full", "no_appearance", "lower"),
@@ -50,11 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         values.setdefault(name, {}).setdefault(key, []).append(value)
       print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rt.summary(result.metrics).items()),
             flush=True)
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = "unknown"
+  commit = source_commit() or "unknown"
   command = " ".join(["python benchmarks/seed_spread.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"\n`{command}` -- commit {commit}, sampling seeds {args.seeds}\n")
   print("| model | " + " | ".join(title for _, title, _ in rt.SUMMARY_KEYS) + " |")

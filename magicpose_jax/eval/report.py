@@ -55,15 +55,25 @@ def _settings(metrics: Sequence[str], lpips_model: lpips_lib.Lpips | None,
   return out
 
 
-def _source_version() -> str:
-  """Run from a source tree (not pip-installed): its git commit, when git can tell (read-only)."""
+def source_commit(mark_dirty: bool = True) -> str | None:
+  """The git commit of the source tree this package runs from (with `mark_dirty`, `+dirty` when tracked files have
+  uncommitted changes), or None when git cannot tell (e.g. a pip-installed copy). Read-only; what reports and
+  benchmarks record."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
-    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            timeout=10, check=True).stdout.strip()
+    git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10,
+                                       check=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = mark_dirty and git("status", "--porcelain", "--untracked-files=no")
   except (OSError, subprocess.SubprocessError):
-    return "source tree (commit unknown)"
-  return f"source tree, git {commit}"
+    return None
+  return commit + ("+dirty" if dirty else "")
+
+
+def _source_version() -> str:
+  """Run from a source tree (not pip-installed): its git commit, when git can tell."""
+  commit = source_commit(mark_dirty=False)
+  return f"source tree, git {commit}" if commit else "source tree (commit unknown)"
 
 
 def package_versions() -> dict[str, str]:

@@ -97,6 +97,9 @@ class Plan:
   est_seconds: float | None = None  # xla_seconds + kernel_seconds: a model, not a measurement
   measured_seconds: float | None = None  # --real-devices: median step time over --measure runs
   mfu: float | None = None  # analytic_model_flops / est_seconds / peak
+  # --topology: the compiler refused the program for lack of HBM (train.plan.hbm_exhausted); `peak` is then what it
+  # asked for and every other size and count is 0
+  compile_error: str | None = None
 
 
 FLASH_PROXY = "flash_proxy"
@@ -283,7 +286,17 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
     jobs = [(stage, step_fn, step_args)]
   plans = []
   for name, fn, fn_args in jobs:
-    compiled, compile_s = _compile(fn, fn_args)
+    t0 = time.perf_counter()
+    try:
+      compiled, compile_s = _compile(fn, fn_args)
+    except Exception as e:  # jax raises XlaRuntimeError (a RuntimeError subclass, not importable by a stable name)
+      oom = plan.hbm_exhausted(e)
+      if oom is None:
+        raise
+      p = _not_fitting(config, name, batch, devices, args, oom, time.perf_counter() - t0)
+      plans.append(p)
+      print(describe(p), flush=True)
+      continue
     mem = _memory(compiled)
     kernels = flops.mosaic_kernel_costs(compiled.as_text())
     kflops, kbytes = sum(k.flops for k in kernels), sum(k.bytes for k in kernels)
@@ -318,6 +331,21 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
   return plans
 
 
+def _not_fitting(config: ml_collections.ConfigDict, name: str, batch: int, devices: list[jax.Device],
+                 args: argparse.Namespace, oom: Any, compile_s: float) -> Plan:
+  """The row of a program the TPU compiler refused for lack of HBM (`oom`: a `train.plan.HbmExhausted`)."""
+  from magicpose_jax.train import flops  # noqa: PLC0415
+
+  peak = flops.device_peak(devices[0].device_kind)
+  return Plan(stage=name, devices=len(devices), global_batch=batch, grad_accum=config.grad_accum_steps,
+              remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
+              attention=config.attention_backend, inputs="latents" if args.latents else "images", argument=0, output=0,
+              temp=0, generated_code=0, alias=0, peak=oom.used, xla_peak=None, flops_per_device=0.0, model_flops=None,
+              compile_s=compile_s, device_kind=devices[0].device_kind,
+              hbm=peak.hbm_gb * 1e9 if peak is not None and peak.hbm_gb else oom.capacity, fits=False,
+              mesh=f"data={config.mesh.data} fsdp={config.mesh.fsdp}", compile_error=oom.message)
+
+
 def measure(compiled: Any, fn_args: tuple[Any, ...], steps: int) -> float | None:
   """Median seconds per step of a compiled training step run `steps` times (after one warm-up) on zero-filled
   arguments of its abstract shapes and shardings (the step donates its state, so each run feeds the next)."""
@@ -341,8 +369,13 @@ def describe(p: Plan) -> str:
   """The lines `--topology` prints per compiled program."""
   fit = {None: "HBM unknown", True: "fits", False: "DOES NOT FIT"}[p.fits]
   hbm = f" of {p.hbm / GIB:.1f} GiB HBM" if p.hbm else ""
-  lines = [f"{p.stage}: {p.devices} x {p.device_kind} ({p.mesh}), global batch {p.global_batch}, grad accum "
-           f"{p.grad_accum}, remat {p.remat}, {p.dtype}, attention {p.attention}: compiled in {p.compile_s:.0f} s",
+  head = (f"{p.stage}: {p.devices} x {p.device_kind} ({p.mesh}), global batch {p.global_batch}, grad accum "
+          f"{p.grad_accum}, remat {p.remat}, {p.dtype}, attention {p.attention}")
+  if p.compile_error:
+    return "\n".join([f"{head}: refused by the compiler after {p.compile_s:.0f} s",
+                      f"  memory per chip: needs {p.peak / GIB:.2f} GiB{hbm} -> {fit}",
+                      f"  compiler: {p.compile_error}"])
+  lines = [f"{head}: compiled in {p.compile_s:.0f} s",
            f"  memory per chip: peak {p.peak / GIB:.2f} GiB{hbm} -> {fit} (argument {p.argument / GIB:.2f}, output "
            f"{p.output / GIB:.2f}, temp {p.temp / GIB:.2f}, alias {p.alias / GIB:.2f})",
            f"  FLOPs per chip: XLA {p.flops_per_device / 1e12:.2f} T + Mosaic kernels {p.kernel_flops / 1e12:.2f} T "
@@ -370,6 +403,12 @@ def format_topology_table(plans: list[Plan]) -> str:
           "| analytic TFLOP | ratio | est. s | MFU | compile s |")
   rows = [head, "|" + "---|" * (head.count("|") - 1)]
   for p in plans:
+    if p.compile_error:  # refused for lack of HBM: only the memory it asked for is known
+      hbm = f"{p.hbm / GIB:.1f}" if p.hbm else "-"
+      rows.append(f"| {p.stage} | {p.devices} x {p.device_kind} | {p.mesh} | {p.global_batch} | {p.grad_accum} "
+                  f"| {p.remat} | {p.attention} | {p.peak / GIB:.2f} (needed) | {hbm} | NO | - | - | - | - | - "
+                  f"| {p.compile_s:.0f} |")
+      continue
     total = (p.flops_per_device + p.kernel_flops) / 1e12
     analytic = f"{p.analytic_flops / 1e12:.1f}" if p.analytic_flops else "-"
     ratio = f"{(p.flops_per_device + p.kernel_flops) / p.analytic_flops:.3f}" if p.analytic_flops else "-"

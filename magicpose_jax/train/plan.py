@@ -9,7 +9,9 @@ comes from `train.loop.abstract_setup(config, devices)`; `abstract_sampler` here
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -40,6 +42,38 @@ def topology_devices(name: str) -> list[jax.Device]:
   except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError depending on what is missing
     raise ValueError(f"TPU topology {name!r}: cannot describe it ({e}); needs libtpu (`pip install "
                      f"'jax[tpu]==0.10.2'`, pinned in requirements-test.txt) and a name such as 'v5p:2x2x1'") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class HbmExhausted:
+  """A TPU compile refused for lack of HBM: what the program needs per chip and what the compiler had."""
+
+  used: int  # bytes the program needs per chip
+  capacity: int  # bytes the compiler could give it (the chip's HBM less the runtime's reservation)
+  message: str  # the compiler's first line
+
+
+# libtpu: "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.95G
+# of 15.48G hbm. Exceeded hbm capacity by 6.47G." (binary units: G = 2**30)
+_HBM_EXHAUSTED = re.compile(r"Ran out of memory in memory space hbm\.\s*Used\s+([\d.]+)\s*([KMGT]?)i?B?\s+of\s+"
+                            r"([\d.]+)\s*([KMGT]?)i?B?\s+hbm")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def hbm_exhausted(error: BaseException | str) -> HbmExhausted | None:
+  """The HBM the compiler asked for, when `error` is libtpu's out-of-HBM compile error; None for any other error.
+
+  A step that does not fit a chip is a result of planning, not a crash: the compiler stops at buffer assignment
+  and says how much it needed.
+  """
+  text = str(error)
+  m = _HBM_EXHAUSTED.search(text)
+  if m is None:
+    return None
+  used = round(float(m.group(1)) * _UNITS[m.group(2)])
+  capacity = round(float(m.group(3)) * _UNITS[m.group(4)])
+  first = next((line.strip() for line in text.splitlines() if "Ran out of memory" in line), text.strip())
+  return HbmExhausted(used=used, capacity=capacity, message=first)
 
 
 def abstract_sampler(config: ml_collections.ConfigDict, devices: list[jax.Device], frames: int, steps: int = 50,

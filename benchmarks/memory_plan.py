@@ -42,6 +42,7 @@ accumulation (no loops, global, before partitioning; remat recomputation include
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -100,6 +101,9 @@ class Plan:
   # --topology: the compiler refused the program for lack of HBM (train.plan.hbm_exhausted); `peak` is then what it
   # asked for and every other size and count is 0
   compile_error: str | None = None
+  # --topology: the compiled program's `while` loops as "trips x count" (XLA's FLOPs and optimal_seconds count each
+  # body once; the kernels' costs carry the trip counts)
+  loops: str = ""
 
 
 FLASH_PROXY = "flash_proxy"
@@ -298,7 +302,14 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
       print(describe(p), flush=True)
       continue
     mem = _memory(compiled)
-    kernels = flops.mosaic_kernel_costs(compiled.as_text())
+    hlo = compiled.as_text()
+    if args.hlo_dir:
+      os.makedirs(args.hlo_dir, exist_ok=True)
+      with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
+        f.write(hlo)
+    kernels = flops.mosaic_kernel_costs(hlo)
+    loops = collections.Counter(trips for _, trips in flops.while_loops(hlo))
+    loops = ", ".join(f"{n} x {'?' if t is None else t} trips" for t, n in sorted(loops.items(), key=str))
     kflops, kbytes = sum(k.flops for k in kernels), sum(k.bytes for k in kernels)
     xla_s = _optimal_seconds(compiled)
     kernel_s = None
@@ -325,7 +336,7 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
              kernel_calls=sum(k.calls for k in kernels), analytic_flops=analytic, analytic_model_flops=model,
              xla_seconds=xla_s, kernel_seconds=kernel_s, est_seconds=est,
              mfu=model / est / (peak.bf16 * 1e12) if model and est and peak else None,
-             measured_seconds=measured, **mem)
+             measured_seconds=measured, loops=loops, **mem)
     plans.append(p)
     print(describe(p), flush=True)
   return plans
@@ -384,6 +395,9 @@ def describe(p: Plan) -> str:
     ratio = (p.flops_per_device + p.kernel_flops) / p.analytic_flops
     lines.append(f"  analytic (train/flops.py, remat included): {p.analytic_flops / 1e12:.2f} T per chip -> "
                  f"compiled / analytic = {ratio:.3f}")
+  if p.loops:
+    lines.append(f"  while loops in the program: {p.loops}; XLA's FLOPs and optimal_seconds count each body once "
+                 f"(kernels: trip counts included), so both under-count what the loops repeat")
   if p.est_seconds is not None:
     mfu = f", MFU {100 * p.mfu:.1f} %" if p.mfu is not None else ""
     lines.append(f"  estimated time (a MODEL, not a measurement): XLA optimal_seconds {p.xla_seconds:.3f} s + kernel "
@@ -468,6 +482,8 @@ def main() -> None:
   parser.add_argument("--measure", type=int, default=5,
                       help="with --real-devices and a real attention backend: run each step this many times "
                            "(zero-filled inputs) and print the measured time next to the modelled one (0: do not run)")
+  parser.add_argument("--hlo-dir", default="", help="--topology: write each compiled program's HLO text here "
+                      "(<program>.hlo.txt), to read its loops, fusions and kernels")
   parser.add_argument("--json", default=None, help="write the plans to this JSON file")
   args = parser.parse_args()
   if args.attention is None:

@@ -46,3 +46,10 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
   cost = flops.KernelCost("k", flops=0.0, bytes=2765e9, calls=1, mxu_flops=459e12 / 2)
   assert cost.roofline_seconds(peak) == pytest.approx(1.0)  # bytes: 1 s at 2765 GB/s; MXU: 0.5 s
   assert flops.device_peak("TPU v5 lite").hbm_gb == 16.0
+
+
+def test_while_loops_with_their_trip_counts():
+  assert flops.while_loops(HLO) == [("body.1", 50)]
+  unknown = HLO.replace(f", {TRIPS}", "")
+  assert flops.while_loops(unknown) == [("body.1", None)]
+  assert flops.while_loops(HLO.replace(" while(", " call(")) == []

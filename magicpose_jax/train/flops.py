@@ -187,6 +187,23 @@ def _trip_counts(hlo: str) -> dict[str, int]:
   return {name: count(name) for name in bodies}
 
 
+def while_loops(hlo: str) -> list[tuple[str, int | None]]:
+  """Every `while` of a compiled HLO module's text: (its body computation, its known trip count or None).
+
+  XLA's `cost_analysis()` counts a loop body once, so a program with loops (gradient accumulation, the sampler's
+  DDIM steps, or loops the compiler made itself, e.g. windowed all-gather matmuls) has more FLOPs and time than it
+  reports.
+  """
+  out = []
+  for line in hlo.splitlines():
+    if " while(" not in line:
+      continue
+    body = re.search(r"body=%?([\w.\-]+)", line)
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    out.append((body.group(1) if body else "?", int(known.group(1)) if known else None))
+  return out
+
+
 def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:
   """The Mosaic kernels (`tpu_custom_call`) of a compiled TPU program's text (`compiled.as_text()`), costed.
 

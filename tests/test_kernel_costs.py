@@ -53,3 +53,46 @@ def test_while_loops_with_their_trip_counts():
   unknown = HLO.replace(f", {TRIPS}", "")
   assert flops.while_loops(unknown) == [("body.1", None)]
   assert flops.while_loops(HLO.replace(" while(", " call(")) == []
+
+
+# A convolution [2, 8, 8, 16] x [3, 3, 16, 32] -> [2, 8, 8, 32] in the body of a loop whose count only its condition
+# says (`i < 3`, as libtpu prints a lax.scan), and one outside it.
+CONV = ("  %c{n} = bf16[2,8,8,32]{{3,2,1,0}} convolution(%x{n}, %w{n}), window={{size=3x3 pad=1_1x1_1}}, "
+        "dim_labels=b01f_01io->b01f")
+LOOP_HLO = f"""HloModule jit_step
+
+%body.2 (p: (s32[], bf16[2,8,8,16])) -> (s32[], bf16[2,8,8,16]) {{
+  %x1 = bf16[2,8,8,16]{{3,2,1,0}} get-tuple-element(%p), index=1
+  %w1 = bf16[3,3,16,32]{{3,2,1,0}} constant({{...}})
+{CONV.format(n=1)}
+  ROOT %t = (s32[], bf16[2,8,8,16]) tuple(%i, %x1)
+}}
+
+%cond.2 (p: (s32[], bf16[2,8,8,16])) -> pred[] {{
+  %n = s32[]{{:T(128)}} constant(3)
+  %i = s32[]{{:T(128)}} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{{:T(512)}} compare(%i, %n), direction=LT
+}}
+
+ENTRY %main.3 (x2: bf16[2,8,8,16]) -> bf16[2,8,8,32] {{
+  %x2 = bf16[2,8,8,16]{{3,2,1,0}} parameter(0)
+  %w2 = bf16[3,3,16,32]{{3,2,1,0}} parameter(1)
+{CONV.format(n=2)}
+  %w = (s32[], bf16[2,8,8,16]) while(%init), condition=%cond.2, body=%body.2
+  ROOT %r = bf16[2,8,8,32] copy(%c2)
+}}
+"""
+
+
+def test_convolution_flops_with_trip_counts_read_from_the_loop_condition():
+  one = 2.0 * (2 * 8 * 8 * 32) * 9 * 16  # output elements x 3x3 window x 16 input features, 2 FLOPs per MAC
+  assert flops.while_loops(LOOP_HLO) == [("body.2", 3)]
+  counted = flops.convolution_flops(LOOP_HLO)
+  assert counted.once == pytest.approx(2 * one)
+  assert counted.executed == pytest.approx(one + 3 * one)
+
+
+def test_a_loop_whose_condition_is_not_a_counter_has_no_trip_count():
+  assert flops.while_loops(LOOP_HLO.replace("direction=LT", "direction=NE")) == [("body.2", None)]
+  counted = flops.convolution_flops(LOOP_HLO.replace("direction=LT", "direction=NE"))
+  assert counted.executed == counted.once

@@ -155,9 +155,8 @@ def _nbytes(shapes: list[tuple[str, tuple[int, ...]]]) -> float:
   return float(sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in shapes))
 
 
-def _trip_counts(hlo: str) -> dict[str, int]:
-  """Executions per program run of each computation of a compiled HLO module (product of enclosing `while`s'
-  known trip counts; 1 where XLA knows none)."""
+def _computations(hlo: str) -> dict[str, list[str]]:
+  """The instruction lines of each computation of an HLO module's text, by computation name."""
   bodies: dict[str, list[str]] = {}
   current = None
   for line in hlo.splitlines():
@@ -167,13 +166,35 @@ def _trip_counts(hlo: str) -> dict[str, int]:
       bodies[current] = []
     elif current is not None:
       bodies[current].append(line)
+  return bodies
+
+
+def _while_trips(line: str, bodies: dict[str, list[str]]) -> int | None:
+  """A `while` instruction's trip count: XLA's `known_trip_count` when it printed one, else read from its
+  condition when that is `counter < constant` (lax.scan / fori_loop from 0 by 1, e.g. gradient accumulation,
+  which libtpu prints without a count); None when neither says."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", line)
+  lines = bodies.get(cond.group(1), []) if cond else []
+  constants = [int(m.group(1)) for c in lines for m in [re.search(r"= s32\[\][^ ]* constant\((\d+)\)", c)] if m]
+  compares = [c for c in lines if " compare(" in c]
+  if len(constants) == 1 and len(compares) == 1 and "direction=LT" in compares[0]:
+    return constants[0]
+  return None
+
+
+def _trip_counts(hlo: str) -> dict[str, int]:
+  """Executions per program run of each computation of a compiled HLO module (product of enclosing `while`s'
+  trip counts, `_while_trips`; 1 where neither XLA nor the condition says)."""
+  bodies = _computations(hlo)
   callers: dict[str, list[tuple[str, int]]] = {}
   for name, lines in bodies.items():
     for line in lines:
       trips = 1
       if " while(" in line:
-        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        trips = int(known.group(1)) if known else 1
+        trips = _while_trips(line, bodies) or 1
       for ref in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
         callers.setdefault(ref, []).append((name, trips if "body=%" + ref in line else 1))
   memo: dict[str, int] = {}
@@ -194,14 +215,56 @@ def while_loops(hlo: str) -> list[tuple[str, int | None]]:
   DDIM steps, or loops the compiler made itself, e.g. windowed all-gather matmuls) has more FLOPs and time than it
   reports.
   """
+  bodies = _computations(hlo)
   out = []
   for line in hlo.splitlines():
     if " while(" not in line:
       continue
     body = re.search(r"body=%?([\w.\-]+)", line)
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-    out.append((body.group(1) if body else "?", int(known.group(1)) if known else None))
+    out.append((body.group(1) if body else "?", _while_trips(line, bodies)))
   return out
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:bf16|f16|f32|s32|u32|s8|u8|pred)\[([0-9,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloFlops:
+  """Matrix-unit FLOPs of a compiled program read from its text: `once` counts every computation once (as XLA's
+  `cost_analysis()` does), `executed` multiplies each by the trip counts of the loops around it."""
+
+  once: float
+  executed: float
+
+
+def convolution_flops(hlo: str) -> HloFlops:
+  """The FLOPs of every `convolution` in a compiled TPU program's text (the TPU compiler turns every dot into one),
+  2 x output elements x window positions x the kernel's input features, with and without loop trip counts.
+
+  Padding is counted as work (XLA's own count skips window positions that fall in the padding: a few percent at
+  3x3 convolutions on small maps). Elementwise and reduction FLOPs are not counted.
+  """
+  shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
+            for line in hlo.splitlines() for m in [_INSTRUCTION.match(line)] if m}
+  trips = _trip_counts(hlo)
+  once = executed = 0.0
+  for name, lines in _computations(hlo).items():
+    for line in lines:
+      if " convolution(" not in line:
+        continue
+      out = _INSTRUCTION.match(line)
+      operands = re.search(r" convolution\(%([\w.\-]+), %([\w.\-]+)\)", line)
+      labels = re.search(r"dim_labels=\w+_(\w+)->\w+", line)
+      if out is None or operands is None or labels is None or operands.group(2) not in shapes:
+        continue
+      kernel = shapes[operands.group(2)]
+      features = kernel[labels.group(1).index("i")]
+      window = re.search(r"window=\{size=([0-9x]+)", line)
+      positions = math.prod(int(w) for w in window.group(1).split("x")) if window else 1
+      f = 2.0 * math.prod(int(d) for d in out.group(2).split(",") if d) * positions * features
+      once += f
+      executed += f * trips.get(name, 1)
+  return HloFlops(once=once, executed=executed)
 
 
 def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:

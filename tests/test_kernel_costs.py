@@ -55,8 +55,8 @@ def test_while_loops_with_their_trip_counts():
   assert flops.while_loops(HLO.replace(" while(", " call(")) == []
 
 
-# A convolution [2, 8, 8, 16] x [3, 3, 16, 32] -> [2, 8, 8, 32] in the body of a loop whose count only its condition
-# says (`i < 3`, as libtpu prints a lax.scan), and one outside it.
+# A convolution [2, 8, 8, 16] x [3, 3, 16, 32] -> [2, 8, 8, 32] (padding 1) in the body of a loop whose count only
+# its condition says (`i < 3`, as libtpu prints a lax.scan), and one outside it.
 CONV = ("  %c{n} = bf16[2,8,8,32]{{3,2,1,0}} convolution(%x{n}, %w{n}), window={{size=3x3 pad=1_1x1_1}}, "
         "dim_labels=b01f_01io->b01f")
 LOOP_HLO = f"""HloModule jit_step
@@ -85,7 +85,9 @@ ENTRY %main.3 (x2: bf16[2,8,8,16]) -> bf16[2,8,8,32] {{
 
 
 def test_convolution_flops_with_trip_counts_read_from_the_loop_condition():
-  one = 2.0 * (2 * 8 * 8 * 32) * 9 * 16  # output elements x 3x3 window x 16 input features, 2 FLOPs per MAC
+  # Along each spatial dim, 8 outputs x 3 taps, less the 2 taps that fall in the padding at the edges: 22; then
+  # x 2 batch x 32 output features x 16 input features, 2 FLOPs per multiply-add (XLA's own way of counting).
+  one = 2.0 * (2 * 32) * 16 * 22 * 22
   assert flops.while_loops(LOOP_HLO) == [("body.2", 3)]
   counted = flops.convolution_flops(LOOP_HLO)
   assert counted.once == pytest.approx(2 * one)
@@ -96,3 +98,15 @@ def test_a_loop_whose_condition_is_not_a_counter_has_no_trip_count():
   assert flops.while_loops(LOOP_HLO.replace("direction=LT", "direction=NE")) == [("body.2", None)]
   counted = flops.convolution_flops(LOOP_HLO.replace("direction=LT", "direction=NE"))
   assert counted.executed == counted.once
+
+
+def test_transposed_convolution_counts_no_dilation_holes():
+  """A stride-2 convolution's input gradient runs over the output gradient dilated by 2 (lhs_dilate): 3 of every
+  4 input positions are holes, which are not work."""
+  hlo = LOOP_HLO.replace("window={size=3x3 pad=1_1x1_1}", "window={size=3x3 pad=1_2x1_2 lhs_dilate=2x2}")
+  hlo = hlo.replace("bf16[2,8,8,32]{3,2,1,0} convolution", "bf16[2,16,16,32]{3,2,1,0} convolution")
+  # Along each dim the 8 real inputs sit at dilated positions 0, 2, .., 14 and output o's taps read o - 1, o, o + 1
+  # (padding 1 below): each real input is read by 3 outputs, except position 0, whose third reader would be
+  # output -1: 7 x 3 + 2 = 23 multiply-adds per output feature and batch row, of the 48 pairs.
+  one = 2.0 * (2 * 32) * 16 * 23 * 23
+  assert flops.convolution_flops(hlo).once == pytest.approx(2 * one)

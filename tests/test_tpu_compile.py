@@ -74,12 +74,12 @@ def test_step_holds_the_splash_backward_kernels(step_hlo):
 def test_convolution_flops_read_from_the_tpu_program_match_the_compilers_count(step_compiled, step_hlo):
   """`flops.convolution_flops` (what `memory_plan` scales XLA's count by when a program has loops) against XLA's
   own cost analysis of the same loop-free program: every matmul is a convolution on TPU, so the two agree up to
-  the padding it counts and the elementwise work it does not (measured: +4 %)."""
+  the elementwise work it does not count (measured: -10 % on these tiny nets, -0.8 % on SD 1.5's stage 2)."""
   from magicpose_jax.train import flops  # noqa: PLC0415
 
   counted = flops.convolution_flops(step_hlo)
   assert flops.while_loops(step_hlo) == [] and counted.executed == counted.once
-  assert counted.once == pytest.approx(flops.compiled_flops(step_compiled), rel=0.10)
+  assert counted.once == pytest.approx(flops.compiled_flops(step_compiled), rel=0.15)
 
 
 

@@ -24,12 +24,14 @@ bandwidth (`benchmarks/memory_plan.py --topology`: fits or not, and the kernels'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.patch_vae import AnyVAEConfig, PatchVAEConfig
@@ -237,12 +239,44 @@ class HloFlops:
   executed: float
 
 
+@functools.lru_cache(maxsize=4096)
+def _window_positions(size: int, out: int, k: int, stride: int, pad_lo: int, dilate_lhs: int,
+                      dilate_rhs: int) -> int:
+  """Multiply-adds along one spatial dimension that touch a real input element: (output, window) position pairs
+  whose input position is inside the input and not a hole of its dilation (XLA's HloCostAnalysis counts the
+  same, so padding and transposed-convolution holes are not work)."""
+  o = np.arange(out)[:, None] * stride + np.arange(k)[None, :] * dilate_rhs - pad_lo  # [out, k] dilated input index
+  return int(np.count_nonzero((o >= 0) & (o <= (size - 1) * dilate_lhs) & (o % dilate_lhs == 0)))
+
+
+def _conv_flops(line: str, shapes: dict[str, tuple[int, ...]]) -> float | None:
+  """2 x the multiply-adds of one `convolution` instruction line of compiled HLO (None if it cannot be read)."""
+  out = _INSTRUCTION.match(line)
+  operands = re.search(r" convolution\(%([\w.\-]+), %([\w.\-]+)\)", line)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+  if out is None or operands is None or labels is None or not {operands.group(1), operands.group(2)} <= set(shapes):
+    return None
+  lhs, rhs = shapes[operands.group(1)], shapes[operands.group(2)]
+  result = tuple(int(d) for d in out.group(2).split(",") if d)
+  lhs_l, rhs_l, out_l = labels.groups()
+  spatial = sorted(c for c in out_l if c.isdigit())
+  attrs = dict(re.findall(r"(size|stride|pad|lhs_dilate|rhs_dilate)=([0-9_x\-]+)", line.split("window={", 1)[1]
+                          .split("}", 1)[0])) if "window={" in line else {}
+  per_dim = lambda key, default: [int(v) for v in attrs[key].split("x")] if key in attrs else [default] * len(spatial)
+  stride, dil_l, dil_r = per_dim("stride", 1), per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+  pads = [int(p.split("_")[0]) for p in attrs["pad"].split("x")] if "pad" in attrs else [0] * len(spatial)
+  positions = 1
+  for i, d in enumerate(spatial):
+    positions *= _window_positions(lhs[lhs_l.index(d)], result[out_l.index(d)], rhs[rhs_l.index(d)], stride[i],
+                                   pads[i], dil_l[i], dil_r[i])
+  rows = result[out_l.index("b")] * result[out_l.index("f")]  # output batch x output features
+  return 2.0 * rows * rhs[rhs_l.index("i")] * positions
+
+
 def convolution_flops(hlo: str) -> HloFlops:
   """The FLOPs of every `convolution` in a compiled TPU program's text (the TPU compiler turns every dot into one),
-  2 x output elements x window positions x the kernel's input features, with and without loop trip counts.
-
-  Padding is counted as work (XLA's own count skips window positions that fall in the padding: a few percent at
-  3x3 convolutions on small maps). Elementwise and reduction FLOPs are not counted.
+  counted as XLA's cost analysis does (multiply-adds on real input elements: padding and dilation holes skipped),
+  with and without loop trip counts. Elementwise and reduction FLOPs are not counted.
   """
   shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
             for line in hlo.splitlines() for m in [_INSTRUCTION.match(line)] if m}
@@ -250,20 +284,9 @@ def convolution_flops(hlo: str) -> HloFlops:
   once = executed = 0.0
   for name, lines in _computations(hlo).items():
     for line in lines:
-      if " convolution(" not in line:
-        continue
-      out = _INSTRUCTION.match(line)
-      operands = re.search(r" convolution\(%([\w.\-]+), %([\w.\-]+)\)", line)
-      labels = re.search(r"dim_labels=\w+_(\w+)->\w+", line)
-      if out is None or operands is None or labels is None or operands.group(2) not in shapes:
-        continue
-      kernel = shapes[operands.group(2)]
-      features = kernel[labels.group(1).index("i")]
-      window = re.search(r"window=\{size=([0-9x]+)", line)
-      positions = math.prod(int(w) for w in window.group(1).split("x")) if window else 1
-      f = 2.0 * math.prod(int(d) for d in out.group(2).split(",") if d) * positions * features
-      once += f
-      executed += f * trips.get(name, 1)
+      if " convolution(" in line and (f := _conv_flops(line, shapes)) is not None:
+        once += f
+        executed += f * trips.get(name, 1)
   return HloFlops(once=once, executed=executed)
 
 

@@ -110,3 +110,9 @@ def test_transposed_convolution_counts_no_dilation_holes():
   # output -1: 7 x 3 + 2 = 23 multiply-adds per output feature and batch row, of the 48 pairs.
   one = 2.0 * (2 * 32) * 16 * 23 * 23
   assert flops.convolution_flops(hlo).once == pytest.approx(2 * one)
+
+
+def test_unsigned_loop_counters_are_read_too():
+  """The compiler's own windowed all-gather matmul loops count with an unsigned counter (`u32[] constant(8)`)."""
+  hlo = LOOP_HLO.replace("%n = s32[]{:T(128)} constant(3)", "%n = u32[]{:T(128)} constant(3)")
+  assert flops.while_loops(hlo) == [("body.2", 3)]

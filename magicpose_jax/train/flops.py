@@ -174,13 +174,15 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 def _while_trips(line: str, bodies: dict[str, list[str]]) -> int | None:
   """A `while` instruction's trip count: XLA's `known_trip_count` when it printed one, else read from its
   condition when that is `counter < constant` (lax.scan / fori_loop from 0 by 1, e.g. gradient accumulation,
-  which libtpu prints without a count); None when neither says."""
+  which libtpu prints without a count, and the compiler's own windowed all-gather matmul loops, whose counter is
+  unsigned); None when neither says."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
   if known:
     return int(known.group(1))
   cond = re.search(r"condition=%?([\w.\-]+)", line)
   lines = bodies.get(cond.group(1), []) if cond else []
-  constants = [int(m.group(1)) for c in lines for m in [re.search(r"= s32\[\][^ ]* constant\((\d+)\)", c)] if m]
+  constants = [int(m.group(1)) for c in lines for m in [re.search(r"= [su](?:32|64)\[\][^ ]* constant\((\d+)\)", c)]
+               if m]
   compares = [c for c in lines if " compare(" in c]
   if len(constants) == 1 and len(compares) == 1 and "direction=LT" in compares[0]:
     return constants[0]

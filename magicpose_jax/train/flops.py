@@ -51,6 +51,14 @@ class Peak:
   hbm_gb: float | None = None  # memory per device, 1e9 bytes (the vendors' "GB"); None: not tabled
   hbm_gbps: float | None = None  # memory bandwidth per device, 1e9 bytes/s
 
+  def per_core(self, cores: int) -> Peak:
+    """The share of one of `cores` devices on a chip (TPU v4 topologies give one device per TensorCore)."""
+    if cores == 1:
+      return self
+    split = lambda v: None if v is None else v / cores
+    return dataclasses.replace(self, name=f"{self.name} (1 of {cores} cores)", bf16=self.bf16 / cores,
+                               fp32=split(self.fp32), hbm_gb=split(self.hbm_gb), hbm_gbps=split(self.hbm_gbps))
+
 
 # Sources (vendor datasheets, dense figures; the sparse ones are 2x):
 # - A100: NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312, TF32 156 (SXM and PCIe alike).

@@ -44,6 +44,15 @@ def topology_devices(name: str) -> list[jax.Device]:
                      f"'jax[tpu]==0.10.2'`, pinned in requirements-test.txt) and a name such as 'v5p:2x2x1'") from e
 
 
+def cores_per_chip(devices: list[jax.Device]) -> int:
+  """Devices per TPU chip in `devices`: 1 where a device is a chip (v5e, v5p, v6e), 2 for v4 topologies, whose
+  description gives one device per TensorCore, each with half the chip's HBM and FLOPs."""
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  if not coords[0]:
+    return 1
+  return max(1, coords.count(coords[0]))
+
+
 @dataclasses.dataclass(frozen=True)
 class HbmExhausted:
   """A TPU compile refused for lack of HBM: what the program needs per chip and what the compiler had."""
@@ -53,10 +62,17 @@ class HbmExhausted:
   message: str  # the compiler's first line
 
 
-# libtpu: "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.95G
-# of 15.48G hbm. Exceeded hbm capacity by 6.47G." (binary units: G = 2**30)
-_HBM_EXHAUSTED = re.compile(r"Ran out of memory in memory space hbm\.\s*Used\s+([\d.]+)\s*([KMGT]?)i?B?\s+of\s+"
-                            r"([\d.]+)\s*([KMGT]?)i?B?\s+hbm")
+# libtpu says it in two ways (binary units: G = 2**30):
+#   "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.95G of
+#   15.48G hbm. Exceeded hbm capacity by 6.47G."
+#   "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.29G) exceeds
+#   available HBM (15.25G)." (0.0.42, measured here: a v4 core; the temporaries alone)
+_HBM_EXHAUSTED = (
+    re.compile(r"Ran out of memory in memory space hbm\.\s*Used\s+([\d.]+)\s*([KMGT]?)i?B?\s+of\s+([\d.]+)\s*"
+               r"([KMGT]?)i?B?\s+hbm"),
+    re.compile(r"Ran out of memory on HBM, the total memory required for HLO temporaries \(([\d.]+)\s*([KMGT]?)i?B?\)"
+               r" exceeds available HBM \(([\d.]+)\s*([KMGT]?)i?B?\)"),
+)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -67,7 +83,7 @@ def hbm_exhausted(error: BaseException | str) -> HbmExhausted | None:
   and says how much it needed.
   """
   text = str(error)
-  m = _HBM_EXHAUSTED.search(text)
+  m = next((m for pattern in _HBM_EXHAUSTED if (m := pattern.search(text))), None)
   if m is None:
     return None
   used = round(float(m.group(1)) * _UNITS[m.group(2)])

@@ -197,10 +197,9 @@ def _while_trips(line: str, bodies: dict[str, list[str]]) -> int | None:
   return None
 
 
-def _trip_counts(hlo: str) -> dict[str, int]:
-  """Executions per program run of each computation of a compiled HLO module (product of enclosing `while`s'
-  trip counts, `_while_trips`; 1 where neither XLA nor the condition says)."""
-  bodies = _computations(hlo)
+def _trip_counts(bodies: dict[str, list[str]]) -> dict[str, int]:
+  """Executions per program run of each computation (`_computations` of a compiled HLO module): the product of
+  enclosing `while`s' trip counts, `_while_trips`; 1 where neither XLA nor the condition says."""
   callers: dict[str, list[tuple[str, int]]] = {}
   for name, lines in bodies.items():
     for line in lines:
@@ -290,9 +289,10 @@ def convolution_flops(hlo: str) -> HloFlops:
   """
   shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
             for line in hlo.splitlines() for m in [_INSTRUCTION.match(line)] if m}
-  trips = _trip_counts(hlo)
+  bodies = _computations(hlo)
+  trips = _trip_counts(bodies)
   once = executed = 0.0
-  for name, lines in _computations(hlo).items():
+  for name, lines in bodies.items():
     for line in lines:
       if " convolution(" in line and (f := _conv_flops(line, shapes)) is not None:
         once += f
@@ -307,13 +307,10 @@ def mosaic_kernel_costs(hlo: str) -> list[KernelCost]:
   operand shapes `[.., H, N, D]`, padded as called; `mxu_flops` with D rounded up to `MXU_LANES`); other kernels
   get their bytes and 0 FLOPs.
   """
-  trips = _trip_counts(hlo)
+  bodies = _computations(hlo)
+  trips = _trip_counts(bodies)
   out = []
-  current = None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-    if head and not line.startswith(" "):
-      current = head.group(1)
+  for current, line in ((c, line) for c, lines in bodies.items() for line in lines):
     if 'custom_call_target="tpu_custom_call"' not in line:
       continue
     name = re.match(r"\s*%?([A-Za-z_]+)", line).group(1).rstrip("_")

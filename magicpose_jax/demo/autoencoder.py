@@ -57,10 +57,10 @@ Params = dict[str, Any]
 DEMO_VAE = VAEConfig(sample_size=64, block_out_channels=(8, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4)
 
-# The default: 4 x 4 patches (factor 4, as DEMO_VAE) projected onto their first 8 principal components, each
-# scaled to unit variance (`fit_patch_vae(per_channel=True)`). Held-out plain figures (benchmarks/patch_autoencoder.py):
-# 3 components 21.1 dB PSNR, 6: 24.0, 8: 25.0, 12: 26.6, 16: 28.5, 24: 32.4, 48 (lossless): exact. 12 components
-# with one scalar scale gave samples covered in high-frequency noise (benchmarks/results/demo.md).
+# 4 x 4 patches (factor 4, as DEMO_VAE) projected onto their first 8 principal components, each scaled to unit
+# variance (`fit_patch_vae(per_channel=True)`). Held-out plain figures (benchmarks/autoencoder_ceiling.py): 3
+# components 21.1 dB PSNR, 8: 25.0, 12: 26.6, 16: 28.5, 48 (lossless): exact. 12 components with one scalar scale
+# gave samples covered in high-frequency noise (benchmarks/results/demo.md).
 DEMO_PATCH_VAE = PatchVAEConfig(sample_size=64, patch_size=4, latent_channels=8)
 
 

@@ -1,0 +1,97 @@
+"""The ceiling an autoencoder puts on the demo's scores: its own reconstructions of the held-out frames, scored
+with the demo's metrics.
+
+    python benchmarks/autoencoder_ceiling.py [--vae DIR ...] [--train-latent-channels 4 8] [--components 8 12 16]
+
+Every generated image of the demo is a decoded latent, so no diffusion model can score better than the
+autoencoder's reconstruction of the ground truth itself. This scores, on the frames the demo evaluates (8 held-out
+identities x frames 1-4 of configs/demo.py's data), the reconstructions of:
+
+* `--vae DIR`: autoencoders saved by the demo (`outputs/demo/vae`);
+* `--train-latent-channels K`: the demo's tiny VAE (`demo.autoencoder.DEMO_VAE`) with K latent channels, trained
+  here exactly as the demo trains it (2048 training figures, `AutoencoderTraining()` with the demo's steps);
+  ~3 minutes each on 2 CPU cores;
+* `--components K`: the patch autoencoder (PCA of 4 x 4 patches, `models.patch_vae.fit_patch_vae`), seconds.
+
+Prints a Markdown table (PSNR, SSIM, pose mIoU, identity colour error, face L1, and the colour error per region:
+the demo's columns, `eval.figure_metrics`) with the command and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from magicpose_jax.configs import load_config
+from magicpose_jax.demo import autoencoder
+from magicpose_jax.demo import retarget as rt
+from magicpose_jax.demo.phases import DEMO
+from magicpose_jax.eval.figure_metrics import evaluate_figures
+from magicpose_jax.eval.report import source_commit
+from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae, make_vae
+
+
+def reconstruct(config: autoencoder.AnyVAEConfig, params: dict, images: np.ndarray) -> np.ndarray:
+  """uint8 `[N, H, W, 3]` -> the autoencoder's uint8 reconstructions (posterior mean, no sampling)."""
+  vae = make_vae(config)
+  z = vae.apply({"params": params}, jnp.asarray(images, jnp.float32) / 127.5 - 1.0, method="encode").mode()
+  x = vae.apply({"params": params}, z, method="decode")
+  return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
+
+
+def score_row(name: str, latents: str, reconstructions: np.ndarray, frames: list, palettes: list) -> str:
+  m = evaluate_figures(reconstructions, frames, palettes)
+  r = m["region_error"]
+  return (f"| {name} | {latents} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
+          f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {r['clothes']:.3f} | {r['skin']:.3f} | {r['hair']:.3f} | "
+          f"{r['background']:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--vae", nargs="*", default=[], help="saved autoencoder folders (the demo's outputs/demo/vae)")
+  parser.add_argument("--train-latent-channels", type=int, nargs="*", default=[],
+                      help="train the demo's tiny VAE with these latent channel counts, as the demo does")
+  parser.add_argument("--components", type=int, nargs="*", default=[8, 12, 16], help="patch autoencoder sizes")
+  parser.add_argument("--fit-images", type=int, default=DEMO.vae_images, help="training figures to fit on")
+  args = parser.parse_args(argv)
+  data = load_config("demo").data
+  source = rt.synthetic_source(data)
+  start = time.perf_counter()
+  train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
+  # The demo's own draw of training figures (Demo.train_vae).
+  flat = np.random.default_rng(0).permutation(train_ids * data.synthetic.frames_per_identity)[: args.fit_images]
+  fit = np.stack([source.frame(int(i) // data.synthetic.frames_per_identity,
+                               int(i) % data.synthetic.frames_per_identity)["image"] for i in flat])
+  pairs = rt.holdout_pairs(data, poses_per_identity=4)
+  frames = [source.frame(identity, t) for identity, _, targets in pairs for t in targets]
+  palettes = [source.palette(identity) for identity, _, targets in pairs for _ in targets]
+  held_out = np.stack([f["image"] for f in frames])
+  command = " ".join(["python benchmarks/autoencoder_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
+  print(f"`{command}` -- commit {source_commit() or 'unknown'}; scored on {len(held_out)} held-out frames\n")
+  print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | clothes | skin | hair | "
+        "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for folder in args.vae:
+    config, params = autoencoder.load_autoencoder(folder)
+    print(score_row(folder, f"16x16x{config.latent_channels}", reconstruct(config, params, held_out), frames,
+                    palettes), flush=True)
+  training = autoencoder.AutoencoderTraining(steps=DEMO.vae_steps)
+  for k in args.train_latent_channels:
+    config, params, _ = autoencoder.train_autoencoder(
+        dataclasses.replace(autoencoder.DEMO_VAE, latent_channels=k), fit, training)
+    print(score_row(f"tiny VAE, {training.steps} steps", f"16x16x{k}", reconstruct(config, params, held_out),
+                    frames, palettes), flush=True)
+  for k in args.components:
+    config, params = fit_patch_vae(PatchVAEConfig(latent_channels=k), fit)
+    print(score_row("patch (PCA)", f"16x16x{k}", reconstruct(config, params, held_out), frames, palettes),
+          flush=True)
+  print(f"\n({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""benchmarks/autoencoder_ceiling.py: reconstructions scored with the demo's metrics. A lossless autoencoder (all 48
+principal components of the 4 x 4 patches) must give back the ground truth and score perfectly; a lossy one must
+not."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
+from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ceiling():
+  spec = importlib.util.spec_from_file_location("autoencoder_ceiling",
+                                                os.path.join(ROOT, "benchmarks", "autoencoder_ceiling.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def figures():
+  source = SyntheticSource(SyntheticConfig(image_size=64, num_identities=40, frames_per_identity=2, detail="plain"))
+  fit = np.stack([source.frame(v, f)["image"] for v in range(32) for f in range(2)])
+  frames = [source.frame(v, 1) for v in range(32, 40)]
+  return fit, frames, [source.palette(v) for v in range(32, 40)]
+
+
+def _cells(row: str) -> list[float]:
+  return [float(c) for c in row.strip("| ").split(" | ")[2:]]
+
+
+def test_lossless_autoencoder_scores_the_ground_truth(ceiling, figures):
+  fit, frames, palettes = figures
+  images = np.stack([f["image"] for f in frames])
+  config, params = fit_patch_vae(PatchVAEConfig(latent_channels=48), fit)
+  out = ceiling.reconstruct(config, params, images)
+  np.testing.assert_array_equal(out, images)
+  psnr, ssim, miou, identity, face, *regions = _cells(ceiling.score_row("lossless", "16x16x48", out, frames,
+                                                                        palettes))
+  assert psnr >= 99 and ssim == 1.0 and miou == 1.0 and identity == 0.0 and face == 0.0 and regions == [0.0] * 4
+
+
+def test_lossy_autoencoder_scores_below_the_ground_truth(ceiling, figures):
+  fit, frames, palettes = figures
+  images = np.stack([f["image"] for f in frames])
+  config, params = fit_patch_vae(PatchVAEConfig(latent_channels=3), fit)
+  psnr, ssim, miou, identity, face, *_ = _cells(ceiling.score_row(
+      "pca 3", "16x16x3", ceiling.reconstruct(config, params, images), frames, palettes))
+  assert psnr < 30 and ssim < 0.95 and miou < 0.9 and identity > 0.01 and face > 0.01

@@ -116,3 +116,48 @@ def test_unsigned_loop_counters_are_read_too():
   """The compiler's own windowed all-gather matmul loops count with an unsigned counter (`u32[] constant(8)`)."""
   hlo = LOOP_HLO.replace("%n = s32[]{:T(128)} constant(3)", "%n = u32[]{:T(128)} constant(3)")
   assert flops.while_loops(hlo) == [("body.2", 3)]
+
+
+# The shape of libtpu's bidirectional windowed all-gather matmul loops (v6e:4x4 stage 1): an unsigned counter that
+# starts from a copied constant, steps by 2 (one shard from each neighbour per trip) and stops at `< 8`.
+STEPPED_HLO = f"""HloModule jit_step
+
+%body.4 (p: (u32[], bf16[2,8,8,16])) -> (u32[], bf16[2,8,8,16]) {{
+  %two = u32[]{{:T(128)}} constant(2)
+  %i = u32[]{{:T(128)}} get-tuple-element(%p), index=0
+  %x1 = bf16[2,8,8,16]{{3,2,1,0}} get-tuple-element(%p), index=1
+  %w1 = bf16[3,3,16,32]{{3,2,1,0}} constant({{...}})
+{CONV.format(n=1)}
+  %next = u32[]{{:T(128)S(6)}} add(%i, %two), metadata={{op_name="conv"}}
+  ROOT %t = (u32[], bf16[2,8,8,16]) tuple(%next, /*index=1*/%x1)
+}}
+
+%cond.4 (p: (u32[], bf16[2,8,8,16])) -> pred[] {{
+  %n = u32[]{{:T(128)}} constant(8)
+  %i = u32[]{{:T(128)}} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{{:T(512)}} compare(%i, %n), direction=LT
+}}
+
+ENTRY %main.5 (x2: bf16[2,8,8,16]) -> bf16[2,8,8,16] {{
+  %x2 = bf16[2,8,8,16]{{3,2,1,0}} parameter(0)
+  %zero = u32[]{{:T(128)}} constant(0)
+  %start = u32[]{{:T(128)}} copy(%zero)
+  %init = (u32[], bf16[2,8,8,16]) tuple(%start, %x2)
+  %w = (u32[], bf16[2,8,8,16]) while(%init), condition=%cond.4, body=%body.4
+  ROOT %r = bf16[2,8,8,16] get-tuple-element(%w), index=1
+}}
+"""
+
+
+def test_loop_counters_with_a_start_and_a_step():
+  """`counter < 8` from 0 by 2 is 4 trips (counted as 8 before: 2x the FLOPs of every windowed matmul); from 2 by 2,
+  3; from 0 by 1 (no add of a constant), 8."""
+  one = 2.0 * (2 * 32) * 16 * 22 * 22
+  assert flops.while_loops(STEPPED_HLO) == [("body.4", 4)]
+  assert flops.convolution_flops(STEPPED_HLO).executed == pytest.approx(4 * one)
+  assert flops.while_loops(STEPPED_HLO.replace("constant(0)", "constant(2)")) == [("body.4", 3)]
+  assert flops.while_loops(STEPPED_HLO.replace("add(%i, %two)", "negate(%i)")) == [("body.4", 8)]
+  assert flops.while_loops(STEPPED_HLO.replace("%w1 = bf16[3,3,16,32]{3,2,1,0} constant({...})",
+                                               "%w1 = bf16[3,3,16,32]{3,2,1,0} constant({...})\n  %three = u32[] "
+                                               "constant(3)").replace("add(%i, %two)", "add(%three, %i)")) \
+      == [("body.4", 3)]

@@ -179,22 +179,77 @@ def _computations(hlo: str) -> dict[str, list[str]]:
   return bodies
 
 
-def _while_trips(line: str, bodies: dict[str, list[str]]) -> int | None:
+_CONSTANT = re.compile(r"= [su](?:32|64)\[\][^ ]* constant\((-?\d+)\)")
+
+
+_DEFINES = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+
+
+def _definitions(lines: list[str]) -> dict[str, str]:
+  """Instruction name -> its line, for one computation's lines."""
+  return {m.group(1): x for x in lines for m in [_DEFINES.match(x)] if m}
+
+
+def _operands(line: str) -> list[str]:
+  """The instruction names a `tuple(...)`/`add(...)`/`copy(...)` line takes, in order."""
+  args = re.search(r" (?:tuple|add|copy)\((.*?)\)(?:,|$)", line)
+  return re.findall(r"%([\w.\-]+)", re.sub(r"/\*.*?\*/", "", args.group(1))) if args else []
+
+
+def _constant(defs: dict[str, str], name: str, depth: int = 0) -> int | None:
+  """The integer value of `%name` (`_definitions` of its computation) when it is a scalar constant (or a copy of
+  one)."""
+  line = defs.get(name)
+  if line is None or depth > 8:
+    return None
+  value = _CONSTANT.search(line)
+  if value:
+    return int(value.group(1))
+  if " copy(" in line:
+    ops = _operands(line)
+    return _constant(defs, ops[0], depth + 1) if len(ops) == 1 else None
+  return None
+
+
+def _while_trips(line: str, bodies: dict[str, list[str]], caller: dict[str, str] | None = None) -> int | None:
   """A `while` instruction's trip count: XLA's `known_trip_count` when it printed one, else read from its
-  condition when that is `counter < constant` (lax.scan / fori_loop from 0 by 1, e.g. gradient accumulation,
-  which libtpu prints without a count, and the compiler's own windowed all-gather matmul loops, whose counter is
-  unsigned); None when neither says."""
+  condition when that is `counter < constant` (lax.scan / fori_loop, e.g. gradient accumulation, which libtpu
+  prints without a count, and the compiler's own windowed all-gather matmul loops, whose counter is unsigned);
+  None when neither says.
+
+  The counter's start is read from the loop's initial tuple in `caller` (`_definitions` of the computation holding
+  `line`) and its
+  step from the body's `counter + constant`: the bidirectional windowed matmul loops count 0, 2, 4, ... so
+  `counter < 8` is 4 trips there, not 8. Without them: from 0 by 1.
+  """
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
   if known:
     return int(known.group(1))
   cond = re.search(r"condition=%?([\w.\-]+)", line)
   lines = bodies.get(cond.group(1), []) if cond else []
-  constants = [int(m.group(1)) for c in lines for m in [re.search(r"= [su](?:32|64)\[\][^ ]* constant\((\d+)\)", c)]
-               if m]
+  constants = [int(m.group(1)) for c in lines for m in [_CONSTANT.search(c)] if m]
   compares = [c for c in lines if " compare(" in c]
-  if len(constants) == 1 and len(compares) == 1 and "direction=LT" in compares[0]:
-    return constants[0]
-  return None
+  if not (len(constants) == 1 and len(compares) == 1 and "direction=LT" in compares[0]):
+    return None
+  bound, start, step = constants[0], 0, 1
+  index = [int(m.group(1)) for c in lines for m in [re.search(r"get-tuple-element\(.*index=(\d+)", c)] if m]
+  if len(index) == 1:
+    counter = index[0]
+    init = re.search(r" while\(%([\w.\-]+)\)", line)
+    tuple_line = caller.get(init.group(1)) if init and caller else None
+    ops = _operands(tuple_line) if tuple_line and " tuple(" in tuple_line else []
+    if counter < len(ops):
+      start = _constant(caller, ops[counter]) or 0
+    body_name = re.search(r"body=%?([\w.\-]+)", line)
+    body_lines = bodies.get(body_name.group(1), []) if body_name else []
+    body = _definitions(body_lines)
+    root = next((x for x in body_lines if x.lstrip().startswith("ROOT ") and " tuple(" in x), None)
+    ops = _operands(root) if root else []
+    update = body.get(ops[counter]) if counter < len(ops) else None
+    if update and " add(" in update:
+      steps = [v for v in (_constant(body, op) for op in _operands(update)) if v is not None]
+      step = steps[0] if len(steps) == 1 and steps[0] > 0 else 1
+  return max(0, -(-(bound - start) // step))
 
 
 def _trip_counts(bodies: dict[str, list[str]]) -> dict[str, int]:
@@ -202,10 +257,12 @@ def _trip_counts(bodies: dict[str, list[str]]) -> dict[str, int]:
   enclosing `while`s' trip counts, `_while_trips`; 1 where neither XLA nor the condition says."""
   callers: dict[str, list[tuple[str, int]]] = {}
   for name, lines in bodies.items():
+    defs = None
     for line in lines:
       trips = 1
       if " while(" in line:
-        trips = _while_trips(line, bodies) or 1
+        defs = _definitions(lines) if defs is None else defs
+        trips = _while_trips(line, bodies, defs) or 1
       for ref in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
         callers.setdefault(ref, []).append((name, trips if "body=%" + ref in line else 1))
   memo: dict[str, int] = {}
@@ -228,11 +285,14 @@ def while_loops(hlo: str) -> list[tuple[str, int | None]]:
   """
   bodies = _computations(hlo)
   out = []
-  for line in hlo.splitlines():
-    if " while(" not in line:
-      continue
-    body = re.search(r"body=%?([\w.\-]+)", line)
-    out.append((body.group(1) if body else "?", _while_trips(line, bodies)))
+  for lines in bodies.values():
+    defs = None
+    for line in lines:
+      if " while(" not in line:
+        continue
+      defs = _definitions(lines) if defs is None else defs
+      body = re.search(r"body=%?([\w.\-]+)", line)
+      out.append((body.group(1) if body else "?", _while_trips(line, bodies, defs)))
   return out
 
 

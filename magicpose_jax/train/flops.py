@@ -180,8 +180,6 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 _CONSTANT = re.compile(r"= [su](?:32|64)\[\][^ ]* constant\((-?\d+)\)")
-
-
 _DEFINES = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 
 
@@ -218,9 +216,8 @@ def _while_trips(line: str, bodies: dict[str, list[str]], caller: dict[str, str]
   None when neither says.
 
   The counter's start is read from the loop's initial tuple in `caller` (`_definitions` of the computation holding
-  `line`) and its
-  step from the body's `counter + constant`: the bidirectional windowed matmul loops count 0, 2, 4, ... so
-  `counter < 8` is 4 trips there, not 8. Without them: from 0 by 1.
+  `line`) and its step from the body's `counter + constant`: the bidirectional windowed matmul loops count 0, 2,
+  4, 6, so `counter < 8` is 4 trips there, not 8. Where neither can be read: from 0 by 1.
   """
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
   if known:

@@ -287,9 +287,7 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
 
   config = configure(args, "stage2" if stage == "sampler" else stage, batch)
   kind = devices[0].device_kind
-  peak = flops.device_peak(kind)
-  if peak is not None:  # v4 topologies: one device per TensorCore, half a chip each
-    peak = peak.per_core(plan.cores_per_chip(devices))
+  peak = plan.device_peak(devices)  # v4 topologies: one device per TensorCore, half a chip each
   if stage == "sampler":
     programs = plan.abstract_sampler(config, devices, frames=batch, steps=args.sampler_steps)
     jobs = [("sampler-cache", *programs["cache"]), ("sampler", *programs["sample"])]
@@ -359,11 +357,9 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
 def _not_fitting(config: ml_collections.ConfigDict, name: str, batch: int, devices: list[jax.Device],
                  args: argparse.Namespace, oom: Any, compile_s: float) -> Plan:
   """The row of a program the TPU compiler refused for lack of HBM (`oom`: a `train.plan.HbmExhausted`)."""
-  from magicpose_jax.train import flops, plan  # noqa: PLC0415
+  from magicpose_jax.train import plan  # noqa: PLC0415
 
-  peak = flops.device_peak(devices[0].device_kind)
-  if peak is not None:
-    peak = peak.per_core(plan.cores_per_chip(devices))
+  peak = plan.device_peak(devices)
   return Plan(stage=name, devices=len(devices), global_batch=batch, grad_accum=config.grad_accum_steps,
               remat=config.remat_policy, dtype=config.dtype, frozen_dtype=config.frozen_dtype,
               attention=config.attention_backend, inputs="latents" if args.latents else "images", argument=0, output=0,

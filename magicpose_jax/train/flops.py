@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -249,19 +249,25 @@ def _while_trips(line: str, bodies: dict[str, list[str]], caller: dict[str, str]
   return max(0, -(-(bound - start) // step))
 
 
+def _whiles(bodies: dict[str, list[str]]) -> Iterator[tuple[str, int | None]]:
+  """(line, `_while_trips`) of every `while` instruction in `bodies` (`_computations` of a compiled module)."""
+  for lines in bodies.values():
+    defs = None  # built once per computation that holds a loop: the entry of a big program has ~10^5 lines
+    for line in lines:
+      if " while(" in line:
+        defs = _definitions(lines) if defs is None else defs
+        yield line, _while_trips(line, bodies, defs)
+
+
 def _trip_counts(bodies: dict[str, list[str]]) -> dict[str, int]:
   """Executions per program run of each computation (`_computations` of a compiled HLO module): the product of
   enclosing `while`s' trip counts, `_while_trips`; 1 where neither XLA nor the condition says."""
+  trips = {line: n or 1 for line, n in _whiles(bodies)}
   callers: dict[str, list[tuple[str, int]]] = {}
   for name, lines in bodies.items():
-    defs = None
     for line in lines:
-      trips = 1
-      if " while(" in line:
-        defs = _definitions(lines) if defs is None else defs
-        trips = _while_trips(line, bodies, defs) or 1
       for ref in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
-        callers.setdefault(ref, []).append((name, trips if "body=%" + ref in line else 1))
+        callers.setdefault(ref, []).append((name, trips.get(line, 1) if "body=%" + ref in line else 1))
   memo: dict[str, int] = {}
 
   def count(name: str, depth: int = 0) -> int:
@@ -280,17 +286,8 @@ def while_loops(hlo: str) -> list[tuple[str, int | None]]:
   DDIM steps, or loops the compiler made itself, e.g. windowed all-gather matmuls) has more FLOPs and time than it
   reports.
   """
-  bodies = _computations(hlo)
-  out = []
-  for lines in bodies.values():
-    defs = None
-    for line in lines:
-      if " while(" not in line:
-        continue
-      defs = _definitions(lines) if defs is None else defs
-      body = re.search(r"body=%?([\w.\-]+)", line)
-      out.append((body.group(1) if body else "?", _while_trips(line, bodies, defs)))
-  return out
+  return [(body.group(1) if (body := re.search(r"body=%?([\w.\-]+)", line)) else "?", trips)
+          for line, trips in _whiles(_computations(hlo))]
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:bf16|f16|f32|s32|u32|s8|u8|pred)\[([0-9,]*)\]")

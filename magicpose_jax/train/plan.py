@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from magicpose_jax.diffusion.sampler import SamplerConfig, precompute_reference_states, sample, step_times
 from magicpose_jax.diffusion.schedules import make_schedule
-from magicpose_jax.train import stages
+from magicpose_jax.train import flops, stages
 from magicpose_jax.train.loop import abstract_params
 
 
@@ -51,6 +51,13 @@ def cores_per_chip(devices: list[jax.Device]) -> int:
   if not coords[0]:
     return 1
   return max(1, coords.count(coords[0]))
+
+
+def device_peak(devices: list[jax.Device]) -> flops.Peak | None:
+  """The tabled peak of one of `devices` (`flops.device_peak`), per TensorCore on v4 topologies
+  (`cores_per_chip`); None if the kind is not tabled."""
+  peak = flops.device_peak(devices[0].device_kind)
+  return None if peak is None else peak.per_core(cores_per_chip(devices))
 
 
 @dataclasses.dataclass(frozen=True)

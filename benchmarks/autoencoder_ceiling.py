@@ -24,30 +24,24 @@ import dataclasses
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from magicpose_jax.configs import load_config
 from magicpose_jax.demo import autoencoder
 from magicpose_jax.demo import retarget as rt
-from magicpose_jax.demo.phases import DEMO
+from magicpose_jax.demo.phases import DEMO, training_figures
 from magicpose_jax.eval.figure_metrics import evaluate_figures
 from magicpose_jax.eval.report import source_commit
-from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae, make_vae
+from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae
 
 
-def reconstruct(config: autoencoder.AnyVAEConfig, params: dict, images: np.ndarray) -> np.ndarray:
-  """uint8 `[N, H, W, 3]` -> the autoencoder's uint8 reconstructions (posterior mean, no sampling)."""
-  vae = make_vae(config)
-  z = vae.apply({"params": params}, jnp.asarray(images, jnp.float32) / 127.5 - 1.0, method="encode").mode()
-  x = vae.apply({"params": params}, z, method="decode")
-  return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
-
-
-def score_row(name: str, latents: str, reconstructions: np.ndarray, frames: list, palettes: list) -> str:
-  m = evaluate_figures(reconstructions, frames, palettes)
+def score_row(name: str, config: autoencoder.AnyVAEConfig, params: dict, frames: list, palettes: list) -> str:
+  """The table row of an autoencoder: its reconstructions of `frames` (`SyntheticSource.frame` dicts) scored."""
+  images = np.stack([f["image"] for f in frames])
+  m = evaluate_figures(autoencoder.reconstruct(config, params, images), frames, palettes)
   r = m["region_error"]
-  return (f"| {name} | {latents} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
+  h, w = images.shape[1] // config.downsample_factor, images.shape[2] // config.downsample_factor
+  return (f"| {name} | {h}x{w}x{config.latent_channels} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
           f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {r['clothes']:.3f} | {r['skin']:.3f} | {r['hair']:.3f} | "
           f"{r['background']:.3f} |")
 
@@ -63,33 +57,25 @@ def main(argv: list[str] | None = None) -> None:
   data = load_config("demo").data
   source = rt.synthetic_source(data)
   start = time.perf_counter()
-  train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
-  # The demo's own draw of training figures (Demo.train_vae).
-  flat = np.random.default_rng(0).permutation(train_ids * data.synthetic.frames_per_identity)[: args.fit_images]
-  fit = np.stack([source.frame(int(i) // data.synthetic.frames_per_identity,
-                               int(i) % data.synthetic.frames_per_identity)["image"] for i in flat])
+  fit = training_figures(data, args.fit_images)  # the demo's own draw (Demo.train_vae)
   pairs = rt.holdout_pairs(data, poses_per_identity=4)
   frames = [source.frame(identity, t) for identity, _, targets in pairs for t in targets]
   palettes = [source.palette(identity) for identity, _, targets in pairs for _ in targets]
-  held_out = np.stack([f["image"] for f in frames])
   command = " ".join(["python benchmarks/autoencoder_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
-  print(f"`{command}` -- commit {source_commit() or 'unknown'}; scored on {len(held_out)} held-out frames\n")
+  print(f"`{command}` -- commit {source_commit() or 'unknown'}; scored on {len(frames)} held-out frames\n")
   print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | clothes | skin | hair | "
         "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for folder in args.vae:
     config, params = autoencoder.load_autoencoder(folder)
-    print(score_row(folder, f"16x16x{config.latent_channels}", reconstruct(config, params, held_out), frames,
-                    palettes), flush=True)
+    print(score_row(folder, config, params, frames, palettes), flush=True)
   training = autoencoder.AutoencoderTraining(steps=DEMO.vae_steps)
   for k in args.train_latent_channels:
     config, params, _ = autoencoder.train_autoencoder(
         dataclasses.replace(autoencoder.DEMO_VAE, latent_channels=k), fit, training)
-    print(score_row(f"tiny VAE, {training.steps} steps", f"16x16x{k}", reconstruct(config, params, held_out),
-                    frames, palettes), flush=True)
+    print(score_row(f"tiny VAE, {training.steps} steps", config, params, frames, palettes), flush=True)
   for k in args.components:
     config, params = fit_patch_vae(PatchVAEConfig(latent_channels=k), fit)
-    print(score_row("patch (PCA)", f"16x16x{k}", reconstruct(config, params, held_out), frames, palettes),
-          flush=True)
+    print(score_row("patch (PCA)", config, params, frames, palettes), flush=True)
   print(f"\n({time.perf_counter() - start:.1f} s)")
 
 

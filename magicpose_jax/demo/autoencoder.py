@@ -210,13 +210,27 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
   return fit_latent_scaling(config, vae, params, images, training.per_channel_latents), params, last
 
 
+def _reconstruction(config: AnyVAEConfig, params: Params, images: np.ndarray) -> np.ndarray:
+  """float32 `[N, H, W, 3]` in [-1, 1]: uint8 `images` through the autoencoder (posterior mode)."""
+  vae = make_vae(config)
+  return np.asarray(jax.jit(lambda p, x: vae.apply({"params": p}, x))(params, _images(jnp.asarray(images))))
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def reconstruct(config: AnyVAEConfig, params: Params, images: np.ndarray) -> np.ndarray:
+  """uint8 `[N, H, W, 3]` -> the autoencoder's uint8 reconstructions (posterior mode, no sampling)."""
+  return _to_uint8(_reconstruction(config, params, images))
+
+
 def reconstruction_metrics(config: AnyVAEConfig, params: Params, images: np.ndarray) -> dict[str, float]:
   """{"l1" (pixels in [-1, 1], as `autoencoder_loss`), "psnr" (dB, uint8 pixels)} of `images` (uint8 [N, H, W, 3])
   through the autoencoder (posterior mode)."""
-  vae = make_vae(config)
-  recon = np.asarray(jax.jit(lambda p, x: vae.apply({"params": p}, x))(params, _images(jnp.asarray(images))))
+  recon = _reconstruction(config, params, images)
   x = images.astype(np.float64) / 127.5 - 1.0
-  mse = np.mean(np.square(np.clip(np.round((recon + 1.0) * 127.5), 0, 255) - images.astype(np.float64)), (1, 2, 3))
+  mse = np.mean(np.square(_to_uint8(recon).astype(np.float64) - images.astype(np.float64)), (1, 2, 3))
   return {"l1": float(np.mean(np.abs(recon - x))),
           "psnr": float(np.mean(10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))}
 

@@ -104,6 +104,18 @@ MICRO_UNET = UNetConfig(sample_size=16, block_out_channels=(16,), layers_per_blo
                         norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2)
 
 
+def training_figures(data: ml_collections.ConfigDict, count: int,
+                     progress: Callable[[Any], Any] = lambda it: it) -> np.ndarray:
+  """uint8 `[count, S, S, 3]`: the figures the demo fits its autoencoder on, `count` distinct (identity, frame)
+  draws among the training identities of `data` (a training config's `data`; details included), always the
+  same draw. `progress` wraps the iteration (e.g. a tqdm bar)."""
+  source = rt.synthetic_source(data)
+  frames = data.synthetic.frames_per_identity
+  train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
+  flat = np.random.default_rng(0).permutation(train_ids * frames)[:count]
+  return np.stack([source.frame(int(i) // frames, int(i) % frames)["image"] for i in progress(flat)])
+
+
 def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:
   """`get_config()` of a config file (the packaged configs/demo.py by default)."""
   return configs.load_config(path)
@@ -207,13 +219,8 @@ class Demo:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(pipeline, ignore_errors=True)
     data = self.config.data
-    source = rt.synthetic_source(data)  # the training figures (detail included)
-    train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
-    flat = np.random.default_rng(0).permutation(train_ids * data.synthetic.frames_per_identity)
-    flat = flat[: self.budget.vae_images]
-    images = np.stack([source.frame(int(i) // data.synthetic.frames_per_identity,
-                                    int(i) % data.synthetic.frames_per_identity)["image"]
-                       for i in tqdm.tqdm(flat, desc="render", unit="img", dynamic_ncols=True)])
+    images = training_figures(data, self.budget.vae_images,
+                              lambda it: tqdm.tqdm(it, desc="render", unit="img", dynamic_ncols=True))
     if b.autoencoder == "trained":
       vae_config, params, metrics = self._train_tiny_vae(images)
     else:

@@ -332,7 +332,8 @@ def plan_on_topology(args: argparse.Namespace, stage: str, batch: int, devices: 
     if not name.startswith("sampler"):
       from magicpose_jax.train import stages  # noqa: PLC0415
 
-      nets = stages.networks(config, stages.variant_configs(config))
+      # The target's platform decides where `auto` attention runs splash, whose backward the count includes.
+      nets = stages.networks(config, stages.variant_configs(config), stages.target_platform(config, devices))
       size = config.model.sample_size  # what abstract_setup's batch holds: sample_size x the VAE factor pixels
       counts = flops.config_step_flops(config, nets, (size, size), args.latents)
       analytic = counts.hardware * config.global_batch_size / len(devices)

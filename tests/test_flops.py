@@ -142,3 +142,11 @@ def test_every_remat_policy_has_a_recompute_rule():
   unet = VARIANTS["tiny"]
   hw = {p: flops.train_step_flops("stage1", unet, None, HW, remat_policy=p).hardware for p in REMAT_POLICIES}
   assert hw["none"] == hw["dots_saveable"] < hw["offload"] == hw["dots_with_no_batch_dims_saveable"] < hw["full"]
+  # With splash for every call: its backward's recomputation under every policy, and its forward re-run by the
+  # policies that save dots (a custom call is not one) and by full remat (already counted there as attention).
+  splash = {p: flops.train_step_flops("stage1", unet, None, HW, remat_policy=p, splash=lambda nq, nk: True).hardware
+            for p in REMAT_POLICIES}
+  assert splash["none"] > hw["none"] and splash["dots_saveable"] > splash["none"]
+  assert splash["full"] - hw["full"] == pytest.approx(splash["none"] - hw["none"])
+  assert splash["dots_saveable"] - splash["none"] == pytest.approx(
+      flops.train_step_flops("stage1", unet, None, HW).model - hw["none"] + splash["dots_saveable"] - splash["none"])

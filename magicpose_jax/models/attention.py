@@ -388,6 +388,11 @@ def _cudnn_supports(q: jax.Array, k: jax.Array, v: jax.Array, platform: str) -> 
 TPU_SPLASH_MIN_TOKENS = 1024
 
 
+def tpu_auto_backend(nq: int, nk: int) -> str:
+  """`auto` on a TPU for `nq` queries over `nk` keys (see `auto_backend`)."""
+  return "splash" if min(nq, nk) >= TPU_SPLASH_MIN_TOKENS else "xla"
+
+
 def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None = None) -> str:
   """The backend `auto` runs for these shapes on `platform` (None: `platforms.current_platform()`).
 
@@ -411,7 +416,7 @@ def auto_backend(q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None 
       return "cpu_fused"
     _warn_once("auto", reason, f"not using the fused CPU kernel: {reason}", logging.INFO)
   if platform == "tpu":
-    return "splash" if min(q.shape[1], k.shape[1]) >= TPU_SPLASH_MIN_TOKENS else "xla"
+    return tpu_auto_backend(q.shape[1], k.shape[1])
   return "flash" if long else "xla"
 
 

@@ -27,12 +27,13 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from magicpose_jax.models.attention import tpu_auto_backend
 from magicpose_jax.models.controlnet import ControlNetConfig
 from magicpose_jax.models.patch_vae import AnyVAEConfig, PatchVAEConfig
 from magicpose_jax.models.unet import UNetConfig
@@ -398,24 +399,35 @@ def loop_free_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 @dataclasses.dataclass
 class Flops:
-  """FLOPs by kind: `conv` (convolutions), `dense` (projections, feed-forward), `attention` (QK^T and PV)."""
+  """FLOPs by kind: `conv` (convolutions), `dense` (projections, feed-forward), `attention` (QK^T and PV).
+
+  `attention_calls` splits `attention` by call, `(queries, keys, is_self_attention, FLOPs)`, for what depends on
+  the shapes: which calls a fused kernel runs (`train_step_flops(splash=...)`), which have key gradients.
+  """
 
   conv: float = 0.0
   dense: float = 0.0
   attention: float = 0.0
+  attention_calls: tuple[tuple[int, int, bool, float], ...] = ()
 
   @property
   def total(self) -> float:
     return self.conv + self.dense + self.attention
 
+  def attention_where(self, keep: Callable[[int, int, bool], bool]) -> float:
+    """Attention FLOPs of the calls `keep(queries, keys, is_self_attention)` selects."""
+    return sum(f for nq, nk, is_self, f in self.attention_calls if keep(nq, nk, is_self))
+
   def __add__(self, other: Flops) -> Flops:
-    return Flops(self.conv + other.conv, self.dense + other.dense, self.attention + other.attention)
+    return Flops(self.conv + other.conv, self.dense + other.dense, self.attention + other.attention,
+                 self.attention_calls + other.attention_calls)
 
   def __sub__(self, other: Flops) -> Flops:
     return self + other * -1.0
 
   def __mul__(self, k: float) -> Flops:
-    return Flops(self.conv * k, self.dense * k, self.attention * k)
+    return Flops(self.conv * k, self.dense * k, self.attention * k,
+                 tuple((nq, nk, s, f * k) for nq, nk, s, f in self.attention_calls))
 
   __rmul__ = __mul__
 
@@ -428,8 +440,9 @@ def _dense(n: int, din: int, dout: int) -> Flops:
   return Flops(dense=2.0 * n * din * dout)
 
 
-def _attention(nq: int, nk: int, inner: int) -> Flops:
-  return Flops(attention=4.0 * nq * nk * inner)  # QK^T and PV, each 2 * nq * nk * inner
+def _attention(nq: int, nk: int, inner: int, is_self: bool) -> Flops:
+  f = 4.0 * nq * nk * inner  # QK^T and PV, each 2 * nq * nk * inner
+  return Flops(attention=f, attention_calls=((nq, nk, is_self, f),))
 
 
 def _resnet(h: int, w: int, cin: int, cout: int, temb: int | None) -> Flops:
@@ -449,8 +462,8 @@ def _transformer_parts(h: int, w: int, c: int, context: tuple[int, int], referen
   ctx_len, ctx_dim = context
   kv = 2 * n if reference else n
   proj = _dense(n, c, c) * 2  # proj_in, proj_out (1x1 conv or dense: the same count)
-  block = (_dense(n, c, c) * 2 + _dense(kv, c, c) * 2 + _attention(n, kv, c)  # attn1: q, out; k, v; QK^T, PV
-           + _dense(n, c, c) * 2 + _dense(ctx_len, ctx_dim, c) * 2 + _attention(n, ctx_len, c)  # attn2
+  block = (_dense(n, c, c) * 2 + _dense(kv, c, c) * 2 + _attention(n, kv, c, True)  # attn1: q, out; k, v; QK^T PV
+           + _dense(n, c, c) * 2 + _dense(ctx_len, ctx_dim, c) * 2 + _attention(n, ctx_len, c, False)  # attn2
            + _dense(n, c, 8 * c) + _dense(n, 4 * c, c))  # GEGLU: c -> 2 x 4c, then 4c -> c
   return proj, block
 
@@ -561,7 +574,7 @@ def vae_encode_flops(cfg: AnyVAEConfig, image_hw: tuple[int, int]) -> Flops:
     if i < len(ch) - 1:
       h, w = math.ceil(h / 2), math.ceil(w / 2)
       f += _conv(h, w, 3, c, c)
-  f += _resnet(h, w, c, c, None) * 2 + _dense(h * w, c, c) * 4 + _attention(h * w, h * w, c)
+  f += _resnet(h, w, c, c, None) * 2 + _dense(h * w, c, c) * 4 + _attention(h * w, h * w, c, True)
   return f + _conv(h, w, 3, c, 2 * cfg.latent_channels) + _conv(h, w, 1, 2 * cfg.latent_channels,
                                                                  2 * cfg.latent_channels)
 
@@ -574,12 +587,25 @@ RECOMPUTED = {
     "dots_with_no_batch_dims_saveable": ("conv", "attention"),  # convs and batched (attention) dots recomputed
     "offload": ("conv", "attention"),  # as dots_with_no_batch_dims_saveable, offloading instead of saving
 }
+# Splash's backward runs dq (3 units of 2 Nq Nk D per head) and dkv (4), against the 4 of dQ, dK and dV from
+# saved probabilities: it recomputes QK^T in both kernels and dO V^T in dq (`SPLASH_MATMULS`), 1.5 x its forward.
+SPLASH_BACKWARD_EXTRA = (SPLASH_MATMULS["dq"] + SPLASH_MATMULS["dkv"] - 4) / SPLASH_MATMULS["fwd"]
+
+
+def splash_calls(backend: str, platform: str) -> Callable[[int, int], bool]:
+  """Which attention calls `(queries, keys)` run splash's kernels for `backend` on `platform` (the step's target:
+  `stages.target_platform`), by the rule of `models.attention.auto_backend`."""
+  if backend == "splash":
+    return lambda nq, nk: True
+  if backend == "auto" and platform == "tpu":
+    return lambda nq, nk: tpu_auto_backend(nq, nk) == "splash"
+  return lambda nq, nk: False
 
 
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
   """Per-example FLOPs of one training step: `model` (forward + backward, no recomputation; the MFU
-  numerator) and `hardware` (+ the remat policy's recomputation)."""
+  numerator) and `hardware` (+ the remat policy's recomputation and the kernels' own)."""
 
   model: float
   hardware: float
@@ -588,22 +614,35 @@ class StepFlops:
 
 def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, latent_hw: tuple[int, int],
                      pose: ControlNetConfig | None = None, use_appearance: bool = True, context_len: int = 77,
-                     remat_policy: str = "none") -> StepFlops:
+                     remat_policy: str = "none", splash: Callable[[int, int], bool] | None = None) -> StepFlops:
   """Analytic FLOPs per example of a `train.step.train_step` (multiply by the batch for the step).
 
   Backward = 2 x forward for trained nets (input and weight gradients), 1 x forward for the frozen main UNet of
-  stages 1/2 (its input gradients feed the trainable nets; XLA drops the unused weight gradients). The VAE
-  encodes the target (and the reference) without gradients; `vae=None`: cached latents, no VAE.
+  stages 1/2 (its input gradients feed the trainable nets; XLA drops the unused weight gradients), except its
+  self-attention: queries, keys and values all carry gradients there (the keys and values from the appearance
+  net), so 2 x (dQ, dK, dV; cross-attention's keys come from the frozen text: 1 x). The VAE encodes the target
+  (and the reference) without gradients; `vae=None`: cached latents, no VAE.
+
+  `splash(queries, keys)`: which attention calls run splash's kernels (`splash_calls`; None: none). Their backward
+  adds `SPLASH_BACKWARD_EXTRA` x their forward, and a remat policy that saves dots recomputes their forward too
+  (a custom call is not a dot). Both count in `hardware` only: they are the kernel's cost, not the model's.
   """
   if remat_policy not in RECOMPUTED:
     raise ValueError(f"remat_policy {remat_policy!r} not in {tuple(RECOMPUTED)}")
   kinds = RECOMPUTED[remat_policy]
-  recompute = lambda f: sum(getattr(f, k) for k in kinds)
+  splash = splash or (lambda nq, nk: False)
+  fused = lambda f: f.attention_where(lambda nq, nk, _: splash(nq, nk))
+  rerun = remat_policy != "none" and "attention" not in kinds  # remat that saves dots reruns the kernels
+
+  def kernel_and_recompute(f: Flops) -> float:
+    return sum(getattr(f, k) for k in kinds) + fused(f) * (SPLASH_BACKWARD_EXTRA + rerun)
+
   image_hw = None if vae is None else (latent_hw[0] * vae.downsample_factor, latent_hw[1] * vae.downsample_factor)
   enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
   if stage == "base":
     f = unet_forward_flops(unet, latent_hw, context_len)
-    return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + recompute(f) + enc, forward=f.total + enc)
+    return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + kernel_and_recompute(f) + enc,
+                     forward=f.total + enc)
   appearance = unet_forward_flops(unet, latent_hw, context_len, compute_output=False) if use_appearance else None
   main = unet_forward_flops(unet, latent_hw, context_len, reference=use_appearance)
   trained = [appearance] if appearance is not None else []
@@ -611,14 +650,16 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
     trained.append(controlnet_forward_flops(pose, latent_hw, context_len))
   encodes = enc * (2 if use_appearance else 1)
   forward = main.total + sum(f.total for f in trained) + encodes
-  model = 2 * main.total + sum(3 * f.total for f in trained) + encodes
-  hardware = model + recompute(main) + sum(recompute(f) for f in trained)
+  main_backward = main.total + main.attention_where(lambda nq, nk, is_self: is_self)
+  model = main.total + main_backward + sum(3 * f.total for f in trained) + encodes
+  hardware = model + kernel_and_recompute(main) + sum(kernel_and_recompute(f) for f in trained)
   return StepFlops(model=model, hardware=hardware, forward=forward)
 
 
 def config_step_flops(config: ml_collections.ConfigDict, nets: Any, latent_hw: tuple[int, int] | None = None,
                       latents: bool = False) -> StepFlops:
-  """`train_step_flops` per example for a training config and its `stages.Networks`.
+  """`train_step_flops` per example for a training config and its `stages.Networks` (whose target platform
+  decides where `auto` attention runs splash).
 
   `latent_hw` defaults to `config.data.image_size` over the VAE's factor; `latents`: batches of cached VAE
   moments (no VAE in the step).
@@ -629,7 +670,8 @@ def config_step_flops(config: ml_collections.ConfigDict, nets: Any, latent_hw: t
     latent_hw = (size, size)
   return train_step_flops(nets.stage, mp.unet, None if latents else nets.vae.config, tuple(latent_hw),
                           pose=mp.pose, use_appearance=mp.use_appearance and nets.stage != "base",
-                          remat_policy=config.remat_policy)
+                          remat_policy=config.remat_policy,
+                          splash=splash_calls(mp.unet.attention_backend, mp.unet.target_platform))
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, devices: int, peak: float | None) -> float | None:

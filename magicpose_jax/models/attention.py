@@ -515,5 +515,8 @@ class Attention(nn.Module):
     q = dense(inner, "to_q")(x).reshape(b, n, self.heads, self.head_dim)  # [B, N, H, D]
     k = dense(inner, "to_k")(kv_in).reshape(b, -1, self.heads, self.head_dim)  # [B, M, H, D]
     v = dense(inner, "to_v")(kv_in).reshape(b, -1, self.heads, self.head_dim)
+    if extra_kv is not None:
+      # For inspection only (`eval.reference_attention`): kept when "intermediates" is mutable, else a no-op.
+      self.sow("intermediates", "reference_qk", (q, k))
     out = attend(q, k, v, self.backend).reshape(b, n, inner)  # [B, N, H*D]
     return dense(x.shape[-1], "to_out_0", bias=True)(out)

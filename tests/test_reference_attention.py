@@ -47,6 +47,8 @@ def test_part_aligned_keys_match_the_part():
   expected = np.mean([np.log((ref[0] == label).sum()) / np.log(N) for label in target[0][fg]])
   assert s["entropy"] == pytest.approx(expected, abs=1e-6)
   assert s["part_match"] > 3 * s["chance"]
+  # ~all the mass is on the reference; the own keys (all zero) still tie, so that part's entropy is exactly 1
+  assert s["reference_mass"] > 1 - 1e-9 and s["own_entropy"] == pytest.approx(1.0)
 
 
 def test_token_labels_take_each_cells_majority():

@@ -47,6 +47,15 @@ def reference_layers(intermediates: Mapping[str, Any]) -> list[tuple[np.ndarray,
   return out
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+  return -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+
+
 def attention_stats(q: np.ndarray, k: np.ndarray, target_labels: np.ndarray,
                     reference_labels: np.ndarray) -> dict[str, float]:
   """Statistics of one layer (module docstring), averaged over heads and the target's foreground tokens.
@@ -62,14 +71,11 @@ def attention_stats(q: np.ndarray, k: np.ndarray, target_labels: np.ndarray,
   if target_labels.shape != (b, n) or reference_labels.shape != (b, r):
     raise ValueError(f"labels {target_labels.shape} and {reference_labels.shape}: expected {(b, n)} and {(b, r)}")
   logits = np.einsum("bnhd,bmhd->bhnm", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(d)
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  on_ref = p[..., n:]  # [B, H, N, R]
-  mass = on_ref.sum(-1)
-  spread = on_ref / mass[..., None]
-  own = p[..., :n] / (1 - mass[..., None])
-  entropy = -(spread * np.log(np.maximum(spread, 1e-30))).sum(-1) / np.log(r)
-  own_entropy = -(own * np.log(np.maximum(own, 1e-30))).sum(-1) / np.log(n)
+  mass = _softmax(logits)[..., n:].sum(-1)  # [B, H, N]
+  # Each part's own softmax: the attention restricted to it, exact even where the other part holds ~all the mass.
+  spread, own = _softmax(logits[..., n:]), _softmax(logits[..., :n])
+  entropy = _entropy(spread) / np.log(r)
+  own_entropy = _entropy(own) / np.log(n)
   same = (target_labels[:, :, None] == reference_labels[:, None, :]).astype(np.float64)  # [B, N, R]
   match = (spread * same[:, None]).sum(-1)  # [B, H, N]
   chance = np.broadcast_to(same.mean(-1)[:, None], match.shape)

@@ -548,16 +548,16 @@ def main_topology(args: argparse.Namespace) -> None:
   register_backend(FLASH_PROXY, flash_proxy_attention)
   if args.topology:
     devices = plan.topology_devices(args.topology)
+    where = f"TPU topology {args.topology}: {len(devices)} x {devices[0].device_kind}, compiled by libtpu on this host"
   else:
     devices = jax.devices()[:args.devices]
-    args.topology = f"{len(devices)} real {devices[0].platform} device(s)"
+    where = f"{len(devices)} real {devices[0].platform} device(s) ({devices[0].device_kind}), compiled and run here"
   args.devices = len(devices)
   stages = [s.strip() for s in args.stages.split(",") if s.strip()]
   batches = [int(b) for b in args.batch.split(",")] if args.batch else [DEFAULT_BATCH[s] for s in stages]
   if len(batches) == 1:
     batches *= len(stages)
-  print(f"memory plan: TPU topology {args.topology}: {len(devices)} x {devices[0].device_kind}, compiled by libtpu "
-        f"on this host (jax {jax.__version__}); estimates are a model, not a measurement", flush=True)
+  print(f"memory plan: {where} (jax {jax.__version__}); estimates are a model, not a measurement", flush=True)
   plans = []
   for stage, batch in zip(stages, batches, strict=True):
     plans += plan_on_topology(args, stage, batch, devices)

@@ -82,7 +82,6 @@ def test_convolution_flops_read_from_the_tpu_program_match_the_compilers_count(s
   assert counted.once == pytest.approx(flops.compiled_flops(step_compiled), rel=0.15)
 
 
-
 def test_step_flops_with_the_kernels_match_the_analytic_count(step_compiled, step_hlo, devices):
   """XLA's count plus the splash kernels' own (read from the program) against `train.flops`' analytic count of
   the step, which adds splash's backward recomputation (`SPLASH_BACKWARD_EXTRA`) and, under remat, its re-run

@@ -58,6 +58,13 @@ def test_topology_devices_are_tpus(devices):
   assert jax.default_backend() == "cpu"  # the host stays a CPU: the target must come from the devices
 
 
+@pytest.mark.parametrize(("name", "kind"), [("v6e:1x1", "TPU v6 lite"), ("v5e:1x1", "TPU v5 lite")])
+def test_a_slice_smaller_than_a_host_is_described(name, kind):
+  """libtpu assumes whole 2x2-chip hosts for v5e/v6e; a one-chip slice is described with its own shape."""
+  (device,) = plan.topology_devices(name)
+  assert device.platform == "tpu" and device.device_kind == kind
+
+
 @pytest.mark.parametrize("program", ["step_hlo", "sampler_hlo"])
 def test_tpu_program_holds_the_splash_kernel_and_no_cpu_kernel(program, request):
   hlo = request.getfixturevalue(program)

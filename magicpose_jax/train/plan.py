@@ -38,10 +38,27 @@ def topology_devices(name: str) -> list[jax.Device]:
   # none, and without this a second compiling process (a pytest-xdist worker, a planner) fails to load libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    try:
+      return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:
+      # libtpu assumes whole hosts (2x2 chips on v5e/v6e): a slice smaller than one ("v6e:1x1", a one-chip VM)
+      # is described with its own shape as the host's.
+      if "chips_per_host_bounds" not in str(e) or not (bounds := _slice_shape(name)):
+        raise
+      return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                               chips_per_host_bounds=bounds).devices)
   except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError depending on what is missing
     raise ValueError(f"TPU topology {name!r}: cannot describe it ({e}); needs libtpu (`pip install "
                      f"'jax[tpu]==0.10.2'`, pinned in requirements-test.txt) and a name such as 'v5p:2x2x1'") from e
+
+
+def _slice_shape(name: str) -> tuple[int, int, int] | None:
+  """(x, y, z) chips of a topology name such as "v6e:1x1" or "v5p:2x2x1"; None if it has no such shape."""
+  dims = name.partition(":")[2].split("x")
+  if not 2 <= len(dims) <= 3 or not all(d.isdigit() for d in dims):
+    return None
+  x, y, *z = (int(d) for d in dims)
+  return x, y, z[0] if z else 1
 
 
 def cores_per_chip(devices: list[jax.Device]) -> int:

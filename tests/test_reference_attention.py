@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magicpose_jax.eval.reference_attention import attention_stats, reference_layers, token_labels
+from magicpose_jax.eval.reference_attention import (
+  attention_stats,
+  part_token,
+  query_map,
+  reference_layers,
+  token_labels,
+)
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, abstract_unet_params
 
@@ -49,6 +55,20 @@ def test_part_aligned_keys_match_the_part():
   assert s["part_match"] > 3 * s["chance"]
   # ~all the mass is on the reference; the own keys (all zero) still tie, so that part's entropy is exactly 1
   assert s["reference_mass"] > 1 - 1e-9 and s["own_entropy"] == pytest.approx(1.0)
+
+
+def test_query_map_and_part_token():
+  """A query aligned with one reference key puts (almost) all its reference attention there; a zero query spreads
+  it evenly. The part's token nearest its centroid is the middle of a 3 x 3 block."""
+  k = np.zeros((1, 2 * N, 1, 4))
+  k[0, N + 5, 0] = (1, 0, 0, 0)
+  q = np.zeros((1, N, 1, 4))
+  q[0, 2, 0] = (100, 0, 0, 0)
+  assert query_map(q, k, 0, 2).argmax() == 5 and query_map(q, k, 0, 2)[5] > 0.99
+  np.testing.assert_allclose(query_map(q, k, 0, 0), np.full(N, 1 / N))
+  labels = np.zeros((6, 6), int)
+  labels[1:4, 2:5] = 7
+  assert part_token(labels.reshape(-1), 7) == 2 * 6 + 3 and part_token(labels.reshape(-1), 1) is None
 
 
 def test_token_labels_take_each_cells_majority():

@@ -19,6 +19,7 @@ runs it on a trained run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,3 +86,22 @@ def attention_stats(q: np.ndarray, k: np.ndarray, target_labels: np.ndarray,
   return {"reference_mass": float(mass[fg].mean()), "entropy": float(entropy[fg].mean()),
           "own_entropy": float(own_entropy[fg].mean()),
           "part_match": float(match[fg].mean()), "chance": float(chance[fg].mean())}
+
+
+def query_map(q: np.ndarray, k: np.ndarray, example: int, token: int) -> np.ndarray:
+  """One query's attention over the reference's tokens, averaged over heads and renormalised over them: `[R]`
+  (q `[B, N, H, D]`, k `[B, N + R, H, D]` as in `attention_stats`)."""
+  n, d = q.shape[1], q.shape[-1]
+  logits = np.einsum("hd,mhd->hm", q[example, token].astype(np.float64), k[example, n:].astype(np.float64))
+  return _softmax(logits / np.sqrt(d)).mean(0)
+
+
+def part_token(labels: np.ndarray, part: int) -> int | None:
+  """The token of `part` nearest its centroid on a square grid of `[side * side]` labels (None if absent)."""
+  side = math.isqrt(labels.size)
+  ys, xs = np.divmod(np.flatnonzero(labels == part), side)
+  if not len(ys):
+    return None
+  nearest = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+  return int(ys[nearest] * side + xs[nearest])
+

@@ -13,7 +13,7 @@ import pytest
 from test_train_step import tiny
 
 from magicpose_jax.models import conv, cpu_attention, platforms
-from magicpose_jax.train import loop, plan
+from magicpose_jax.train import loop, plan, sharding
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (pip install -r requirements-test.txt)")
@@ -63,6 +63,9 @@ def test_a_slice_smaller_than_a_host_is_described(name, kind):
   """libtpu assumes whole 2x2-chip hosts for v5e/v6e; a one-chip slice is described with its own shape."""
   (device,) = plan.topology_devices(name)
   assert device.platform == "tpu" and device.device_kind == kind
+  # ... and the mesh is built over it, not over the host's one CPU device (as many devices, not the same ones)
+  mesh = sharding.make_mesh(tiny_tpu_config().mesh, [device])
+  assert [d.platform for d in mesh.devices.flat] == ["tpu"]
 
 
 @pytest.mark.parametrize("program", ["step_hlo", "sampler_hlo"])

@@ -48,7 +48,7 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   """The training mesh over `devices` (default: all, over every host)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  if len(devices) == len(jax.devices()):
+  if devices == jax.devices():  # the same devices, not just as many (a TPU topology's on a CPU host)
     # jax's topology-aware device order (ICI rings on TPU) for the whole system.
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

@@ -222,8 +222,10 @@ def test_ctrl_c_during_the_first_compile_exits_at_once_and_leaves_no_workdir(tmp
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert rc == 130 and waited < 10, (rc, waited)
-  assert "nothing was saved" in proc.stderr.read()
+  rest = proc.stderr.read()
+  # rc 0: the signal came after the compile (a preemption: step, save, exit 0), so the reader was late.
+  assert rc == 130 and waited < 10, (rc, waited, rest[-2000:])
+  assert "nothing was saved" in rest
   assert not os.path.exists(tmp_path / "new")  # the folders this run created were empty: removed
 
 

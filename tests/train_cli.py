@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -37,9 +38,17 @@ def run(workdir: str, cache_dir: str, timeout: float = 600, **overrides) -> subp
   return result
 
 
+def _interruptible_child() -> None:
+  """The child's SIGINT as a terminal gives it: a disposition of SIG_IGN or a blocked mask is inherited across
+  exec, and a process started so ignores Ctrl-C (seen in the full suite: the Ctrl-C test's run trained on)."""
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(workdir: str, cache_dir: str, **overrides) -> subprocess.Popen:
   return subprocess.Popen(command(workdir, **overrides), env=env(cache_dir), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          preexec_fn=_interruptible_child)  # noqa: PLW1509 (two signal calls, no locks taken)
 
 
 def metrics(workdir: str) -> list[dict]:

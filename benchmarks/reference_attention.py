@@ -88,6 +88,13 @@ def run_rows(workdir: str, timesteps: list[int], same: bool, poses: int,
   text = jnp.broadcast_to(text, (b, *text.shape[1:]))
   schedule = make_schedule(m.sd.scheduler)
   noise = jax.random.normal(jax.random.key(0), z0.shape)
+  labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per grid side: (targets', references') token labels
+
+  def labels_at(side: int) -> tuple[np.ndarray, np.ndarray]:
+    if side not in labels:
+      labels[side] = tuple(np.stack([token_labels(f["part_mask"], side) for f in frames]) for frames in (targets, refs))
+    return labels[side]
+
   rows, strip = [], None
   for t in timesteps:
     tt = jnp.full((b,), t)
@@ -99,8 +106,7 @@ def run_rows(workdir: str, timesteps: list[int], same: bool, poses: int,
     for layer, (q, k) in enumerate(reference_layers(sown["intermediates"])):
       n = q.shape[1]
       side = math.isqrt(n)  # the demo's latents are square
-      s = attention_stats(q, k, np.stack([token_labels(f["part_mask"], side) for f in targets]),
-                          np.stack([token_labels(f["part_mask"], side) for f in refs]))
+      s = attention_stats(q, k, *labels_at(side))
       rows.append(f"| {workdir} | {t} | {layer} ({side}x{side}) | {s['reference_mass']:.3f} | {s['entropy']:.3f} | "
                   f"{s['own_entropy']:.3f} | {s['part_match']:.3f} | {s['chance']:.3f} |")
     if t == figure_t:

@@ -94,6 +94,17 @@ def test_stage2_train_step_flops_match_the_analytic_count():
   assert plain.hardware == plain.model
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_base_train_step_flops_match_the_analytic_count(share):
+  """Stage "base", plain and reference-only (the UNet also runs on the reference, trained through both roles, so
+  its backward is 2x and the reference pass adds a trained UNet's 3x), lowered with no loops vs the count."""
+  config = flops.loop_free_config(tiny(stage="base", base_reference_share=share))
+  step_fn, args = loop.abstract_setup(config)
+  counted = flops.lowered_flops(step_fn.lower(*args))
+  per_example = flops.config_step_flops(config, stages.networks(config, stages.variant_configs(config)))
+  _close(counted, per_example.hardware * config.global_batch_size)
+
+
 def test_compiled_count_sees_a_loop_body_once():
   """Why `loop_free_config` exists: XLA's cost analysis counts a scan body once, whatever its length."""
   w = jnp.ones((64, 64))

@@ -118,6 +118,40 @@ def test_tiny_base_overfits_a_fixed_small_set(tmp_path):
   assert np.mean(losses[-2:]) < 0.35, losses
 
 
+def test_reference_only_base_is_stage_1_with_the_unet_as_its_own_controller():
+  """Stage "base" with `base_reference_share` 1: the loss is stage 1's with the Appearance Controller's params set
+  to the base UNet's, and the gradient is the sum of stage 1's gradients for the controller and for the main UNet
+  (one set of weights in both roles). With share 0 the reference is not read (plain SD training)."""
+  from magicpose_jax.diffusion.schedules import make_schedule  # noqa: PLC0415
+  from magicpose_jax.train import stages, step  # noqa: PLC0415
+
+  config = tiny(stage="base", base_reference_share=1.0)
+  run = loop.setup(config)
+  batch = loop._next_batch(iter(train_dataset(config.data, global_batch_size=config.global_batch_size,
+                                              seed=config.seed)), run)
+  unet, frozen, key = run.state.params["unet"], run.frozen, jax.random.key(1)
+  schedule = make_schedule(run.nets.schedule)
+  base_loss = lambda p, share: step.loss_fn({"unet": p}, frozen, batch, key, run.nets, schedule, 0.0, 0.0, share)
+  loss, grads = jax.value_and_grad(base_loss)(unet, 1.0)
+
+  stage1 = stages.networks(tiny(stage="stage1"), stages.variant_configs(config))
+  stage1_loss = lambda app, main: step.loss_fn({"appearance": app}, {**frozen, "unet": main}, batch, key, stage1,
+                                               schedule, 0.0, 0.0)
+  expected, (g_app, g_main) = jax.value_and_grad(stage1_loss, argnums=(0, 1))(unet, unet)
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+  total = jax.tree.map(lambda a, b: a + b, g_app, g_main)
+  got, want = flat(grads), flat(total)
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # Neither role's gradient alone is the answer (the test can tell them apart).
+  assert not np.allclose(got["conv_in/kernel"], flat(g_app)["conv_in/kernel"], rtol=1e-3)
+
+  plain = float(base_loss(unet, 0.0))
+  assert plain == pytest.approx(float(step.loss_fn({"unet": unet}, frozen, batch, key, run.nets, schedule, 0.0, 0.0)))
+  assert abs(plain - float(loss)) > 1e-6  # the reference changed the prediction
+
+
 def test_cached_latent_moments_are_sampled_like_the_vae_posterior():
   """Batches from `preprocess --vae` records carry latent moments (mean ++ logvar); the step samples them."""
   import jax.numpy as jnp  # noqa: PLC0415

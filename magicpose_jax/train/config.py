@@ -26,6 +26,12 @@ def default_config() -> ml_collections.ConfigDict:
   # What trains. "base": the main UNet alone, plain SD training (the demo pre-trains its tiny SD this way).
   # "stage1": the Appearance Controller, main UNet frozen, no pose net. "stage2": appearance + pose nets.
   c.stage = "stage1"
+  # Stage "base" only: the share of each batch trained reference-only (ControlNet's reference-only control with
+  # shared weights): the UNet's self-attention also reads its own states of another frame of the same person, as
+  # the main UNet reads the Appearance Controller's. 0: plain SD training. SD 1.5's self-attention features match
+  # across images after web-scale pre-training, which MagicPose relies on; a base pre-trained from scratch on
+  # little data lacks that, and this teaches some of it (measured on the demo's figures: docs/training.md).
+  c.base_reference_share = 0.0
   c.total_steps = 10_000  # optimizer updates (one update = one global batch, whatever grad_accum_steps is)
   c.global_batch_size = 192  # examples per update over all hosts and devices
   c.grad_accum_steps = 1  # micro-batches per update (global_batch_size must divide by it)

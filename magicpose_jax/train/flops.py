@@ -621,7 +621,9 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
   stages 1/2 (its input gradients feed the trainable nets; XLA drops the unused weight gradients), except its
   self-attention: queries, keys and values all carry gradients there (the keys and values from the appearance
   net), so 2 x (dQ, dK, dV; cross-attention's keys come from the frozen text: 1 x). The VAE encodes the target
-  (and the reference) without gradients; `vae=None`: cached latents, no VAE.
+  (and the reference) without gradients; `vae=None`: cached latents, no VAE. Stage "base" with `use_appearance`
+  is reference-only training (`base_reference_share`): the trained UNet also runs on the reference and is
+  trained through both roles, so both passes have the full 2x backward.
 
   `splash(queries, keys)`: which attention calls run splash's kernels (`splash_calls`; None: none). Their backward
   adds `SPLASH_BACKWARD_EXTRA` x their forward, and a remat policy that saves dots recomputes their forward too
@@ -639,7 +641,7 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
 
   image_hw = None if vae is None else (latent_hw[0] * vae.downsample_factor, latent_hw[1] * vae.downsample_factor)
   enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
-  if stage == "base":
+  if stage == "base" and not use_appearance:
     f = unet_forward_flops(unet, latent_hw, context_len)
     return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + kernel_and_recompute(f) + enc,
                      forward=f.total + enc)
@@ -650,7 +652,10 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
     trained.append(controlnet_forward_flops(pose, latent_hw, context_len))
   encodes = enc * (2 if use_appearance else 1)
   forward = main.total + sum(f.total for f in trained) + encodes
-  main_backward = main.total + main.attention_where(lambda nq, nk, is_self: is_self)
+  # A frozen main UNet's backward is the input gradient only (1x; 2x in its self-attention, whose keys and values
+  # come from the reference too); a trained one (stage "base" reference-only) has the weight gradient as well.
+  main_backward = 2 * main.total if stage == "base" else main.total + main.attention_where(
+      lambda nq, nk, is_self: is_self)
   model = main.total + main_backward + sum(3 * f.total for f in trained) + encodes
   hardware = model + kernel_and_recompute(main) + sum(kernel_and_recompute(f) for f in trained)
   return StepFlops(model=model, hardware=hardware, forward=forward)
@@ -669,7 +674,8 @@ def config_step_flops(config: ml_collections.ConfigDict, nets: Any, latent_hw: t
     size = config.data.image_size // nets.vae.config.downsample_factor
     latent_hw = (size, size)
   return train_step_flops(nets.stage, mp.unet, None if latents else nets.vae.config, tuple(latent_hw),
-                          pose=mp.pose, use_appearance=mp.use_appearance and nets.stage != "base",
+                          pose=mp.pose, use_appearance=config.base_reference_share > 0 if nets.stage == "base"
+                          else mp.use_appearance,
                           remat_policy=config.remat_policy,
                           splash=splash_calls(mp.unet.attention_backend, mp.unet.target_platform))
 

@@ -9,6 +9,7 @@ the update (params, optimizer state and EMA unchanged) and counts it in `state.n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,16 +73,29 @@ def latents(nets: Networks, vae_params: Params, batch: Mapping[str, jax.Array], 
 
 def predict(nets: Networks, params: Params, z_t: jax.Array, t: jax.Array, text: jax.Array, z_ref: jax.Array | None,
             pose: jax.Array | None, use_reference: jax.Array | None, use_pose: jax.Array | None) -> jax.Array:
-  """The stage's model output for `z_t`; `params` holds every network (frozen and trainable)."""
+  """The stage's model output for `z_t`; `params` holds every network (frozen and trainable).
+
+  Stage "base" with `z_ref` is reference-only training: the UNet's self-attention also reads its own states of
+  the clean reference (the Appearance Controller's route, with the UNet itself as the controller: one set of
+  weights in both roles, so its gradient is the sum of both uses). `use_reference [B]` picks the rows that do.
+  """
   if nets.stage == "base":
-    return nets.unet.apply({"params": params["unet"]}, z_t, t, text)
+    if z_ref is None:
+      return nets.unet.apply({"params": params["unet"]}, z_t, t, text)
+    model = dataclasses.replace(nets.model, config=dataclasses.replace(nets.model.config, use_appearance=True))
+    shared = {"unet": params["unet"], "appearance": params["unet"]}
+    return model.apply(shared, z_t, t, text, z_ref, use_reference=use_reference)
   pose_image = None if pose is None else pose.astype(jnp.float32) / 255.0
   return nets.model.apply(params, z_t, t, text, z_ref, pose_image, use_reference=use_reference, use_pose=use_pose)
 
 
 def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], key: jax.Array, nets: Networks,
-            schedule: Schedule, drop_reference: float, drop_pose: float) -> jax.Array:
-  """Mean squared error of the prediction (ε or v per the schedule) over a batch, in float32."""
+            schedule: Schedule, drop_reference: float, drop_pose: float, base_reference: float = 0.0) -> jax.Array:
+  """Mean squared error of the prediction (ε or v per the schedule) over a batch, in float32.
+
+  `base_reference` (stage "base" only): the share of rows trained reference-only (`predict`); the others, and
+  every row when it is 0, are plain SD training.
+  """
   k_z, k_ref, k_noise, k_t, k_drop_r, k_drop_p = jax.random.split(key, 6)
   z0 = latents(nets, frozen["vae"], batch, "target", k_z)
   b = z0.shape[0]
@@ -90,8 +104,10 @@ def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], k
   z_t = add_noise(schedule, z0, noise, t)
   text = jnp.broadcast_to(frozen["text"], (b, *frozen["text"].shape[1:]))
   params = {**{k: v for k, v in frozen.items() if k in ("unet",)}, **trainable}
-  z_ref = latents(nets, frozen["vae"], batch, "reference", k_ref) if nets.model.config.use_appearance \
-      and nets.stage != "base" else None
+  if nets.stage == "base":
+    drop_reference = 1.0 - base_reference
+  with_reference = nets.model.config.use_appearance if nets.stage != "base" else base_reference > 0
+  z_ref = latents(nets, frozen["vae"], batch, "reference", k_ref) if with_reference else None
   use_reference = jax.random.uniform(k_drop_r, (b,)) >= drop_reference if drop_reference > 0 else None
   use_pose = jax.random.uniform(k_drop_p, (b,)) >= drop_pose if drop_pose > 0 else None
   pose = batch.get("pose") if nets.model.config.pose is not None else None
@@ -115,12 +131,12 @@ def split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, frozen: Params, batch: Mapping[str, jax.Array], *, nets: Networks,
                schedule: Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum_steps: int = 1,
-               ema_decay: float = 0.0, drop_reference: float = 0.0,
-               drop_pose: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float = 0.0, drop_reference: float = 0.0, drop_pose: float = 0.0,
+               base_reference: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update over the global batch (`grad_accum_steps` micro-batches scanned)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(loss_fn)
-  args = (nets, schedule, drop_reference, drop_pose)
+  args = (nets, schedule, drop_reference, drop_pose, base_reference)
   if grad_accum_steps == 1:
     loss, grads = grad_fn(state.params, frozen, batch, key, *args)
   else:

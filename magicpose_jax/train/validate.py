@@ -128,6 +128,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.sample_size": POSITIVE_INT,
     "model.pose_init": _choice(("appearance", "sd")),
     "model.prediction_type": _choice(PREDICTION_TYPES),
+    "base_reference_share": PROBABILITY,
     "drop.reference": PROBABILITY,
     "drop.pose": PROBABILITY,
     "optimizer.lr": _range(0.0, lo_open=True),

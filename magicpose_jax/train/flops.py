@@ -614,16 +614,17 @@ class StepFlops:
 
 def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, latent_hw: tuple[int, int],
                      pose: ControlNetConfig | None = None, use_appearance: bool = True, context_len: int = 77,
-                     remat_policy: str = "none", splash: Callable[[int, int], bool] | None = None) -> StepFlops:
+                     remat_policy: str = "none", splash: Callable[[int, int], bool] | None = None,
+                     reference_only: bool = False) -> StepFlops:
   """Analytic FLOPs per example of a `train.step.train_step` (multiply by the batch for the step).
 
   Backward = 2 x forward for trained nets (input and weight gradients), 1 x forward for the frozen main UNet of
   stages 1/2 (its input gradients feed the trainable nets; XLA drops the unused weight gradients), except its
   self-attention: queries, keys and values all carry gradients there (the keys and values from the appearance
   net), so 2 x (dQ, dK, dV; cross-attention's keys come from the frozen text: 1 x). The VAE encodes the target
-  (and the reference) without gradients; `vae=None`: cached latents, no VAE. Stage "base" with `use_appearance`
-  is reference-only training (`base_reference_share`): the trained UNet also runs on the reference and is
-  trained through both roles, so both passes have the full 2x backward.
+  (and the reference) without gradients; `vae=None`: cached latents, no VAE. `reference_only` (stage "base";
+  `base_reference_share` > 0): the trained UNet also runs on the reference and is trained through both roles, so
+  both passes have the full 2x backward (`use_appearance` is not read for stage "base").
 
   `splash(queries, keys)`: which attention calls run splash's kernels (`splash_calls`; None: none). Their backward
   adds `SPLASH_BACKWARD_EXTRA` x their forward, and a remat policy that saves dots recomputes their forward too
@@ -641,7 +642,9 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
 
   image_hw = None if vae is None else (latent_hw[0] * vae.downsample_factor, latent_hw[1] * vae.downsample_factor)
   enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
-  if stage == "base" and not use_appearance:
+  if stage == "base":
+    use_appearance = reference_only
+  if stage == "base" and not reference_only:
     f = unet_forward_flops(unet, latent_hw, context_len)
     return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + kernel_and_recompute(f) + enc,
                      forward=f.total + enc)
@@ -674,8 +677,8 @@ def config_step_flops(config: ml_collections.ConfigDict, nets: Any, latent_hw: t
     size = config.data.image_size // nets.vae.config.downsample_factor
     latent_hw = (size, size)
   return train_step_flops(nets.stage, mp.unet, None if latents else nets.vae.config, tuple(latent_hw),
-                          pose=mp.pose, use_appearance=config.base_reference_share > 0 if nets.stage == "base"
-                          else mp.use_appearance,
+                          pose=mp.pose, use_appearance=mp.use_appearance,
+                          reference_only=nets.stage == "base" and config.base_reference_share > 0,
                           remat_policy=config.remat_policy,
                           splash=splash_calls(mp.unet.attention_backend, mp.unet.target_platform))
 

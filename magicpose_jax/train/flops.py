@@ -643,11 +643,11 @@ def train_step_flops(stage: str, unet: UNetConfig, vae: AnyVAEConfig | None, lat
   image_hw = None if vae is None else (latent_hw[0] * vae.downsample_factor, latent_hw[1] * vae.downsample_factor)
   enc = 0.0 if vae is None else vae_encode_flops(vae, image_hw).total
   if stage == "base":
-    use_appearance = reference_only
-  if stage == "base" and not reference_only:
-    f = unet_forward_flops(unet, latent_hw, context_len)
-    return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + kernel_and_recompute(f) + enc,
-                     forward=f.total + enc)
+    if not reference_only:
+      f = unet_forward_flops(unet, latent_hw, context_len)
+      return StepFlops(model=3 * f.total + enc, hardware=3 * f.total + kernel_and_recompute(f) + enc,
+                       forward=f.total + enc)
+    use_appearance = True
   appearance = unet_forward_flops(unet, latent_hw, context_len, compute_output=False) if use_appearance else None
   main = unet_forward_flops(unet, latent_hw, context_len, reference=use_appearance)
   trained = [appearance] if appearance is not None else []

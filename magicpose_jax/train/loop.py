@@ -76,7 +76,7 @@ def _jit_step(config: ml_collections.ConfigDict, nets: stages.Networks, trainabl
   step = functools.partial(train_step, nets=nets, schedule=make_schedule(nets.schedule), tx=tx, lr_fn=lr_fn,
                            grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                            drop_reference=config.drop.reference, drop_pose=config.drop.pose,
-                           base_reference=config.base_reference_share if nets.stage == "base" else 0.0)
+                           base_reference=config.base_reference_share)
   batch_sh = sharding.batch_sharding(mesh)
 
   def step_in_mesh(*args: Any) -> Any:

@@ -8,8 +8,9 @@ import os
 import jax
 
 import magicpose_jax.demo as demo_package
+from magicpose_jax.demo import pretrained
 from magicpose_jax.demo import retarget as rt
-from magicpose_jax.demo.phases import CONFIG_FILE, DEMO, MICRO, MICRO_UNET, Demo, load_config
+from magicpose_jax.demo.phases import CONFIG_FILE, DEMO, MICRO, MICRO_UNET, TRAINED_BASE, Demo, load_config
 
 
 def print_report(report: dict) -> None:
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", default="outputs/demo", help="output folder (phases are cached here)")
   parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
+  parser.add_argument("--base-sd", default=pretrained.PACKAGED_BASE,
+                      help="the pretrained tiny SD the stages train over: a folder written by `python -m "
+                      "magicpose_jax.demo.pretrain` (default: the packaged one, magicpose_jax/demo/pretrained_sd)")
+  parser.add_argument("--train-base", action="store_true",
+                      help="train the VAE and base in this run instead (phases vae and base; --micro always does)")
   parser.add_argument("--config", default=CONFIG_FILE, help="training config file or packaged name (default: demo)")
   parser.add_argument("--jobs", type=int, default=1,
                       help="phases run at once where they do not depend on each other (ablations beside the main "
@@ -49,8 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_compilation_cache_dir", args.jax_cache or os.path.join(os.path.abspath(args.out),
                                                                                     "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET) if args.micro else \
-      Demo(args.out, DEMO, load_config(args.config), args.fresh)
+  if args.micro:  # its own micro base: the packaged one's UNet compiles for longer than the micro run takes
+    demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET)
+  else:
+    demo = Demo(args.out, TRAINED_BASE if args.train_base else DEMO, load_config(args.config), args.fresh,
+                base_sd=None if args.train_base else args.base_sd)
   report = demo.run(args.jobs)
   print_report(report)
   return report

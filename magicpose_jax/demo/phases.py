@@ -23,7 +23,7 @@ import tqdm
 from magicpose_jax import configs
 from magicpose_jax.configs import config_path
 from magicpose_jax.data.synthetic import SyntheticSource
-from magicpose_jax.demo import autoencoder
+from magicpose_jax.demo import autoencoder, pretrained
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.figures import image_grid, save_animation, save_png
 from magicpose_jax.diffusion.sampler import SamplerConfig
@@ -57,7 +57,7 @@ class TrainingRun:
   name: str
   config: ml_collections.ConfigDict
   text: str
-  after: str
+  after: str | None  # None: it reads a pretrained base folder, no phase
 
 
 AUTOENCODERS = ("patch", "trained")
@@ -73,7 +73,10 @@ class Budget:
   autoencoder: str = "trained"
   vae_steps: int = 800  # "trained" only
   vae_images: int = 2048  # training figures rendered for the autoencoder (random training identities)
+  latent_channels: int = 4  # "trained" only: the tiny VAE's latent channels
+  # The VAE and base phases run only for a demo that trains its own base (`Demo(base_sd=None)`).
   base_steps: int = 400
+  base_reference_share: float = 0.0  # the base run's `config.base_reference_share` (train/config.py)
   stage1_steps: int = 250
   stage2_steps: int = 250
   no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
@@ -91,7 +94,11 @@ class Budget:
       raise ValueError(f"Budget.autoencoder: expected one of {AUTOENCODERS}, got {self.autoencoder!r}")
 
 
-DEMO = Budget()
+# `make demo`: MagicPose's stages over the packaged pretrained base (demo/pretrained.py), in the time the VAE and
+# base phases took when the demo trained its own.
+DEMO = Budget(stage1_steps=500, stage2_steps=500, no_appearance_steps=500)
+# `--train-base`: the demo trains its own VAE (800 steps) and plain base (400) first, and the stages for less.
+TRAINED_BASE = Budget()
 # The smoke test's size: every phase and output, a few steps each.
 MICRO = Budget(vae_steps=2, vae_images=8, base_steps=1, stage1_steps=1, stage2_steps=1, no_appearance_steps=1,
                batch_size=2, sample_steps=2, holdout_identities=1, poses_per_identity=2, animation_keyframes=2,
@@ -133,12 +140,18 @@ class Demo:
   """The phases over one output folder; `run()` does them all."""
 
   def __init__(self, out: str, budget: Budget = DEMO, config: ml_collections.ConfigDict | None = None,
-               fresh: bool = False, unet: UNetConfig | None = None):
-    """`unet`: the base UNet's architecture (default: `config.model.unet`'s variant)."""
+               fresh: bool = False, unet: UNetConfig | None = None, base_sd: str | None = None):
+    """`unet`: the base UNet's architecture (default: `config.model.unet`'s variant), when the demo trains its
+    own base. `base_sd`: a pretrained base SD folder (`demo.pretrained`: the packaged `PACKAGED_BASE` or one
+    the pretrain command wrote) that the stages train over; then no VAE or base phase runs. None: the demo trains
+    both (phases vae and base)."""
     self.out = os.path.abspath(out)
     self.budget = budget
     self.unet = unet
     self.config = config if config is not None else load_config()
+    self.base_sd = os.path.abspath(base_sd) if base_sd else None
+    # Checked before anything is removed or trained: a missing file or a changed weight is an error here.
+    self.base_manifest = pretrained.check_base_sd(self.base_sd) if self.base_sd else None
     if self.config.model.prediction_type != DEMO_SCHEDULE.prediction_type:
       raise ValueError(f"config.model.prediction_type={self.config.model.prediction_type!r}: the demo's base trains "
                        f"with a zero-terminal-SNR schedule, which needs {DEMO_SCHEDULE.prediction_type!r}")
@@ -159,8 +172,11 @@ class Demo:
   def setup(self) -> dict[str, Any]:
     """What the cached phases depend on: the training config, the budget, the VAE's and base UNet's architectures
     and the VAE's training settings (JSON-able)."""
-    unet = self.unet or VARIANTS[self.config.model.unet]
     as_json = lambda x: json.loads(json.dumps(x, default=str))
+    if self.base_sd:
+      return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),
+                      "base_sd": {"path": self.base_sd, "sha256": self.base_manifest["sha256"]}})
+    unet = self.unet or VARIANTS[self.config.model.unet]
     trained = self.budget.autoencoder == "trained"
     return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),
                     "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(self._vae_config()),
@@ -182,7 +198,9 @@ class Demo:
     return autoencoder.AutoencoderTraining(steps=self.budget.vae_steps)
 
   def _vae_config(self) -> autoencoder.AnyVAEConfig:
-    return autoencoder.DEMO_VAE if self.budget.autoencoder == "trained" else autoencoder.DEMO_PATCH_VAE
+    if self.budget.autoencoder == "patch":
+      return autoencoder.DEMO_PATCH_VAE
+    return dataclasses.replace(autoencoder.DEMO_VAE, latent_channels=self.budget.latent_channels)
 
   # -- paths and configs ---------------------------------------------------------------------------------------
 
@@ -248,7 +266,7 @@ class Demo:
       if report:
         bar.set_postfix(l1=f"{report['l1']:.4f}", kl=f"{report['kl']:.2f}", refresh=False)
 
-    out = autoencoder.train_autoencoder(autoencoder.DEMO_VAE, images, self._vae_training(), progress)
+    out = autoencoder.train_autoencoder(self._vae_config(), images, self._vae_training(), progress)
     bar.close()
     return out
 
@@ -273,19 +291,26 @@ class Demo:
     """The demo's training runs, in order (each after the phase it reads)."""
     b = self.budget
     runs = []
-    c = self.run_config("base", b.base_steps)
-    c.base.path = self.path("base_sd")
-    runs.append(TrainingRun(2, "base", c, "tiny UNet trained as plain SD on the figures (then frozen)", "vae"))
+    if self.base_sd:
+      base, base_phase = self.base_sd, None
+    else:
+      base, base_phase = self.path("runs", "base"), "base"
+      c = self.run_config("base", b.base_steps)
+      c.base.path = self.path("base_sd")
+      c.base_reference_share = b.base_reference_share
+      text = "tiny UNet trained as SD on the figures (then frozen)" + (
+          f", {b.base_reference_share:.0%} of each batch reference-only" if b.base_reference_share else "")
+      runs.append(TrainingRun(2, "base", c, text, "vae"))
     c = self.run_config("stage1", b.stage1_steps)
-    c.base.path = self.path("runs", "base")
-    runs.append(TrainingRun(3, "stage1", c, "Appearance Controller over the frozen base", "base"))
+    c.base.path = base
+    runs.append(TrainingRun(3, "stage1", c, "Appearance Controller over the frozen base", base_phase))
     c = self.run_config("stage2", b.stage2_steps)
     c.init_from = self.path("runs", "stage1")
     runs.append(TrainingRun(4, "stage2", c, "Appearance + Pose Controller, from stage 1", "stage1"))
     c = self.run_config("stage2", b.no_appearance_steps, use_appearance=False)
-    c.base.path = self.path("runs", "base")
+    c.base.path = base
     runs.append(TrainingRun(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller",
-                            "base"))
+                            base_phase))
     if b.no_pose_steps > 0:
       c = self.run_config("stage2", b.no_pose_steps, use_pose=False)
       c.init_from = self.path("runs", "stage1")
@@ -366,9 +391,11 @@ class Demo:
   def phases(self) -> dict[str, tuple[Callable[[], Any], tuple[str, ...]]]:
     """name -> (what it does, the phases it needs), in the sequential order: the VAE, the training runs, and the
     retargeting of each evaluated model (`evaluate <variant>`, as soon as its run is trained)."""
-    phases: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {"vae": (self.train_vae, ())}
+    phases: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {} if self.base_sd else {
+        "vae": (self.train_vae, ())}
     for r in self.training_runs():
-      phases[r.name] = (functools.partial(self.train_run, r.index, r.name, r.config, r.text), (r.after,))
+      phases[r.name] = (functools.partial(self.train_run, r.index, r.name, r.config, r.text),
+                        (r.after,) if r.after else ())
     for name, workdir in self.variants().items():
       phases[f"evaluate {name}"] = (functools.partial(self.retarget, name), (os.path.basename(workdir),))
     return phases

@@ -1,0 +1,109 @@
+"""`python -m magicpose_jax.demo.pretrain [--out DIR] [--micro]`: trains the demo's "pretrained SD" from scratch.
+
+What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretrained_sd/`), and what makes another:
+
+  1. vae    the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
+  2. base   the tiny UNet trained as SD on the figures, `PRETRAIN.base_reference_share` of each batch
+            reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention also reads its
+            own states of another frame of the same person. A plain base never learns to match body parts across
+            images, which is what the Appearance Controller's attention needs from SD (docs/demo.md);
+  3. export DIR/sd: the trained base as a diffusers pipeline folder with `pretrain.json` (how it was made, its
+            VAE's reconstruction scores, the sha256 of every file).
+
+Then `python -m magicpose_jax.demo --base-sd DIR/sd` trains MagicPose's stages over it (the demo's default is the
+packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). About an hour on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+
+from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
+from magicpose_jax.demo import pretrained
+from magicpose_jax.demo.phases import MICRO, MICRO_UNET, Budget, Demo, load_config
+from magicpose_jax.export import load_run
+from magicpose_jax.models.unet import UNetConfig
+
+# The packaged base's budget: 4x the demo's former in-demo VAE training and 12x its former 400-step plain base.
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=5000, base_reference_share=0.5)
+MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5)
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """The demo's training config (configs/demo.py) with the learning rate decayed to 0 over the base's steps: the
+  shipped weights are a finished model, not a snapshot at the constant rate the stages train with."""
+  c = load_config()
+  c.optimizer.schedule = "cosine"
+  return c
+
+
+def _commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigDict | None = None,
+             fresh: bool = False, unet: UNetConfig | None = None, command: str = "") -> str:
+  """Trains (or reuses) the VAE and base phases in `out` and writes `out/sd`; returns that folder's path.
+
+  `unet`: the base UNet's architecture (default: `config.model.unet`'s variant). `command`: recorded in the
+  manifest.
+  """
+  config = config if config is not None else pretrain_config()
+  demo = Demo(out, budget, config, fresh, unet)
+  seconds = {}
+  start = time.perf_counter()
+  demo.train_vae()
+  seconds["vae"] = round(time.perf_counter() - start, 1)
+  (base,) = [r for r in demo.training_runs() if r.name == "base"]
+  start = time.perf_counter()
+  demo.train_run(base.index, base.name, base.config, base.text)
+  seconds["base"] = round(time.perf_counter() - start, 1)
+  model = load_run(demo.path("runs", "base"))
+  folder = demo.path("sd")
+  shutil.rmtree(folder, ignore_errors=True)
+  save_stable_diffusion(model.sd, {k: model.params[k] for k in COMPONENTS}, folder)
+  with open(demo.path("base_sd", "demo_base.json")) as f:
+    vae_scores = {k: v for k, v in json.load(f).items() if k in ("l1", "mse", "kl")}
+  pretrained.write_manifest(folder, {
+      "what": "the magicpose_jax demo's pretrained tiny SD (demo/pretrained.py)",
+      "command": command or f"python -m magicpose_jax.demo.pretrain --out {out}",
+      "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
+      "budget": {k: v for k, v in dataclasses.asdict(budget).items()
+                 if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
+                          "batch_size", "autoencoder")},
+      "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
+      "seconds": seconds if not demo.cached else {**seconds, "cached": demo.cached}})
+  return folder
+
+
+def main(argv: list[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(prog="python -m magicpose_jax.demo.pretrain", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="outputs/pretrain", help="output folder (phases cached here; the base in sd/)")
+  parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
+  parser.add_argument("--micro", action="store_true", help="a few steps per phase (the tests' size)")
+  args = parser.parse_args(argv)
+  command = "python -m magicpose_jax.demo.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+  folder = pretrain(args.out, MICRO_PRETRAIN if args.micro else PRETRAIN, fresh=args.fresh,
+                    unet=MICRO_UNET if args.micro else None, command=command.strip())
+  print(f"pretrained base: {folder}\n  python -m magicpose_jax.demo --base-sd {folder}")
+  return folder
+
+
+if __name__ == "__main__":
+  main()

@@ -35,8 +35,9 @@ from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval.report import source_commit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.md")
-BENCH = dataclasses.replace(demo.DEMO, base_steps=1200, stage1_steps=800, stage2_steps=800, no_appearance_steps=1600,
-                            no_pose_steps=800, sample_steps=25, holdout_identities=8, poses_per_identity=8)
+BENCH = dataclasses.replace(demo.TRAINED_BASE, base_steps=1200, stage1_steps=800, stage2_steps=800,
+                            no_appearance_steps=1600, no_pose_steps=800, sample_steps=25, holdout_identities=8,
+                            poses_per_identity=8)
 
 
 def scaled(budget: demo.Budget, scale: float) -> demo.Budget:
@@ -53,16 +54,19 @@ class Fidelity(demo.Demo):
 
   def training_runs(self) -> list[demo.TrainingRun]:
     b = self.budget
+    runs = super().training_runs()
+    (main_stage1,) = [r for r in runs if r.name == "stage1"]
     c = self.run_config("stage1", b.stage1_steps)
-    c.base.path = self.path("runs", "base")
+    c.base.path = main_stage1.config.base.path  # the demo's base run, or the pretrained base folder
     c.data.augment.enabled = False
-    stage1 = demo.TrainingRun(5, "no_augmentation_stage1", c, "ablation: stage 1 without data augmentation", "base")
+    stage1 = demo.TrainingRun(5, "no_augmentation_stage1", c, "ablation: stage 1 without data augmentation",
+                              main_stage1.after)
     c = self.run_config("stage2", b.stage2_steps)
     c.init_from = self.path("runs", "no_augmentation_stage1")
     c.data.augment.enabled = False
     stage2 = demo.TrainingRun(5, "no_augmentation", c, "ablation: stage 2 without data augmentation",
                               "no_augmentation_stage1")
-    return [*super().training_runs(), stage1, stage2]
+    return [*runs, stage1, stage2]
 
   def variants(self) -> dict[str, str]:
     return {**super().variants(), "no_augmentation": self.path("runs", "no_augmentation")}
@@ -99,18 +103,19 @@ REUSABLE = ("vae", "base_sd", *(os.path.join("runs", n) for n in ("base", "stage
                                                                     "no_pose")))
 
 
-def reuse_demo(demo_out: str, out: str) -> str:
+def reuse_demo(demo_out: str, out: str, need_vae: bool = True) -> str:
   """Copies a finished demo's phases (`python -m magicpose_jax.demo --out demo_out`, the same configs/demo.py) into
   `out`: the VAE, the base run and the stage-1/stage-2/ablation runs it has. A copied run counts as done when it
   has at least the budget's steps (`Demo.train_run`), otherwise it is trained further. Copied runs still read their
-  base from `demo_out` (runs record absolute paths): keep that folder. Returns a note for the table."""
+  base from `demo_out` (runs record absolute paths): keep that folder. `need_vae=False`: the demo trained over a
+  pretrained base (no vae/ to copy). Returns a note for the table."""
   copied = []
   for name in REUSABLE:
     src, dst = os.path.join(demo_out, name), os.path.join(out, name)
     if os.path.isdir(src) and not os.path.exists(dst):
       shutil.copytree(src, dst)
       copied.append(os.path.basename(name))
-  if "vae" not in copied and not os.path.isdir(os.path.join(out, "vae")):
+  if need_vae and "vae" not in copied and not os.path.isdir(os.path.join(out, "vae")):
     raise FileNotFoundError(f"--reuse {demo_out}: no vae/ (run the demo there first)")
   return f"Phases taken from the demo run in {demo_out}: {', '.join(copied) or 'none new'}"
 
@@ -161,14 +166,21 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--budget", choices=("bench", "demo"), default="bench",
                       help="bench: the benchmark's budget times --scale; demo: the demo's budget (with --reuse of "
                       "the demo's folder only the no-augmentation runs are trained)")
+  parser.add_argument("--base-sd", default="",
+                      help="train the variants over this pretrained base (`magicpose_jax.demo.pretrain`; e.g. the "
+                      "packaged magicpose_jax/demo/pretrained_sd) instead of training a VAE and base here")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache"))
-  budget = scaled(BENCH, args.scale) if args.budget == "bench" else demo.DEMO
+  if args.budget == "bench":
+    budget = scaled(BENCH, args.scale)
+  else:
+    budget = demo.DEMO if args.base_sd else demo.TRAINED_BASE
   t0 = time.perf_counter()
-  bench = Fidelity(args.out, budget, demo.load_config(), fresh=args.fresh)
-  note = reuse_demo(args.reuse, args.out) if args.reuse else ""  # after --fresh's clean-up
-  bench.train_vae()
+  bench = Fidelity(args.out, budget, demo.load_config(), fresh=args.fresh, base_sd=args.base_sd or None)
+  note = reuse_demo(args.reuse, args.out, need_vae=not args.base_sd) if args.reuse else ""  # after --fresh's clean-up
+  if not args.base_sd:
+    bench.train_vae()
   bench.train_all()
   results = bench.evaluate_all()
   command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])

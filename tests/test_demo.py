@@ -17,7 +17,7 @@ from PIL import Image
 
 from magicpose_jax import demo
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
-from magicpose_jax.demo import phases
+from magicpose_jax.demo import phases, pretrained
 from magicpose_jax.demo.figures import image_grid
 
 # The micro run's time is tracing and compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not
@@ -168,13 +168,18 @@ def test_run_phases_stop_at_the_first_failure():
     demo.run_phases({"a": (lambda: 0, ("b",)), "b": (lambda: 0, ("a",))}, 2)
 
 
-def test_every_phase_needs_only_known_phases(tmp_path):
-  """The demo's and the fidelity benchmark's phase graphs: every run and evaluation after what it reads."""
+def _fidelity_module():
   spec = importlib.util.spec_from_file_location(
       "fidelity", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                                "fidelity.py"))
   fidelity = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(fidelity)
+  return fidelity
+
+
+def test_every_phase_needs_only_known_phases(tmp_path):
+  """The demo's and the fidelity benchmark's phase graphs: every run and evaluation after what it reads."""
+  fidelity = _fidelity_module()
   for cls in (demo.Demo, fidelity.Fidelity):
     d = cls(str(tmp_path / cls.__name__), demo.MICRO, unet=demo.MICRO_UNET)
     phases = d.phases()
@@ -185,3 +190,21 @@ def test_every_phase_needs_only_known_phases(tmp_path):
     assert phases["evaluate no_pose"][1] == ("stage1",)  # no_pose_steps=0: the stage-1 model
   assert fidelity.Fidelity(str(tmp_path / "f"), demo.MICRO, unet=demo.MICRO_UNET).phases()["no_augmentation"][1] \
       == ("no_augmentation_stage1",)
+
+
+def test_over_a_pretrained_base_no_phase_trains_a_vae_or_a_base(tmp_path):
+  base = tmp_path / "sd"
+  for rel in pretrained.REQUIRED:  # the checks read the manifest and hashes, not the weights
+    (base / rel).parent.mkdir(parents=True, exist_ok=True)
+    (base / rel).write_text("{}")
+  pretrained.write_manifest(str(base), {"command": "test"})
+  fidelity = _fidelity_module()
+  for cls in (demo.Demo, fidelity.Fidelity):
+    d = cls(str(tmp_path / cls.__name__), demo.MICRO, base_sd=str(base))
+    phases = d.phases()
+    assert "vae" not in phases and "base" not in phases, cls.__name__
+    runs = {r.name: r for r in d.training_runs()}
+    for name in ("stage1", "no_appearance", "no_augmentation_stage1"):
+      if name in runs:
+        assert phases[name][1] == () and runs[name].config.base.path == str(base), (cls.__name__, name)
+    assert phases["stage2"][1] == ("stage1",)

@@ -38,5 +38,5 @@ from magicpose_jax.demo.phases import (
   run_phases,
 )
 
-__all__ = ["CONFIG_FILE", "DEMO", "MICRO", "MICRO_UNET", "TRAINED_BASE", "Budget", "Demo", "TrainingRun", "interpolate_poses",
-           "load_config", "run_phases"]
+__all__ = ["CONFIG_FILE", "DEMO", "MICRO", "MICRO_UNET", "TRAINED_BASE", "Budget", "Demo", "TrainingRun",
+           "interpolate_poses", "load_config", "run_phases"]

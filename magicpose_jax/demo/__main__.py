@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", default="outputs/demo", help="output folder (phases are cached here)")
   parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the smoke test's size)")
-  parser.add_argument("--base-sd", default=pretrained.PACKAGED_BASE,
+  parser.add_argument("--base-sd", default=None,
                       help="the pretrained tiny SD the stages train over: a folder written by `python -m "
-                      "magicpose_jax.demo.pretrain` (default: the packaged one, magicpose_jax/demo/pretrained_sd)")
+                      "magicpose_jax.demo.pretrain` (default: the packaged one, magicpose_jax/demo/pretrained_sd; "
+                      "with --micro: none, the micro run trains its own)")
   parser.add_argument("--train-base", action="store_true",
-                      help="train the VAE and base in this run instead (phases vae and base; --micro always does)")
+                      help="train the VAE and base in this run instead (phases vae and base), for less time each")
   parser.add_argument("--config", default=CONFIG_FILE, help="training config file or packaged name (default: demo)")
   parser.add_argument("--jobs", type=int, default=1,
                       help="phases run at once where they do not depend on each other (ablations beside the main "
@@ -55,11 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_compilation_cache_dir", args.jax_cache or os.path.join(os.path.abspath(args.out),
                                                                                     "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if args.micro:  # its own micro base: the packaged one's UNet compiles for longer than the micro run takes
-    demo = Demo(args.out, MICRO, load_config(args.config), args.fresh, MICRO_UNET)
+  if args.train_base and args.base_sd:
+    raise SystemExit("--train-base and --base-sd: choose one (train the base here, or train over a pretrained one)")
+  config = load_config(args.config)
+  if args.micro:  # the packaged base's UNet compiles for longer than a micro run over its own micro base takes
+    demo = Demo(args.out, MICRO, config, args.fresh, MICRO_UNET, base_sd=args.base_sd)
+  elif args.train_base:
+    demo = Demo(args.out, TRAINED_BASE, config, args.fresh)
   else:
-    demo = Demo(args.out, TRAINED_BASE if args.train_base else DEMO, load_config(args.config), args.fresh,
-                base_sd=None if args.train_base else args.base_sd)
+    demo = Demo(args.out, DEMO, config, args.fresh, base_sd=args.base_sd or pretrained.PACKAGED_BASE)
   report = demo.run(args.jobs)
   print_report(report)
   return report

@@ -1,0 +1,125 @@
+"""`python -m magicpose_jax.demo.pretrain` at its micro size, the demo over the base it writes, and the checks a
+pretrained base folder passes before a demo trains over it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from diffusers import AutoencoderKL as TorchVAE
+from diffusers import DDIMScheduler
+from diffusers import UNet2DConditionModel as TorchUNet
+
+from magicpose_jax import demo
+from magicpose_jax.convert.stable_diffusion import load_stable_diffusion
+from magicpose_jax.demo import pretrained
+from magicpose_jax.demo.__main__ import main as demo_main
+from magicpose_jax.train.checkpoint import read_run
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS: conftest's FAST_COMPILE
+       "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def micro_base(tmp_path_factory):
+  """The micro pretrain's folder, then the micro demo over it: (base folder, demo folder, demo metrics)."""
+  out = str(tmp_path_factory.mktemp("pretrain"))
+  subprocess.run([sys.executable, "-m", "magicpose_jax.demo.pretrain", "--micro", "--out", out], env=ENV, check=True,
+                 stdout=subprocess.DEVNULL)
+  base = os.path.join(out, "sd")
+  demo_out = str(tmp_path_factory.mktemp("demo_over_base"))
+  subprocess.run([sys.executable, "-m", "magicpose_jax.demo", "--micro", "--base-sd", base, "--out", demo_out,
+                  "--no-jax-cache", "--jobs", "2"], env=ENV, check=True, stdout=subprocess.DEVNULL)
+  with open(os.path.join(demo_out, "metrics.json")) as f:
+    return base, demo_out, json.load(f)
+
+
+def test_pretrain_writes_a_diffusers_pipeline_with_its_manifest(micro_base):
+  base, _, _ = micro_base
+  manifest = pretrained.check_base_sd(base)
+  assert manifest["command"].startswith("python -m magicpose_jax.demo.pretrain --micro")
+  assert manifest["budget"]["base_reference_share"] == 0.5 and manifest["step"] == demo.MICRO.base_steps
+  # diffusers reads every component without a missing or unexpected tensor, and the schedule the stages need.
+  for cls, name in ((TorchUNet, "unet"), (TorchVAE, "vae")):
+    _, info = cls.from_pretrained(os.path.join(base, name), output_loading_info=True)
+    assert not any(info.values()), (name, info)
+  scheduler = DDIMScheduler.from_pretrained(os.path.join(base, "scheduler"))
+  assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
+  sd, _ = load_stable_diffusion(base)
+  assert sd.unet == demo.MICRO_UNET.replace(in_channels=4, out_channels=4)
+
+
+def test_demo_over_a_pretrained_base_trains_only_the_stages(micro_base):
+  base, out, report = micro_base
+  assert sorted(os.listdir(os.path.join(out, "runs"))) == ["no_appearance", "stage1", "stage2"]
+  assert not os.path.exists(os.path.join(out, "vae"))
+  for name in ("retarget.png", "animation.gif"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  for run in ("stage1", "no_appearance"):
+    assert read_run(os.path.join(out, "runs", run), with_params=False)[0].base.path == base, run
+  with open(os.path.join(out, "setup.json")) as f:
+    assert json.load(f)["base_sd"] == {"path": base, "sha256": pretrained.digest(pretrained.file_hashes(base))}
+  assert set(report["models"]) == {"full", "no_appearance", "no_pose"}
+
+
+def _copy(base, tmp_path):
+  folder = str(tmp_path / "sd")
+  shutil.copytree(base, folder)
+  return folder
+
+
+def test_a_changed_weight_file_is_named(micro_base, tmp_path):
+  folder = _copy(micro_base[0], tmp_path)
+  with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "r+b") as f:
+    f.seek(-4, os.SEEK_END)
+    f.write(b"\0\0\0\1")
+  with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors has sha256 .* records"):
+    pretrained.check_base_sd(folder)
+
+
+def test_a_git_lfs_pointer_is_named_as_one(micro_base, tmp_path):
+  folder = _copy(micro_base[0], tmp_path)
+  with open(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"), "w") as f:
+    f.write("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+  with pytest.raises(ValueError, match=r"vae/diffusion_pytorch_model.safetensors .*Git LFS pointer"):
+    pretrained.check_base_sd(folder)
+
+
+def test_missing_and_unlisted_files_are_named(micro_base, tmp_path):
+  folder = _copy(micro_base[0], tmp_path)
+  os.remove(os.path.join(folder, "text_encoder", "config.json"))
+  with pytest.raises(FileNotFoundError, match=r"text_encoder/config.json is missing"):
+    pretrained.check_base_sd(folder)
+  shutil.copytree(micro_base[0], folder, dirs_exist_ok=True)
+  with open(os.path.join(folder, "unet", "extra.safetensors"), "wb") as f:
+    f.write(b"x")
+  with pytest.raises(ValueError, match=r"\['unet/extra.safetensors'\] are not in pretrain.json"):
+    pretrained.check_base_sd(folder)
+
+
+def test_a_folder_without_a_manifest_is_not_a_pretrained_base(micro_base, tmp_path):
+  folder = _copy(micro_base[0], tmp_path)
+  os.remove(os.path.join(folder, pretrained.MANIFEST))
+  with pytest.raises(FileNotFoundError, match=r"no pretrain.json"):
+    pretrained.check_base_sd(folder)
+  with pytest.raises(FileNotFoundError, match=r"no such folder"):
+    pretrained.check_base_sd(str(tmp_path / "absent"))
+
+
+def test_a_bad_base_stops_the_demo_before_it_removes_anything(micro_base, tmp_path):
+  folder = _copy(micro_base[0], tmp_path)
+  out = tmp_path / "demo"
+  (out / "runs" / "stage1").mkdir(parents=True)  # phases a user may still need
+  with open(os.path.join(folder, "vae", "config.json"), "a") as f:
+    f.write(" ")
+  with pytest.raises(ValueError, match=r"vae/config.json has sha256"):
+    demo.Demo(str(out), demo.MICRO, base_sd=folder)
+  assert (out / "runs" / "stage1").is_dir()
+
+
+def test_train_base_and_base_sd_exclude_each_other(tmp_path):
+  with pytest.raises(SystemExit, match="choose one"):
+    demo_main(["--train-base", "--base-sd", str(tmp_path), "--out", str(tmp_path / "out")])

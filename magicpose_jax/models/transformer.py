@@ -105,7 +105,7 @@ class Transformer2DModel(nn.Module):
     else:
       proj = lambda name, f: conv(f, 1, name, self.dtype, self.param_dtype)
     h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(x)
+                     use_fast_variance=False, name="norm")(x)
     # A 1x1 conv and a dense layer are the same map on NHWC; only the kernel shape differs.
     h = proj("proj_in", inner)(h).reshape(b, hgt * wid, inner)  # [B, H*W, inner]
     states = []

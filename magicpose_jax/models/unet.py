@@ -346,7 +346,8 @@ class UNet2DConditionModel(nn.Module):
       return None, states
     # The output head runs in float32 (bf16 here costs visible sample quality).
     h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, name="conv_norm_out")(h.astype(jnp.float32))
+                     param_dtype=self.param_dtype, use_fast_variance=False,
+                     name="conv_norm_out")(h.astype(jnp.float32))
     out = conv(cfg.out_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
     return (out, states) if return_reference_states else out
 

@@ -221,7 +221,7 @@ class VAEAttention(nn.Module):
     b, h, w, c = x.shape
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="group_norm")(x).reshape(b, h * w, c)  # [B, N, C]
+                     use_fast_variance=False, name="group_norm")(x).reshape(b, h * w, c)  # [B, N, C]
     split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)  # [B, N, H, D]
     q, k, v = (split(dense(name)(y)) for name in ("to_q", "to_k", "to_v"))
     out = attend(q, k, v, self.backend).reshape(b, h * w, c)
@@ -310,7 +310,7 @@ class Encoder(nn.Module):
                     name="mid_block")(h)
     # The moments head runs in float32: exp(logvar) and the sampled latents are precision-sensitive.
     h = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="conv_norm_out")(h.astype(jnp.float32))
+                     use_fast_variance=False, name="conv_norm_out")(h.astype(jnp.float32))
     return conv(2 * cfg.latent_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
 
 
@@ -334,7 +334,7 @@ class Decoder(nn.Module):
                            self.param_dtype, name=f"up_blocks_{i}")(h)
     # The pixel head runs in float32 (as the UNet's): bf16 here shows as banding in the image.
     h = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     name="conv_norm_out")(h.astype(jnp.float32))
+                     use_fast_variance=False, name="conv_norm_out")(h.astype(jnp.float32))
     return conv(cfg.out_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
 
 

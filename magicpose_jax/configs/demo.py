@@ -1,12 +1,11 @@
 """The demo's training config: tiny networks on 64 px synthetic figures, minutes on a 2-core CPU.
 
 `python -m magicpose_jax.demo` runs every stage with this config (setting `stage`, `total_steps`, `base.path`,
-`init_from` per phase). Its base is a tiny SD whose VAE the demo writes first (factor 4: 64 px -> 16 x 16 latents)
-and writes to outputs/demo/base_sd, so by hand, after one demo run:
+`init_from` per phase). Its base is the packaged pretrained tiny SD (magicpose_jax/demo/pretrained_sd: factor-4
+VAE, 64 px -> 16 x 16 latents; `python -m magicpose_jax.demo.pretrain` trains another), so by hand:
 
-    python -m magicpose_jax.train --config configs/demo.py --config.stage=base \
-        --config.base.path=outputs/demo/base_sd --workdir /tmp/base
-    python -m magicpose_jax.train --config configs/demo.py --config.base.path=/tmp/base --workdir /tmp/stage1
+    python -m magicpose_jax.train --config configs/demo.py --config.base.path=magicpose_jax/demo/pretrained_sd \
+        --workdir /tmp/stage1
     python -m magicpose_jax.train --config configs/demo.py --config.stage=stage2 --config.init_from=/tmp/stage1 \
         --workdir /tmp/stage2
 """

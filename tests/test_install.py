@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from magicpose_jax.demo import pretrained
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -55,6 +57,15 @@ def test_packaged_files_are_installed(installed, tmp_path):
   out = run(installed, tmp_path, "-c", code)
   configs = "['__init__.py', 'demo.py', 'stage1.py', 'stage2.py', 'tiny.py']"
   assert out.stdout.split("\n")[:2] == [configs, "True True"], out
+
+
+def test_the_pretrained_base_is_installed_whole(installed, tmp_path):
+  # Every file its manifest lists, with the recorded sha256 (package-data patterns that miss one fail here).
+  code = ("from magicpose_jax.demo import pretrained; "
+          "print(pretrained.PACKAGED_BASE); print(len(pretrained.check_base_sd(pretrained.PACKAGED_BASE)['files']))")
+  out = run(installed, tmp_path, "-c", code)
+  assert out.returncode == 0 and out.stdout.startswith(installed["PYTHONPATH"]), (out.stdout, out.stderr[-2000:])
+  assert int(out.stdout.split()[1]) >= len(pretrained.REQUIRED) + 3  # the configs and the three weight files
 
 
 def test_a_training_run_from_an_installed_copy(installed, tmp_path):

@@ -170,8 +170,9 @@ class Demo:
     os.makedirs(os.path.join(self.out, "tb"), exist_ok=True)
 
   def setup(self) -> dict[str, Any]:
-    """What the cached phases depend on: the training config, the budget, the VAE's and base UNet's architectures
-    and the VAE's training settings (JSON-able)."""
+    """What the cached phases depend on (JSON-able): the training config, the budget, and the pretrained base's
+    path and digest, or (training its own base) the VAE's and base UNet's architectures and the VAE's training
+    settings."""
     as_json = lambda x: json.loads(json.dumps(x, default=str))
     if self.base_sd:
       return as_json({"config": self.config.to_dict(), "budget": dataclasses.asdict(self.budget),

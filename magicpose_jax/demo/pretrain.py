@@ -3,16 +3,17 @@
 What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretrained_sd/`), and what makes another:
 
   1. vae    the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
-  2. base   the tiny UNet trained as SD on the figures, `PRETRAIN.base_reference_share` of each batch
-            reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention also reads its
-            own states of another frame of the same person. A plain base never learns to match body parts across
-            images, which is what the Appearance Controller's attention needs from SD (docs/demo.md);
+  2. base   the tiny UNet trained as SD on the figures (`PRETRAIN.base_steps`), `PRETRAIN.base_reference_share`
+            of each batch reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention
+            also reads its own states of another frame of the same person. A plain base never learns to match
+            body parts across images, which is what the Appearance Controller's attention needs from SD
+            (docs/demo.md);
   3. export DIR/sd: the trained base as a diffusers pipeline folder with `pretrain.json` (how it was made, its
             VAE's reconstruction scores, the sha256 of every file).
 
 Then `python -m magicpose_jax.demo --base-sd DIR/sd` trains MagicPose's stages over it (the demo's default is the
-packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base took 47 minutes
-on 2 CPU cores (VAE 18, base 29) with a second pretrain running beside it.
+packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base's VAE took 18 minutes
+on 2 CPU cores (beside a second pretrain), its base 47 minutes alone.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from magicpose_jax.demo.phases import MICRO, MICRO_UNET, Budget, Demo, load_conf
 from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
-# The packaged base's budget: 4x the demo's former in-demo VAE training and 12x its former 400-step plain base.
-PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=5000, base_reference_share=0.5)
+# The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=10000, base_reference_share=0.5)
 MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5)
 
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -33,6 +31,7 @@ import ml_collections
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
 from magicpose_jax.demo import pretrained
 from magicpose_jax.demo.phases import MICRO, MICRO_UNET, Budget, Demo, load_config
+from magicpose_jax.eval.report import source_commit
 from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
@@ -47,15 +46,6 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c = load_config()
   c.optimizer.schedule = "cosine"
   return c
-
-
-def _commit() -> str | None:
-  try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
 
 
 def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigDict | None = None,
@@ -84,7 +74,7 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
   pretrained.write_manifest(folder, {
       "what": "the magicpose_jax demo's pretrained tiny SD (demo/pretrained.py)",
       "command": command or f"python -m magicpose_jax.demo.pretrain --out {out}",
-      "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
+      "commit": source_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "budget": {k: v for k, v in dataclasses.asdict(budget).items()
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
                           "batch_size", "autoencoder")},

@@ -46,6 +46,10 @@ class MagicPoseConfig:
     return cls(unet, pose, use_appearance)
 
 
+# Where the pose net starts (`init_params`): the paper's, a copy of SD's encoder, or a pretrained ControlNet.
+POSE_INITS = ("appearance", "sd", "controlnet")
+
+
 def init_params(config: MagicPoseConfig, unet_params: Params, key: jax.Array,
                 appearance_params: Params | None = None, pose_params: Params | None = None,
                 pose_init: str = "appearance") -> Params:
@@ -56,8 +60,8 @@ def init_params(config: MagicPoseConfig, unet_params: Params, key: jax.Array,
   zero), "sd" (the same from SD's UNet), or "controlnet" (the release: `pose_params`, e.g. ControlNet 1.1
   OpenPose loaded with `convert.controlnet.load_ldm_controlnet`).
   """
-  if pose_init not in ("appearance", "sd", "controlnet"):
-    raise ValueError(f"pose_init={pose_init!r}; expected 'appearance', 'sd' or 'controlnet'")
+  if pose_init not in POSE_INITS:
+    raise ValueError(f"pose_init={pose_init!r}; expected one of {POSE_INITS}")
   if (pose_init == "controlnet") != (pose_params is not None):
     raise ValueError("pose_params are given exactly when pose_init='controlnet'")
   params: Params = {"unet": unet_params}

@@ -80,7 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.sample_size = 64  # latent side the UNet is configured for (SD 1.5: 64 = 512 px)
   # The pose net's hint encoder widths; it downsamples by 2**(len-1), which must equal the VAE's factor.
   c.model.hint_channels = (16, 32, 96, 256)
-  c.model.pose_init = "appearance"  # "appearance" (paper), "sd" (copy of the base UNet)
+  # Where stage 2's pose net starts: "appearance" (paper: the appearance net's encoder + mid, zero convs at 0), "sd"
+  # (the same from the base UNet), "controlnet" (the release: a pretrained OpenPose ControlNet read from
+  # `model.pose_path`, e.g. ControlNet 1.1 OpenPose for SD 1.5).
+  c.model.pose_init = "appearance"
+  # pose_init="controlnet" only: a diffusers ControlNetModel folder, or an original-layout file (.pth, .ckpt,
+  # .safetensors) with `control_model.*` (ControlNet 1.0/1.1) or `pose_control_model.*` (MagicPose release) keys.
+  c.model.pose_path = ""
   c.model.use_appearance = True  # False: the paper's "no appearance controller" ablation (stage 2)
   c.model.use_pose = True  # False: the "no pose controller" ablation (stage 2)
   c.model.prediction_type = "epsilon"  # training target: "epsilon" or "v_prediction"

@@ -23,13 +23,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from magicpose_jax.convert.controlnet import (
+  LDM_CONTROLNET_PREFIX,
+  MAGICPOSE_POSE_PREFIX,
+  ldm_controlnet_key_table,
+  load_controlnet,
+)
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, SDConfigs, load_stable_diffusion
+from magicpose_jax.convert.tensor_files import read_state_dict
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models import platforms
 from magicpose_jax.models.attention import check_backend_platform
 from magicpose_jax.models.clip import CLIP_VARIANTS, CLIPTextModel, abstract_text_encoder_params, encode_text
 from magicpose_jax.models.controlnet import ControlNetConfig
-from magicpose_jax.models.magicpose import MagicPose, MagicPoseConfig, init_params
+from magicpose_jax.models.magicpose import POSE_INITS, MagicPose, MagicPoseConfig, init_params
 from magicpose_jax.models.patch_vae import PatchVAE, abstract_autoencoder_params, make_vae
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel, abstract_unet_params
@@ -206,6 +213,37 @@ def _base_from_run(run_config: ml_collections.ConfigDict, path: str, read_run: A
   return sd, params, f"run:{os.path.abspath(path)} (trained UNet over {label})"
 
 
+def load_pose_controlnet(path: str, pose: ControlNetConfig) -> Params:
+  """A pretrained ControlNet's params for the pose net `pose` (`pose_init="controlnet"`), as host numpy trees.
+
+  `path`: a diffusers `ControlNetModel` folder, whose config.json must describe `pose`'s architecture (the base
+  UNet's, with `config.model.hint_channels`), or an original-layout file whose tensors under `control_model.`
+  (ControlNet 1.0/1.1) or else `pose_control_model.` (MagicPose's release) must match it exactly.
+
+  Raises:
+    ValueError: the folder's architecture differs from `pose` (every differing field named).
+    ConversionError: a missing, unexpected or mis-shaped tensor (each named).
+  """
+  runtime = {"attention_backend": pose.attention_backend, "remat_policy": pose.remat_policy,
+             "target_platform": pose.target_platform}
+  if os.path.isdir(path):
+    found, params = load_controlnet(path, param_dtype=np.float32, **runtime)
+    if found != pose:
+      diff = [f"{f.name}: file {getattr(found, f.name)!r}, run {getattr(pose, f.name)!r}"
+              for f in dataclasses.fields(pose) if getattr(found, f.name) != getattr(pose, f.name)]
+      raise ValueError(f"config.model.pose_path={path}: this ControlNet is not the run's pose net (the base UNet's "
+                       f"architecture with config.model.hint_channels):\n  " + "\n  ".join(diff))
+    return params
+  state_dict = read_state_dict(path)
+  prefixes = (LDM_CONTROLNET_PREFIX, MAGICPOSE_POSE_PREFIX)
+  prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), None)
+  if prefix is None:
+    raise ValueError(f"config.model.pose_path={path}: no tensors under {LDM_CONTROLNET_PREFIX!r} or "
+                     f"{MAGICPOSE_POSE_PREFIX!r} (expected a ControlNet checkpoint, or a diffusers ControlNet folder)")
+  mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  return ldm_controlnet_key_table(pose, prefix).to_flax(mine, dtype=np.float32, source=path)
+
+
 def initial_params(config: ml_collections.ConfigDict, nets: Networks, sd: SDConfigs, base: Params,
                    init: Params | None = None) -> tuple[Params, Params]:
   """`(trainable, frozen)` host trees for the stage. `init`: trainable subtrees of an `init_from` run.
@@ -224,13 +262,18 @@ def initial_params(config: ml_collections.ConfigDict, nets: Networks, sd: SDConf
   mp = nets.model.config
   key = jax.random.key(config.seed + 1)
   pose_init = config.model.pose_init
-  if pose_init not in ("appearance", "sd"):
-    raise ValueError(f"config.model.pose_init={pose_init!r}; training supports 'appearance' and 'sd' (a ControlNet "
-                     f"checkpoint becomes the pose net via init_from a converted run)")
+  if pose_init not in POSE_INITS:
+    raise ValueError(f"config.model.pose_init={pose_init!r}; expected one of {POSE_INITS}")
   if not mp.use_appearance and pose_init == "appearance":
     pose_init = "sd"
-  params = init_params(mp, base["unet"], key, appearance_params=init.get("appearance"), pose_init=pose_init)
+  pose_params = None
   if "pose" in init and mp.pose is not None:
-    params["pose"] = init["pose"]  # continuing a stage-2 run
+    pose_init, pose_params = "controlnet", init["pose"]  # continuing a stage-2 run
+  elif pose_init == "controlnet" and mp.pose is not None:
+    pose_params = load_pose_controlnet(config.model.pose_path, mp.pose)
+  elif pose_init == "controlnet":
+    pose_init = "sd"  # no pose net in this run (stage 1, or use_pose=False): nothing to load
+  params = init_params(mp, base["unet"], key, appearance_params=init.get("appearance"), pose_params=pose_params,
+                       pose_init=pose_init)
   trainable = {k: params[k] for k in TRAINABLE[stage] if k in params}
   return jax.tree.map(np.asarray, trainable), frozen

@@ -23,12 +23,13 @@ from magicpose_jax.data.pairs import PairConfig
 from magicpose_jax.data.synthetic import SyntheticConfig
 from magicpose_jax.diffusion.schedules import PREDICTION_TYPES
 from magicpose_jax.models.attention import available_backends
+from magicpose_jax.models.magicpose import POSE_INITS
 from magicpose_jax.models.unet import REMAT_POLICIES
 from magicpose_jax.train import sharding
 from magicpose_jax.train.config import DAMAGED_POLICIES, RESUME_FIXED, STAGES
 
 # Config fields that name files or folders (resolved to absolute paths by `resolve_paths`).
-PATH_FIELDS = ("init_from", "base.path", "data.path")
+PATH_FIELDS = ("init_from", "base.path", "data.path", "model.pose_path")
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,8 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   for dotted in PATH_FIELDS:
     *parents, leaf = dotted.split(".")
     node = _get(config, ".".join(parents)) if parents else config
-    node[leaf] = user_path(node[leaf])
+    if leaf in node:  # an older run's recorded config may lack a newer field
+      node[leaf] = user_path(node[leaf])
   return config
 
 
@@ -126,7 +128,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "remat_policy": _choice(REMAT_POLICIES),
     "attention_backend": _choice(available_backends()),
     "model.sample_size": POSITIVE_INT,
-    "model.pose_init": _choice(("appearance", "sd")),
+    "model.pose_init": _choice(POSE_INITS),
     "model.prediction_type": _choice(PREDICTION_TYPES),
     "base_reference_share": PROBABILITY,
     "drop.reference": PROBABILITY,
@@ -187,10 +189,24 @@ def config_problems(config: ml_collections.ConfigDict, num_devices: int | None =
           problems.append(f"config.global_batch_size={batch} is not divisible by the {process_count} processes")
       except ValueError as e:
         problems.append(str(e))
+  problems += _pose_path_problems(config.model)
   if config.data.source == "arrayrecord" and not config.data.path:
     problems.append("config.data.source='arrayrecord' needs config.data.path (a folder written by "
                     "python -m magicpose_jax.preprocess)")
   return problems
+
+
+def _pose_path_problems(model: ml_collections.ConfigDict) -> list[str]:
+  init, path = model.get("pose_init", "appearance"), model.get("pose_path", "")
+  if init == "controlnet" and not path:
+    return ["config.model.pose_init='controlnet' needs config.model.pose_path (a diffusers ControlNet folder or an "
+            "original-layout .pth/.ckpt/.safetensors file)"]
+  if init == "controlnet" and not os.path.exists(path):
+    return [f"config.model.pose_path={path!r}: no such file or folder"]
+  if init != "controlnet" and path:
+    return [f"config.model.pose_path={path!r} is read only with config.model.pose_init='controlnet' (it is "
+            f"{init!r}): set one or clear the other"]
+  return []
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:

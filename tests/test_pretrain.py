@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from diffusers import AutoencoderKL as TorchVAE
+from diffusers import ControlNetModel as TorchControlNet
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
@@ -42,8 +43,9 @@ def test_pretrain_writes_a_diffusers_pipeline_with_its_manifest(micro_base):
   manifest = pretrained.check_base_sd(base)
   assert manifest["command"].startswith("python -m magicpose_jax.demo.pretrain --micro")
   assert manifest["budget"]["base_reference_share"] == 0.5 and manifest["step"] == demo.MICRO.base_steps
+  assert manifest["budget"]["pose_steps"] == 1 and "pose" in manifest["seconds"]
   # diffusers reads every component without a missing or unexpected tensor, and the schedule the stages need.
-  for cls, name in ((TorchUNet, "unet"), (TorchVAE, "vae")):
+  for cls, name in ((TorchUNet, "unet"), (TorchVAE, "vae"), (TorchControlNet, pretrained.CONTROLNET)):
     _, info = cls.from_pretrained(os.path.join(base, name), output_loading_info=True)
     assert not any(info.values()), (name, info)
   scheduler = DDIMScheduler.from_pretrained(os.path.join(base, "scheduler"))
@@ -60,6 +62,10 @@ def test_demo_over_a_pretrained_base_trains_only_the_stages(micro_base):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   for run in ("stage1", "no_appearance"):
     assert read_run(os.path.join(out, "runs", run), with_params=False)[0].base.path == base, run
+  # The pose nets start from the base's OpenPose ControlNet (the release's pose_init).
+  for run in ("stage2", "no_appearance"):
+    model = read_run(os.path.join(out, "runs", run), with_params=False)[0].model
+    assert (model.pose_init, model.pose_path) == ("controlnet", pretrained.controlnet_of(base)), run
   with open(os.path.join(out, "setup.json")) as f:
     assert json.load(f)["base_sd"] == {"path": base, "sha256": pretrained.digest(pretrained.file_hashes(base))}
   assert set(report["models"]) == {"full", "no_appearance", "no_pose"}

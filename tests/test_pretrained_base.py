@@ -1,6 +1,7 @@
 """The packaged pretrained base (magicpose_jax/demo/pretrained_sd): intact, made by the command and budget the code
 names, read the same by diffusers/transformers and by us, and trained (it reconstructs and denoises held-out
-figures, which it never saw, far better than an untrained model could).
+figures, which it never saw, far better than an untrained model could; its OpenPose ControlNet tells the frozen UNet
+where the figure is).
 
 Tolerance of the parity checks: max |ours - PyTorch| <= 1e-4 in float32.
 """
@@ -14,13 +15,16 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL as TorchVAE
+from diffusers import ControlNetModel as TorchControlNet
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
+from magicpose_jax.convert.controlnet import load_controlnet
 from magicpose_jax.convert.stable_diffusion import load_stable_diffusion
 from magicpose_jax.demo import phases, pretrain, pretrained
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.schedules import add_noise, make_schedule, velocity
+from magicpose_jax.models.controlnet import ControlNetModel
 from magicpose_jax.models.unet import UNet2DConditionModel
 from magicpose_jax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from magicpose_jax.torch_reference import nchw, nhwc
@@ -37,12 +41,27 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def heldout():
-  """uint8 [16, 64, 64, 3]: frames of the demo's held-out identities (never trained on)."""
+def controlnet():
+  return load_controlnet(pretrained.controlnet_of(BASE))
+
+
+def _heldout_frames():
   config = phases.load_config()
   source = rt.synthetic_source(config.data)
   first = config.data.synthetic.num_identities - config.data.synthetic.holdout_identities
-  return np.stack([source.frame(first + i, f)["image"] for i in range(8) for f in range(2)])
+  return [source.frame(first + i, f) for i in range(8) for f in range(2)]
+
+
+@pytest.fixture(scope="module")
+def heldout():
+  """uint8 [16, 64, 64, 3]: frames of the demo's held-out identities (never trained on)."""
+  return np.stack([f["image"] for f in _heldout_frames()])
+
+
+@pytest.fixture(scope="module")
+def heldout_poses():
+  """uint8 [16, 64, 64, 3]: the pose renders of `heldout`'s frames."""
+  return np.stack([f["pose_image"] for f in _heldout_frames()])
 
 
 def test_every_file_is_intact_and_from_the_pretrain_budget():
@@ -51,6 +70,7 @@ def test_every_file_is_intact_and_from_the_pretrain_budget():
   for key, value in manifest["budget"].items():  # PRETRAIN changed without re-running the command: stale weights
     assert getattr(pretrain.PRETRAIN, key) == value, key
   assert manifest["step"] == pretrain.PRETRAIN.base_steps
+  assert pretrained.controlnet_of(BASE) and manifest["budget"]["pose_steps"] > 0
 
 
 def test_the_scheduler_is_the_demo_schedule_in_diffusers(base):
@@ -129,3 +149,46 @@ def test_the_unet_denoises_held_out_figures(base, heldout):
     err, zero = float(jnp.mean((pred - target) ** 2)), float(jnp.mean(target ** 2))
     assert err < 0.5 * zero, (t, err, zero)
   assert unscale_latents(z0, sd.vae).shape == (len(heldout), 16, 16, sd.vae.latent_channels)
+
+
+def test_controlnet_matches_diffusers(base, controlnet, heldout_poses):
+  sd, _ = base
+  config, params = controlnet
+  model, info = TorchControlNet.from_pretrained(pretrained.controlnet_of(BASE), output_loading_info=True)
+  assert not any(info.values()), info
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 16, 16, sd.unet.in_channels), dtype=np.float32)
+  t = np.array([100.0, 600.0], np.float32)
+  ctx = rng.standard_normal((2, 7, sd.unet.cross_attention_dim), dtype=np.float32)
+  cond = heldout_poses[:2].astype(np.float32) / 255
+  down, mid = ControlNetModel(config).apply({"params": params}, x, t, ctx, cond)
+  with torch.no_grad():
+    ref_down, ref_mid = model(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(cond), return_dict=False)
+  for ours, ref in zip([*down, mid], [*ref_down, ref_mid], strict=True):
+    assert np.abs(np.asarray(ours) - nhwc(ref)).max() <= ATOL
+
+
+def test_the_controlnet_places_held_out_figures(base, controlnet, heldout, heldout_poses):
+  # The frozen UNet's v-prediction error on noised held-out latents with the ControlNet's residuals for the
+  # frames' own poses, against without them (an untrained ControlNet's zero convs give exactly the same error):
+  # knowing where the body is must cut it by a fifth where the noise hides the figure.
+  sd, params = base
+  config, cn_params = controlnet
+  vae = AutoencoderKL(sd.vae)
+  z0 = scale_latents(vae.apply({"params": params["vae"]}, heldout.astype(np.float32) / 127.5 - 1,
+                               method="encode").mode(), sd.vae)
+  schedule = make_schedule(sd.scheduler)
+  ctx = text_context(sd, params["text_encoder"])
+  ctx = jnp.broadcast_to(ctx, (len(z0), *ctx.shape[1:]))
+  unet, cn = UNet2DConditionModel(sd.unet), ControlNetModel(config)
+  cond = heldout_poses.astype(np.float32) / 255
+  for t in (500, 800):
+    noise = jax.random.normal(jax.random.key(t), z0.shape)
+    xt = add_noise(schedule, z0, noise, t)
+    target = velocity(schedule, z0, noise, t)
+    ts = jnp.full((len(z0),), t, jnp.float32)
+    down, mid = cn.apply({"params": cn_params}, xt, ts, ctx, cond)
+    plain = unet.apply({"params": params["unet"]}, xt, ts, ctx)
+    posed = unet.apply({"params": params["unet"]}, xt, ts, ctx, down, mid)
+    err, without = float(jnp.mean((posed - target) ** 2)), float(jnp.mean((plain - target) ** 2))
+    assert err < 0.8 * without, (t, err, without)

@@ -77,6 +77,10 @@ class Budget:
   # The VAE and base phases run only for a demo that trains its own base (`Demo(base_sd=None)`).
   base_steps: int = 400
   base_reference_share: float = 0.0  # the base run's `config.base_reference_share` (train/config.py)
+  # The pretrain command only (demo/pretrain.py): steps of the OpenPose ControlNet trained over the finished base
+  # (0: none). The stages' pose nets then start from it (`pose_init="controlnet"`), as the release's start from
+  # ControlNet 1.1 OpenPose.
+  pose_steps: int = 0
   stage1_steps: int = 250
   stage2_steps: int = 250
   no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
@@ -305,13 +309,17 @@ class Demo:
     c = self.run_config("stage1", b.stage1_steps)
     c.base.path = base
     runs.append(TrainingRun(3, "stage1", c, "Appearance Controller over the frozen base", base_phase))
-    c = self.run_config("stage2", b.stage2_steps)
+    # A base with an OpenPose ControlNet (the pretrain command's `pose_steps`): the pose nets start from it.
+    controlnet = pretrained.controlnet_of(self.base_sd) if self.base_sd else None
+    pose = {"pose_init": "controlnet", "pose_path": controlnet} if controlnet else {}
+    start = " (pose net from the base's ControlNet)" if controlnet else ""
+    c = self.run_config("stage2", b.stage2_steps, **pose)
     c.init_from = self.path("runs", "stage1")
-    runs.append(TrainingRun(4, "stage2", c, "Appearance + Pose Controller, from stage 1", "stage1"))
-    c = self.run_config("stage2", b.no_appearance_steps, use_appearance=False)
+    runs.append(TrainingRun(4, "stage2", c, "Appearance + Pose Controller, from stage 1" + start, "stage1"))
+    c = self.run_config("stage2", b.no_appearance_steps, use_appearance=False, **pose)
     c.base.path = base
-    runs.append(TrainingRun(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller",
-                            base_phase))
+    runs.append(TrainingRun(5, "no_appearance", c, "ablation: pose net + frozen base, no Appearance Controller" +
+                            start, base_phase))
     if b.no_pose_steps > 0:
       c = self.run_config("stage2", b.no_pose_steps, use_pose=False)
       c.init_from = self.path("runs", "stage1")

@@ -8,12 +8,15 @@ What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretraine
             also reads its own states of another frame of the same person. A plain base never learns to match
             body parts across images, which is what the Appearance Controller's attention needs from SD
             (docs/demo.md);
-  3. export DIR/sd: the trained base as a diffusers pipeline folder with `pretrain.json` (how it was made, its
-            VAE's reconstruction scores, the sha256 of every file).
+  3. pose   an OpenPose ControlNet over the exported, frozen base (`PRETRAIN.pose_steps`): pose image -> figure,
+            no reference (the demo's no-appearance run). The stages' pose nets start from it (`pose_init=
+            "controlnet"`), as the release's start from ControlNet 1.1 OpenPose over SD 1.5;
+  4. export DIR/sd: the trained base as a diffusers pipeline folder, its ControlNet in DIR/sd/controlnet, and
+            `pretrain.json` (how it was made, its VAE's reconstruction scores, the sha256 of every file).
 
 Then `python -m magicpose_jax.demo --base-sd DIR/sd` trains MagicPose's stages over it (the demo's default is the
 packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base's VAE took 18 minutes
-on 2 CPU cores (beside a second pretrain), its base 47 minutes alone.
+on 2 CPU cores (beside a second pretrain), its base 47 minutes alone, its ControlNet 19 minutes alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,6 +32,7 @@ import time
 import jax
 import ml_collections
 
+from magicpose_jax.convert.controlnet import save_controlnet
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
 from magicpose_jax.demo import pretrained
 from magicpose_jax.demo.phases import MICRO, MICRO_UNET, Budget, Demo, load_config
@@ -36,8 +41,8 @@ from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
 # The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
-PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=10000, base_reference_share=0.5)
-MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5)
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=10000, base_reference_share=0.5, pose_steps=5000)
+MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1)
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -69,6 +74,16 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
   folder = demo.path("sd")
   shutil.rmtree(folder, ignore_errors=True)
   save_stable_diffusion(model.sd, {k: model.params[k] for k in COMPONENTS}, folder)
+  if budget.pose_steps:
+    # The ControlNet trains over the exported base (bit-identical to the run's), as ControlNet 1.1 OpenPose
+    # trained over the released SD 1.5: pose image -> figure, the empty prompt, no reference.
+    c = demo.run_config("stage2", budget.pose_steps, use_appearance=False)
+    c.base.path = folder
+    start = time.perf_counter()
+    demo.train_run(3, "pose", c, "OpenPose ControlNet over the frozen base (pose -> figure, no reference)")
+    seconds["pose"] = round(time.perf_counter() - start, 1)
+    pose = load_run(demo.path("runs", "pose"))
+    save_controlnet(pose.model.pose, pose.params["pose"], os.path.join(folder, pretrained.CONTROLNET))
   with open(demo.path("base_sd", "demo_base.json")) as f:
     vae_scores = {k: v for k, v in json.load(f).items() if k in ("l1", "mse", "kl")}
   pretrained.write_manifest(folder, {
@@ -77,7 +92,7 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
       "commit": source_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "budget": {k: v for k, v in dataclasses.asdict(budget).items()
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
-                          "batch_size", "autoencoder")},
+                          "pose_steps", "batch_size", "autoencoder")},
       "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
       "seconds": seconds if not demo.cached else {**seconds, "cached": demo.cached}})
   return folder

@@ -3,8 +3,9 @@
 MagicPose trains over a frozen, pretrained SD 1.5. The demo's stand-in ships with the package in
 `magicpose_jax/demo/pretrained_sd/`, trained on the synthetic figures by `python -m magicpose_jax.demo.pretrain`
 (`demo/pretrain.py`), so `make demo` trains only MagicPose's own stages, as a user of the method does. The folder
-is a plain diffusers pipeline (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `scheduler/`) plus
-`pretrain.json`: how it was made, what it measured, and the sha256 of every file, checked before a demo trains
+is a plain diffusers pipeline (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `scheduler/`), an OpenPose
+ControlNet trained over it (`controlnet/`, a diffusers ControlNetModel folder; the stages' pose nets start from it)
+and `pretrain.json`: how it was made, what it measured, and the sha256 of every file, checked before a demo trains
 over it (a truncated file or a Git LFS pointer is an error naming the file, not a silently different base).
 """
 
@@ -20,6 +21,17 @@ MANIFEST = "pretrain.json"
 # What a folder must hold besides the manifest (the files a diffusers pipeline of the demo's SD has).
 REQUIRED = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
             "text_encoder/config.json")
+
+
+# The optional OpenPose ControlNet (a diffusers ControlNetModel folder) inside a base folder: what the stages' pose
+# nets start from, as the release's start from ControlNet 1.1 OpenPose over SD 1.5.
+CONTROLNET = "controlnet"
+
+
+def controlnet_of(folder: str) -> str | None:
+  """`folder`'s OpenPose ControlNet folder, or None when the base has none."""
+  path = os.path.join(folder, CONTROLNET)
+  return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def file_hashes(folder: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import tqdm
 
 from magicpose_jax import demo
@@ -53,15 +54,15 @@ class Fidelity(demo.Demo):
   """The demo's phases plus the no-augmentation runs; every variant evaluated on the same pairs."""
 
   def training_runs(self) -> list[demo.TrainingRun]:
-    b = self.budget
     runs = super().training_runs()
+    # The main stage runs' configs (base, pose net start) with augmentation off.
     (main_stage1,) = [r for r in runs if r.name == "stage1"]
-    c = self.run_config("stage1", b.stage1_steps)
-    c.base.path = main_stage1.config.base.path  # the demo's base run, or the pretrained base folder
+    (main_stage2,) = [r for r in runs if r.name == "stage2"]
+    c = ml_collections.ConfigDict(main_stage1.config.to_dict())
     c.data.augment.enabled = False
     stage1 = demo.TrainingRun(5, "no_augmentation_stage1", c, "ablation: stage 1 without data augmentation",
                               main_stage1.after)
-    c = self.run_config("stage2", b.stage2_steps)
+    c = ml_collections.ConfigDict(main_stage2.config.to_dict())
     c.init_from = self.path("runs", "no_augmentation_stage1")
     c.data.augment.enabled = False
     stage2 = demo.TrainingRun(5, "no_augmentation", c, "ablation: stage 2 without data augmentation",

@@ -194,7 +194,7 @@ def test_every_phase_needs_only_known_phases(tmp_path):
 
 def test_over_a_pretrained_base_no_phase_trains_a_vae_or_a_base(tmp_path):
   base = tmp_path / "sd"
-  for rel in pretrained.REQUIRED:  # the checks read the manifest and hashes, not the weights
+  for rel in (*pretrained.REQUIRED, "controlnet/config.json"):  # the checks read the manifest and hashes only
     (base / rel).parent.mkdir(parents=True, exist_ok=True)
     (base / rel).write_text("{}")
   pretrained.write_manifest(str(base), {"command": "test"})
@@ -208,3 +208,16 @@ def test_over_a_pretrained_base_no_phase_trains_a_vae_or_a_base(tmp_path):
       if name in runs:
         assert phases[name][1] == () and runs[name].config.base.path == str(base), (cls.__name__, name)
     assert phases["stage2"][1] == ("stage1",)
+    # Every pose net starts from the base's ControlNet; the no-augmentation runs differ from the main ones only there.
+    for name in ("stage2", "no_appearance", "no_augmentation"):
+      if name in runs:
+        model = runs[name].config.model
+        assert (model.pose_init, model.pose_path) == ("controlnet", str(base / "controlnet")), (cls.__name__, name)
+    for name in ("stage1", "stage2"):
+      if f"no_augmentation{'_stage1' if name == 'stage1' else ''}" in runs:
+        plain = runs[name].config.to_dict()
+        ablation = runs[f"no_augmentation{'_stage1' if name == 'stage1' else ''}"].config.to_dict()
+        assert not ablation["data"]["augment"]["enabled"] and plain["data"]["augment"]["enabled"]
+        plain["data"]["augment"]["enabled"] = False
+        plain["init_from"] = ablation["init_from"]
+        assert ablation == plain, name

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import ControlNetModel as TorchControlNet
@@ -15,7 +17,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from magicpose_jax import demo
 from magicpose_jax.convert.stable_diffusion import load_stable_diffusion
-from magicpose_jax.demo import pretrained
+from magicpose_jax.demo import pretrain, pretrained
 from magicpose_jax.demo.__main__ import main as demo_main
 from magicpose_jax.train.checkpoint import read_run
 
@@ -129,3 +131,47 @@ def test_a_bad_base_stops_the_demo_before_it_removes_anything(micro_base, tmp_pa
 def test_train_base_and_base_sd_exclude_each_other(tmp_path):
   with pytest.raises(SystemExit, match="choose one"):
     demo_main(["--train-base", "--base-sd", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.fixture(scope="module")
+def continued(micro_base, tmp_path_factory):
+  """A second micro pretrain continuing the first: (first folder, second folder)."""
+  first = os.path.dirname(micro_base[0])
+  second = str(tmp_path_factory.mktemp("continued"))
+  subprocess.run([sys.executable, "-m", "magicpose_jax.demo.pretrain", "--micro", "--out", second,
+                  "--continue-from", first], env=ENV, check=True, stdout=subprocess.DEVNULL)
+  return first, second
+
+
+def test_continue_from_trains_the_same_vae_and_base_further(continued):
+  first, second = continued
+  assert read_run(os.path.join(second, "runs", "base"), with_params=False)[0].init_from == os.path.join(
+      first, "runs", "base")
+  before, after = pretrained.check_base_sd(os.path.join(first, "sd")), pretrained.check_base_sd(
+      os.path.join(second, "sd"))
+  assert after["continued_from"] == [{k: before[k] for k in ("command", "commit", "step")}]
+  assert after["base_steps_total"] == 2 * demo.MICRO.base_steps
+  vae = "vae/diffusion_pytorch_model.safetensors"
+  assert after["files"][vae] == before["files"][vae]  # the same VAE
+  # The UNet moved one optimizer step (lr 1e-3) from the first base's, far less than from a fresh one.
+  _, a = load_stable_diffusion(os.path.join(first, "sd"))
+  _, b = load_stable_diffusion(os.path.join(second, "sd"))
+  moved = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a["unet"]), jax.tree.leaves(b["unet"]),
+                                                            strict=True))
+  assert 0 < moved < 0.01
+
+
+def test_continuing_another_folder_or_another_vae_is_refused(continued, tmp_path):
+  first, second = continued
+  with pytest.raises(ValueError, match=r"its base phase continued .*; this command continues nothing"):
+    pretrain.pretrain(second, pretrain.MICRO_PRETRAIN, unet=demo.MICRO_UNET)
+  other = str(tmp_path / "other")
+  shutil.copytree(first, other)
+  with open(os.path.join(other, "setup.json")) as f:
+    setup = json.load(f)
+  setup["budget"]["vae_steps"] += 1
+  with open(os.path.join(other, "setup.json"), "w") as f:
+    json.dump(setup, f)
+  with pytest.raises(ValueError, match=r"its VAE was trained with another budget \(vae_steps\)"):
+    pretrain.pretrain(str(tmp_path / "new"), pretrain.MICRO_PRETRAIN, unet=demo.MICRO_UNET, continue_from=other)
+  assert not os.path.exists(tmp_path / "new" / "vae")  # refused before anything was copied or trained

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -35,7 +36,7 @@ import ml_collections
 from magicpose_jax.convert.controlnet import save_controlnet
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
 from magicpose_jax.demo import pretrained
-from magicpose_jax.demo.phases import MICRO, MICRO_UNET, Budget, Demo, load_config
+from magicpose_jax.demo.phases import MICRO, MICRO_UNET, SETUP_FILE, Budget, Demo, load_config
 from magicpose_jax.eval.report import source_commit
 from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
@@ -53,20 +54,64 @@ def pretrain_config() -> ml_collections.ConfigDict:
   return c
 
 
+CONTINUATION = "continue.json"  # in DIR: the folder a continued pretrain started from (`--continue-from`)
+# Budget fields that make the VAE phase: a continuation reuses its folder's VAE only when they are the same.
+VAE_FIELDS = ("autoencoder", "vae_steps", "vae_images", "latent_channels")
+
+
+def check_continuation(demo: Demo, previous: str) -> None:
+  """Refuses a folder whose trained base phase continued another pretrain than `previous` ("": none), so a cached
+  base run is never reused under the wrong provenance; then records `previous` in DIR/continue.json."""
+  path = demo.path(CONTINUATION)
+  if os.path.isdir(demo.path("runs", "base")):  # a base phase (finished or not) is there to be reused
+    recorded = ""
+    if os.path.isfile(path):
+      with open(path) as f:
+        recorded = json.load(f)["from"]
+    if recorded != previous:
+      raise ValueError(f"{demo.out}: its base phase continued {recorded or 'nothing (trained from scratch)'}; this "
+                       f"command continues {previous or 'nothing'}: use another --out, or --fresh")
+  with open(path, "w") as f:
+    json.dump({"from": previous}, f)
+
+
+def continue_from_folder(demo: Demo, previous: str) -> dict[str, Any]:
+  """Sets `demo`'s folder up to continue the pretrain in `previous` (a folder this command finished): checks that
+  its VAE budget is this one's and copies its VAE phase. Returns `previous`'s manifest."""
+  manifest = pretrained.check_base_sd(os.path.join(previous, "sd"))
+  with open(os.path.join(previous, SETUP_FILE)) as f:
+    before = json.load(f)["budget"]
+  changed = [k for k in VAE_FIELDS if before.get(k) != getattr(demo.budget, k)]
+  if changed:
+    raise ValueError(f"--continue-from {previous}: its VAE was trained with another budget ({', '.join(changed)}); a "
+                     f"continuation keeps the VAE its base was trained over")
+  for name in ("vae", "base_sd"):
+    if not os.path.isdir(demo.path(name)):
+      shutil.copytree(os.path.join(previous, name), demo.path(name))
+  return manifest
+
+
 def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigDict | None = None,
-             fresh: bool = False, unet: UNetConfig | None = None, command: str = "") -> str:
-  """Trains (or reuses) the VAE and base phases in `out` and writes `out/sd`; returns that folder's path.
+             fresh: bool = False, unet: UNetConfig | None = None, command: str = "", continue_from: str = "") -> str:
+  """Trains (or reuses) the VAE, base and pose phases in `out` and writes `out/sd`; returns that folder's path.
 
   `unet`: the base UNet's architecture (default: `config.model.unet`'s variant). `command`: recorded in the
-  manifest.
+  manifest. `continue_from`: a folder this command wrote before, with the same VAE budget: its VAE is reused and
+  the base run starts from its trained UNet (`init_from`) for `budget.base_steps` more steps, the learning rate
+  warmed up and decayed again (a warm restart); the ControlNet trains from scratch over the continued base.
   """
   config = config if config is not None else pretrain_config()
   demo = Demo(out, budget, config, fresh, unet)
+  continue_from = os.path.abspath(continue_from) if continue_from else ""
+  check_continuation(demo, continue_from)
+  previous = continue_from_folder(demo, continue_from) if continue_from else None
   seconds = {}
   start = time.perf_counter()
   demo.train_vae()
   seconds["vae"] = round(time.perf_counter() - start, 1)
   (base,) = [r for r in demo.training_runs() if r.name == "base"]
+  if previous is not None:
+    base.config.init_from = os.path.join(continue_from, "runs", "base")
   start = time.perf_counter()
   demo.train_run(base.index, base.name, base.config, base.text)
   seconds["base"] = round(time.perf_counter() - start, 1)
@@ -94,6 +139,10 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
                           "pose_steps", "batch_size", "autoencoder")},
       "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
+      # The chain of base runs this one continued, oldest first, and the UNet's training steps in all.
+      "continued_from": [*previous.get("continued_from", []), {k: previous[k] for k in (
+          "command", "commit", "step") if k in previous}] if previous else [],
+      "base_steps_total": model.info["step"] + (previous.get("base_steps_total", previous["step"]) if previous else 0),
       "seconds": seconds if not demo.cached else {**seconds, "cached": demo.cached}})
   return folder
 
@@ -105,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", default="outputs/pretrain", help="output folder (phases cached here; the base in sd/)")
   parser.add_argument("--fresh", action="store_true", help="retrain every phase instead of reusing DIR's")
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the tests' size)")
+  parser.add_argument("--continue-from", default="", metavar="DIR",
+                      help="a folder this command wrote: reuse its VAE and train its base UNet for more steps")
   return parser
 
 
@@ -112,7 +163,8 @@ def main(argv: list[str] | None = None) -> str:
   args = build_parser().parse_args(argv)
   command = "python -m magicpose_jax.demo.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
   folder = pretrain(args.out, MICRO_PRETRAIN if args.micro else PRETRAIN, fresh=args.fresh,
-                    unet=MICRO_UNET if args.micro else None, command=command.strip())
+                    unet=MICRO_UNET if args.micro else None, command=command.strip(),
+                    continue_from=args.continue_from)
   print(f"pretrained base: {folder}\n  python -m magicpose_jax.demo --base-sd {folder}")
   return folder
 

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import weakref
 from typing import Any
 
 import grain
@@ -142,6 +144,16 @@ def is_training_run(path: str) -> bool:
     return False
 
 
+# Orbax's async saves share per-process state (the operation ids and signals that order the creation of a step's
+# temporary directories): two CheckpointManagers saving at once in one process, as the demo's `--jobs 2` phases do
+# in threads, can write an item into a directory that does not exist yet (FileNotFoundError on
+# `data.orbax-checkpoint-tmp/process_0-of-1.json`, reproduced with two threads saving). So one process saves one
+# step at a time: a save starts after every other checkpointer's in-flight save is written. A training process
+# has one checkpointer, for which this changes nothing.
+_SAVE_LOCK = threading.Lock()
+_LIVE: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
 class Checkpointer:
   """Keep-last-K async orbax checkpoints of one run."""
 
@@ -150,6 +162,20 @@ class Checkpointer:
     self.base_source, self.base_hash, self.config = base_source, base_hash, config
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._deferred: Exception | None = None  # an async save's error met while another run waited for it
+    _LIVE.add(self)
+
+  def _finish_for_another(self) -> None:
+    """Waits for this checkpointer's in-flight save; its error is kept for this run's next save or wait."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # this run reports it, not the one that waited
+      self._deferred = self._deferred or e
+
+  def _raise_deferred(self) -> None:
+    if self._deferred is not None:
+      e, self._deferred = self._deferred, None
+      raise CheckpointError(f"writing a checkpoint to {self.directory} failed: {root_cause(e)}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -161,8 +187,13 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self._raise_deferred()
     try:  # also raises a previous async save's error
-      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+      with _SAVE_LOCK:
+        for other in list(_LIVE):
+          if other is not self:
+            other._finish_for_another()
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
     except Exception as e:  # orbax's background threads: one line with the cause, not their tracebacks
       raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: {root_cause(e)}") from None
 
@@ -226,6 +257,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Until the async saves are written; their error as a `CheckpointError` naming the cause."""
+    self._raise_deferred()
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # raised from orbax's writer threads
@@ -235,6 +267,7 @@ class Checkpointer:
     try:
       self.wait()
     finally:
+      _LIVE.discard(self)
       self.manager.close()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -104,18 +105,24 @@ def save_controlnet(config: ControlNetConfig, params: dict, folder: str | os.Pat
   return write_model_folder(config.to_diffusers(), tensors, folder, WEIGHTS_STEM, max_shard_bytes)
 
 
-def load_ldm_controlnet(path: str | os.PathLike, config: ControlNetConfig, prefix: str = LDM_CONTROLNET_PREFIX,
-                        param_dtype: Any = jnp.float32) -> dict:
+def load_ldm_controlnet(path: str | os.PathLike, config: ControlNetConfig,
+                        prefix: str | Sequence[str] = LDM_CONTROLNET_PREFIX, param_dtype: Any = jnp.float32) -> dict:
   """Reads the ControlNet under `prefix` from an original-layout file (`.pth`, `.ckpt`, `.safetensors`).
 
   Only keys starting with `prefix` are read (a MagicPose release file also holds the UNet,
-  VAE, CLIP and appearance net); those must match the table exactly.
+  VAE, CLIP and appearance net); those must match the table exactly. `prefix` may be several candidates, tried in
+  order: the first that any key starts with is read (e.g. `(LDM_CONTROLNET_PREFIX, MAGICPOSE_POSE_PREFIX)` for a
+  ControlNet 1.1 or a MagicPose release file).
 
   Raises:
     ConversionError: no key has the prefix, or the keys under it do not match (every one named).
   """
   path = os.fspath(path)
-  state_dict = {k: v for k, v in read_state_dict(path).items() if k.startswith(prefix)}
-  if not state_dict:
-    raise ConversionError(f"{path}: no tensors under the prefix {prefix!r}")
-  return ldm_controlnet_key_table(config, prefix).to_flax(state_dict, dtype=param_dtype, source=path)
+  candidates = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+  state_dict = read_state_dict(path)
+  found = next((p for p in candidates if any(k.startswith(p) for k in state_dict)), None)
+  if found is None:
+    under = f"the prefix {candidates[0]!r}" if len(candidates) == 1 else " or ".join(map(repr, candidates))
+    raise ConversionError(f"{path}: no tensors under {under}")
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(found)}
+  return ldm_controlnet_key_table(config, found).to_flax(state_dict, dtype=param_dtype, source=path)

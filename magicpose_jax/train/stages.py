@@ -26,11 +26,10 @@ import numpy as np
 from magicpose_jax.convert.controlnet import (
   LDM_CONTROLNET_PREFIX,
   MAGICPOSE_POSE_PREFIX,
-  ldm_controlnet_key_table,
   load_controlnet,
+  load_ldm_controlnet,
 )
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, SDConfigs, load_stable_diffusion
-from magicpose_jax.convert.tensor_files import read_state_dict
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE, ScheduleConfig
 from magicpose_jax.models import platforms
 from magicpose_jax.models.attention import check_backend_platform
@@ -222,7 +221,8 @@ def load_pose_controlnet(path: str, pose: ControlNetConfig) -> Params:
 
   Raises:
     ValueError: the folder's architecture differs from `pose` (every differing field named).
-    ConversionError: a missing, unexpected or mis-shaped tensor (each named).
+    ConversionError: a file with no tensors under either prefix, or a missing, unexpected or mis-shaped tensor
+      (each named).
   """
   runtime = {"attention_backend": pose.attention_backend, "remat_policy": pose.remat_policy,
              "target_platform": pose.target_platform}
@@ -234,14 +234,7 @@ def load_pose_controlnet(path: str, pose: ControlNetConfig) -> Params:
       raise ValueError(f"config.model.pose_path={path}: this ControlNet is not the run's pose net (the base UNet's "
                        f"architecture with config.model.hint_channels):\n  " + "\n  ".join(diff))
     return params
-  state_dict = read_state_dict(path)
-  prefixes = (LDM_CONTROLNET_PREFIX, MAGICPOSE_POSE_PREFIX)
-  prefix = next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), None)
-  if prefix is None:
-    raise ValueError(f"config.model.pose_path={path}: no tensors under {LDM_CONTROLNET_PREFIX!r} or "
-                     f"{MAGICPOSE_POSE_PREFIX!r} (expected a ControlNet checkpoint, or a diffusers ControlNet folder)")
-  mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-  return ldm_controlnet_key_table(pose, prefix).to_flax(mine, dtype=np.float32, source=path)
+  return load_ldm_controlnet(path, pose, (LDM_CONTROLNET_PREFIX, MAGICPOSE_POSE_PREFIX), param_dtype=np.float32)
 
 
 def initial_params(config: ml_collections.ConfigDict, nets: Networks, sd: SDConfigs, base: Params,

@@ -19,6 +19,7 @@ from magicpose_jax import demo
 from magicpose_jax.convert.stable_diffusion import load_stable_diffusion
 from magicpose_jax.demo import pretrain, pretrained
 from magicpose_jax.demo.__main__ import main as demo_main
+from magicpose_jax.demo.autoencoder import DECODER_PARAMS, load_autoencoder
 from magicpose_jax.train.checkpoint import read_run
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu",  # XLA_FLAGS: conftest's FAST_COMPILE
@@ -52,8 +53,16 @@ def test_pretrain_writes_a_diffusers_pipeline_with_its_manifest(micro_base):
     assert not any(info.values()), (name, info)
   scheduler = DDIMScheduler.from_pretrained(os.path.join(base, "scheduler"))
   assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
-  sd, _ = load_stable_diffusion(base)
+  sd, params = load_stable_diffusion(base)
   assert sd.unet == demo.MICRO_UNET.replace(in_channels=4, out_channels=4)
+  # The exported VAE is the VAE phase's with the decoder phase's decoder: the encoder (the latent space the base
+  # trained in) bit-identical, the decoder moved.
+  assert manifest["budget"]["decoder_steps"] == 2 and np.isfinite(manifest["decoder_training"]["loss"])
+  _, vae_phase = load_autoencoder(os.path.join(os.path.dirname(base), "vae"))
+  for name, tree in params["vae"].items():
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(vae_phase[name]),
+                                                    strict=True))
+    assert same == (name not in DECODER_PARAMS), name
 
 
 def test_demo_over_a_pretrained_base_trains_only_the_stages(micro_base):

@@ -3,6 +3,7 @@ pipeline folder the demo's base training starts from.
 
     vae_config, vae_params, _ = train_autoencoder(DEMO_VAE, images)     # the default: a trained tiny VAE
     vae_config, vae_params = fit_patch_vae(DEMO_PATCH_VAE, images)      # or the patch autoencoder: no training
+    vae_params, _ = finetune_decoder(vae_config, vae_params, images)   # the decoder alone, further (pretrain)
     write_base_pipeline(folder, vae_config, vae_params, unet_config, text_config, seed=0)
 
 `DEMO_PATCH_VAE` (`models/patch_vae.py`) cuts 64 px figures into 4 x 4 patches and keeps the first 8 principal
@@ -208,6 +209,93 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
       progress(step + 1, report)
   params = jax.tree.map(np.asarray, params)
   return fit_latent_scaling(config, vae, params, images, training.per_channel_latents), params, last
+
+
+# The decoder's parameters (diffusers' AutoencoderKL): everything after the latents. The encoder and its 1x1 moments
+# conv (`quant_conv`) make the latent space every UNet over the VAE was trained in.
+DECODER_PARAMS = ("post_quant_conv", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderTraining:
+  """Fine-tuning of a trained VAE's decoder alone (`finetune_decoder`).
+
+  Attributes:
+    steps: Adam updates.
+    batch_size: images per update.
+    lr: peak learning rate (cosine decay to 10% after a 5% warm-up).
+    seed: batch order.
+  """
+
+  steps: int = 3000
+  batch_size: int = 16
+  lr: float = 1e-3
+  seed: int = 1
+
+
+def decoder_loss(decoder: Params, encoder: Params, vae: AutoencoderKL, latents: jax.Array,
+                 images: jax.Array) -> jax.Array:
+  """L1 + MSE per pixel ([-1, 1] scale, as `autoencoder_loss`) of decoding the VAE latents `latents` ([B, h, w, C])
+  against uint8 `images` ([B, H, W, 3])."""
+  x = _images(images)
+  recon = vae.apply({"params": {**encoder, **decoder}}, latents, method="decode")
+  return jnp.mean(jnp.abs(recon - x)) + jnp.mean(jnp.square(recon - x))
+
+
+@functools.partial(jax.jit, static_argnames=("vae", "tx"), donate_argnums=(0, 1))
+def _decoder_step(decoder: Params, opt_state: Any, encoder: Params, latents: jax.Array, images: jax.Array, *,
+                  vae: AutoencoderKL, tx: optax.GradientTransformation) -> tuple[Params, Any, jax.Array]:
+  loss, grads = jax.value_and_grad(decoder_loss)(decoder, encoder, vae, latents, images)
+  updates, opt_state = tx.update(grads, opt_state, decoder)
+  return optax.apply_updates(decoder, updates), opt_state, loss
+
+
+def finetune_decoder(config: VAEConfig, params: Params, images: np.ndarray,
+                     training: DecoderTraining = DecoderTraining(),
+                     progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[Params,
+                                                                                               dict[str, float]]:
+  """Trains the decoder of a trained VAE further, its encoder frozen, on `images` (uint8 [N, H, W, 3]).
+
+  What SD's "ft-MSE" VAE did: the latent space stays the one the UNet (and every ControlNet and stage over it)
+  was trained in, bit for bit, so the decoder can be improved after them. The decoder learns from the posterior
+  means (what a sampler's denoised latents estimate), computed once.
+
+  Args:
+    progress: called after every step with (step, {"loss": the mean over the last 10 steps} every 10 steps, else
+      {}).
+
+  Returns:
+    (params with the new decoder and the encoder's leaves unchanged, {"loss": the mean of the last 10 steps}).
+  """
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"finetune_decoder: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+  missing = [k for k in (*DECODER_PARAMS, "encoder", "quant_conv") if k not in params]
+  if missing:
+    raise ValueError(f"finetune_decoder: params have no {missing}: not a diffusers-layout AutoencoderKL")
+  vae = AutoencoderKL(config)
+  latents = np.concatenate([np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + 64])))
+                            for i in range(0, len(images), 64)])
+  encoder = jax.device_put({k: v for k, v in params.items() if k not in DECODER_PARAMS})
+  decoder = jax.device_put({k: params[k] for k in DECODER_PARAMS})
+  warmup = max(1, training.steps // 20)
+  lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
+                                          end_value=0.1 * training.lr)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  opt_state = jax.jit(tx.init)(decoder)
+  rng = np.random.default_rng(training.seed)
+  losses: list[jax.Array] = []
+  last: dict[str, float] = {}
+  for step in range(training.steps):
+    idx = rng.integers(len(images), size=training.batch_size)
+    decoder, opt_state, loss = _decoder_step(decoder, opt_state, encoder, jnp.asarray(latents[idx]),
+                                             jnp.asarray(images[idx]), vae=vae, tx=tx)
+    losses = [*losses[-9:], loss]
+    report = {}
+    if step % 10 == 9 or step == training.steps - 1:
+      report = last = {"loss": float(np.mean([float(v) for v in losses]))}
+    if progress is not None:
+      progress(step + 1, report)
+  return {**params, **jax.tree.map(np.asarray, decoder)}, last
 
 
 def _reconstruction(config: AnyVAEConfig, params: Params, images: np.ndarray) -> np.ndarray:

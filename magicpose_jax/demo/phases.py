@@ -81,6 +81,10 @@ class Budget:
   # (0: none). The stages' pose nets then start from it (`pose_init="controlnet"`), as the release's start from
   # ControlNet 1.1 OpenPose.
   pose_steps: int = 0
+  # The pretrain command only: steps of training the VAE's decoder alone, its encoder frozen, on `decoder_images`
+  # training figures (0: none; `autoencoder.finetune_decoder`). The latent space, hence the base, stays the same.
+  decoder_steps: int = 0
+  decoder_images: int = 8192
   stage1_steps: int = 250
   stage2_steps: int = 250
   no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
@@ -167,7 +171,7 @@ class Demo:
     if changed:
       print(f"{self.out} holds phases trained with another setup ({', '.join(changed)} changed): retraining them all")
     if fresh or changed:
-      for name in ("vae", "base_sd", "runs", "tb"):
+      for name in ("vae", "decoder", "base_sd", "runs", "tb"):  # decoder: the pretrain command's phase
         shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
     with open(self.path(SETUP_FILE), "w") as f:
       json.dump(setup, f, indent=2, sort_keys=True)

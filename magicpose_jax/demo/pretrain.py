@@ -3,17 +3,21 @@
 
 What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretrained_sd/`), and what makes another:
 
-  1. vae    the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
-  2. base   the tiny UNet trained as SD on the figures (`PRETRAIN.base_steps`), `PRETRAIN.base_reference_share`
-            of each batch reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention
-            also reads its own states of another frame of the same person. A plain base never learns to match
-            body parts across images, which is what the Appearance Controller's attention needs from SD
-            (docs/demo.md);
-  3. pose   an OpenPose ControlNet over the exported, frozen base (`PRETRAIN.pose_steps`): pose image -> figure,
-            no reference (the demo's no-appearance run). The stages' pose nets start from it (`pose_init=
-            "controlnet"`), as the release's start from ControlNet 1.1 OpenPose over SD 1.5;
-  4. export DIR/sd: the trained base as a diffusers pipeline folder, its ControlNet in DIR/sd/controlnet, and
-            `pretrain.json` (how it was made, its VAE's reconstruction scores, the sha256 of every file).
+  1. vae      the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
+  2. decoder  the VAE's decoder trained further alone, its encoder frozen (`PRETRAIN.decoder_steps` on
+              `PRETRAIN.decoder_images` figures), as SD's ft-MSE VAE was: sharper reconstructions in the same latent
+              space (`autoencoder.finetune_decoder`);
+  3. base     the tiny UNet trained as SD on the figures (`PRETRAIN.base_steps`), `PRETRAIN.base_reference_share`
+              of each batch reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention
+              also reads its own states of another frame of the same person. A plain base never learns to match
+              body parts across images, which is what the Appearance Controller's attention needs from SD
+              (docs/demo.md);
+  4. pose     an OpenPose ControlNet over the exported, frozen base (`PRETRAIN.pose_steps`): pose image -> figure,
+              no reference (the demo's no-appearance run). The stages' pose nets start from it (`pose_init=
+              "controlnet"`), as the release's start from ControlNet 1.1 OpenPose over SD 1.5;
+  5. export   DIR/sd: the trained base, with the decoder phase's VAE, as a diffusers pipeline folder, its ControlNet
+              in DIR/sd/controlnet, and `pretrain.json` (how it was made, its VAE's reconstruction scores, the
+              sha256 of every file).
 
 Then `python -m magicpose_jax.demo --base-sd DIR/sd` trains MagicPose's stages over it (the demo's default is the
 packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base is two runs: one
@@ -35,18 +39,20 @@ from typing import Any
 
 import jax
 import ml_collections
+import tqdm
 
 from magicpose_jax.convert.controlnet import save_controlnet
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
-from magicpose_jax.demo import pretrained
-from magicpose_jax.demo.phases import MICRO, MICRO_UNET, SETUP_FILE, Budget, Demo, load_config
+from magicpose_jax.demo import autoencoder, pretrained
+from magicpose_jax.demo.phases import MICRO, MICRO_UNET, SETUP_FILE, Budget, Demo, load_config, training_figures
 from magicpose_jax.eval.report import source_commit
 from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
 # The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
-PRETRAIN = Budget(vae_steps=3000, vae_images=4096, base_steps=10000, base_reference_share=0.5, pose_steps=5000)
-MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1)
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, base_steps=10000, base_reference_share=0.5,
+                  pose_steps=5000)
+MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1, decoder_steps=2, decoder_images=8)
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -60,6 +66,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
 CONTINUATION = "continue.json"  # in DIR: the folder a continued pretrain started from (`--continue-from`)
 # Budget fields that make the VAE phase: a continuation reuses its folder's VAE only when they are the same.
 VAE_FIELDS = ("autoencoder", "vae_steps", "vae_images", "latent_channels")
+# ... and the decoder phase's: a continuation reuses the fine-tuned decoder too when they are also the same.
+DECODER_FIELDS = ("decoder_steps", "decoder_images")
+DECODER = "decoder"  # in DIR: the VAE with its fine-tuned decoder (an `autoencoder.save_autoencoder` folder)
 
 
 def check_continuation(demo: Demo, previous: str) -> None:
@@ -88,10 +97,40 @@ def continue_from_folder(demo: Demo, previous: str) -> dict[str, Any]:
   if changed:
     raise ValueError(f"--continue-from {previous}: its VAE was trained with another budget ({', '.join(changed)}); a "
                      f"continuation keeps the VAE its base was trained over")
-  for name in ("vae", "base_sd"):
-    if not os.path.isdir(demo.path(name)):
+  names = ["vae", "base_sd"]
+  if all(before.get(k) == getattr(demo.budget, k) for k in DECODER_FIELDS):
+    names.append(DECODER)
+  for name in names:
+    if os.path.isdir(os.path.join(previous, name)) and not os.path.isdir(demo.path(name)):
       shutil.copytree(os.path.join(previous, name), demo.path(name))
   return manifest
+
+
+def train_decoder(demo: Demo) -> tuple[dict[str, Any], dict[str, float]]:
+  """The decoder phase: DIR/vae's VAE with its decoder trained `budget.decoder_steps` more steps alone (cached in
+  DIR/decoder); returns (VAE params, {"loss": the last steps' mean}). With `decoder_steps=0`, DIR/vae's own."""
+  folder = demo.path(DECODER)
+  if not demo.budget.decoder_steps:
+    return autoencoder.load_autoencoder(demo.path("vae"))[1], {}
+  if autoencoder.is_saved_autoencoder(folder):
+    demo.cached.append(DECODER)
+    with open(os.path.join(folder, "training.json")) as f:
+      return autoencoder.load_autoencoder(folder)[1], json.load(f)
+  config, params = autoencoder.load_autoencoder(demo.path("vae"))
+  images = training_figures(demo.config.data, demo.budget.decoder_images)
+  bar = tqdm.tqdm(total=demo.budget.decoder_steps, desc="decoder", unit="step", dynamic_ncols=True)
+
+  def progress(step: int, report: dict) -> None:
+    bar.update(1)
+    if report:
+      bar.set_postfix(loss=f"{report['loss']:.4f}", refresh=False)
+
+  params, metrics = autoencoder.finetune_decoder(
+      config, params, images, autoencoder.DecoderTraining(steps=demo.budget.decoder_steps), progress)
+  bar.close()
+  shutil.rmtree(folder, ignore_errors=True)
+  autoencoder.save_autoencoder(folder, config, params, metrics)
+  return params, metrics
 
 
 def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigDict | None = None,
@@ -112,6 +151,9 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
   start = time.perf_counter()
   demo.train_vae()
   seconds["vae"] = round(time.perf_counter() - start, 1)
+  start = time.perf_counter()
+  vae_params, decoder_scores = train_decoder(demo)
+  seconds["decoder"] = round(time.perf_counter() - start, 1)
   (base,) = [r for r in demo.training_runs() if r.name == "base"]
   if previous is not None:
     base.config.init_from = os.path.join(continue_from, "runs", "base")
@@ -121,7 +163,8 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
   model = load_run(demo.path("runs", "base"))
   folder = demo.path("sd")
   shutil.rmtree(folder, ignore_errors=True)
-  save_stable_diffusion(model.sd, {k: model.params[k] for k in COMPONENTS}, folder)
+  # The base run trained over DIR/vae's VAE; its encoder (the latent space) is the fine-tuned decoder's.
+  save_stable_diffusion(model.sd, {**{k: model.params[k] for k in COMPONENTS}, "vae": vae_params}, folder)
   if budget.pose_steps:
     # The ControlNet trains over the exported base (bit-identical to the run's), as ControlNet 1.1 OpenPose
     # trained over the released SD 1.5: pose image -> figure, the empty prompt, no reference.
@@ -140,8 +183,9 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
       "commit": source_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "budget": {k: v for k, v in dataclasses.asdict(budget).items()
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
-                          "pose_steps", "batch_size", "autoencoder")},
+                          "pose_steps", "decoder_steps", "decoder_images", "batch_size", "autoencoder")},
       "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
+      "decoder_training": decoder_scores,
       # The chain of base runs this one continued, oldest first, and the UNet's training steps in all.
       "continued_from": [*previous.get("continued_from", []), {k: previous[k] for k in (
           "command", "commit", "step") if k in previous}] if previous else [],

@@ -70,6 +70,7 @@ def test_every_file_is_intact_and_from_the_pretrain_budget():
   for key, value in manifest["budget"].items():  # PRETRAIN changed without re-running the command: stale weights
     assert getattr(pretrain.PRETRAIN, key) == value, key
   assert manifest["step"] == pretrain.PRETRAIN.base_steps
+  assert manifest["budget"]["decoder_steps"] == pretrain.PRETRAIN.decoder_steps > 0  # the decoder phase ran
   assert pretrained.controlnet_of(BASE) and manifest["budget"]["pose_steps"] > 0
 
 
@@ -120,14 +121,14 @@ def test_text_encoder_matches_transformers(base):
 
 
 def test_the_vae_reconstructs_held_out_figures(base, heldout):
-  # An untrained VAE's reconstruction is noise around grey (L1 ~0.5 on these figures); the trained one's recorded
-  # reconstruction L1 (training figures) is ~0.06. Held-out figures must come back nearly as well.
+  # An untrained VAE's reconstruction is noise around grey (L1 ~0.5 on these figures). The VAE phase's own decoder
+  # gives 0.057 on them, the decoder phase's (shipped) 0.038: the bound fails for a base without the decoder phase.
   sd, params = base
   x = heldout.astype(np.float32) / 127.5 - 1
   vae = AutoencoderKL(sd.vae)
   out = vae.apply({"params": params["vae"]}, vae.apply({"params": params["vae"]}, x, method="encode").mode(),
                   method="decode")
-  assert float(np.abs(np.asarray(out) - x).mean()) < 0.09
+  assert float(np.abs(np.asarray(out) - x).mean()) < 0.045
 
 
 def test_the_unet_denoises_held_out_figures(base, heldout):

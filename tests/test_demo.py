@@ -79,6 +79,8 @@ def test_second_run_reuses_finished_phases(micro):
 def test_budget_names_a_known_autoencoder():
   with pytest.raises(ValueError, match=r"Budget.autoencoder: expected one of \('patch', 'trained'\), got 'pca'"):
     demo.Budget(autoencoder="pca")
+  with pytest.raises(ValueError, match=r"Budget.decoder_steps=5: only the trained VAE has a decoder"):
+    demo.Budget(autoencoder="patch", decoder_steps=5)
 
 
 def test_interpolated_poses_pass_through_the_keyframes():

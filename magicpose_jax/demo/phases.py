@@ -100,6 +100,9 @@ class Budget:
   def __post_init__(self):
     if self.autoencoder not in AUTOENCODERS:
       raise ValueError(f"Budget.autoencoder: expected one of {AUTOENCODERS}, got {self.autoencoder!r}")
+    if self.decoder_steps and self.autoencoder != "trained":
+      raise ValueError(f"Budget.decoder_steps={self.decoder_steps}: only the trained VAE has a decoder to train "
+                       f"further (autoencoder={self.autoencoder!r}); set decoder_steps=0")
 
 
 # `make demo`: MagicPose's stages over the packaged pretrained base (demo/pretrained.py), in the time the VAE and

@@ -20,10 +20,11 @@ What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretraine
               sha256 of every file).
 
 Then `python -m magicpose_jax.demo --base-sd DIR/sd` trains MagicPose's stages over it (the demo's default is the
-packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base is two runs: one
-from scratch, then `--continue-from` it (VAE reused, base 10000 more steps from the first's UNet, a new
-ControlNet). On 2 CPU cores its VAE took 18 minutes (beside a second pretrain), its base 47 + 38 minutes, its
-ControlNet 13 minutes.
+packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). The packaged base is three runs:
+one from scratch, then `--continue-from` it twice (VAE and decoder reused, base 10000 more steps from the previous
+UNet each time, a new ControlNet; the decoder phase, newer than the first two runs, ran in the third). On 2 CPU
+cores its VAE took 18 minutes (beside a second pretrain), its decoder 23, its base 47 + 38 + about 29 minutes, its
+ControlNet 16 minutes.
 """
 
 from __future__ import annotations

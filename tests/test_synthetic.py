@@ -96,6 +96,31 @@ def test_config_validation():
     SyntheticConfig(detail="none")
   with pytest.raises(ValueError, match="pose_scale: expected a positive number, got 0"):
     SyntheticConfig(pose_scale=0)
+  with pytest.raises(ValueError, match=r"camera: expected one of \('frame', 'identity'\), got 'fixed'"):
+    SyntheticConfig(camera="fixed")
+
+
+def _similarity(a, b):
+  """Least-squares scale s and offset t with b ~ s * a + t, and the largest residual (pixels)."""
+  design = np.concatenate([a.reshape(-1, 1), np.tile(np.eye(2), (len(a), 1))], 1)
+  coef, *_ = np.linalg.lstsq(design, b.reshape(-1), rcond=None)
+  return coef[0], coef[1:], float(np.abs(design @ coef - b.reshape(-1)).max())
+
+
+def test_identity_camera_changes_only_the_framing():
+  """camera="identity" reframes "frame"'s figures: the same poses and expressions, each frame's body only scaled
+  and shifted."""
+  frames = {c: SyntheticSource(SyntheticConfig(num_identities=2, frames_per_identity=6, camera=c))
+            for c in synthetic.CAMERAS}
+  moved = 0
+  for identity in range(2):
+    for f in range(6):
+      a, b = frames["frame"].frame(identity, f), frames["identity"].frame(identity, f)
+      np.testing.assert_array_equal(a["expression"], b["expression"])
+      s, t, residual = _similarity(a["pose"].body[:, :2], b["pose"].body[:, :2])
+      assert residual < 1e-3, residual  # a scale and a shift: the same pose
+      moved += abs(s - 1) > 1e-3 or np.abs(t).max() > 1e-3
+  assert moved > 6  # the framing did change
 
 
 def test_plain_detail_is_the_same_people_without_patterns_or_textures():

@@ -51,6 +51,8 @@ _SLEEVES = ("long", "short", "none")
 _BACKGROUNDS = ("gradient", "stripes", "checks", "floor", "dots")
 # SyntheticConfig.detail: "full" draws shirt patterns and background textures; "plain" the same people (same
 # colours, builds, hair, poses) with plain shirts on flat backgrounds.
+CAMERAS = ("frame", "identity")  # `SyntheticConfig.camera`
+FILL = (0.8, 0.94)  # range of the figure's extent (with a small margin) / image height
 DETAILS = ("full", "plain")
 
 
@@ -69,6 +71,10 @@ class SyntheticConfig:
     pose_scale: stroke widths and dot radii of "pose_image" (`render`'s `scale`): 1 draws ControlNet's SD-size
       strokes, which at 64 px cover the whole figure (limbs 9 px wide, face dots 7 px across); `image_size / 512`
       draws them in proportion.
+    camera: how frames are framed (the figure's height fill and its place in the free room). "frame": each frame
+      its own draw, so a person's reference and target frames differ in framing. "identity": one draw per person,
+      every frame framed alike, as by a video's fixed camera (TikTok's), where a training pair's reference and
+      target differ in framing only through augmentation (the setting of the paper's augmentation ablation).
   """
 
   image_size: int = 64
@@ -77,6 +83,7 @@ class SyntheticConfig:
   seed: int = 0
   detail: str = "full"
   pose_scale: float = 1.0
+  camera: str = "frame"
 
   def __post_init__(self):
     if not MIN_SIZE <= self.image_size <= MAX_SIZE:
@@ -88,6 +95,8 @@ class SyntheticConfig:
                        f"{self.num_identities} and {self.frames_per_identity}")
     if not self.pose_scale > 0:
       raise ValueError(f"SyntheticConfig.pose_scale: expected a positive number, got {self.pose_scale}")
+    if self.camera not in CAMERAS:
+      raise ValueError(f"SyntheticConfig.camera: expected one of {CAMERAS}, got {self.camera!r}")
     if self.detail not in DETAILS:
       raise ValueError(f"SyntheticConfig.detail: expected one of {DETAILS}, got {self.detail!r}")
 
@@ -293,7 +302,7 @@ def _sample_params(seed: int, index: int, frame: int) -> dict:
   r = rng.random()
   eyes = 0.0 if r < 0.6 else (1.0 if r < 0.8 else rng.uniform(0, 1))
   p["expression"] = np.array([mouth, eyes, rng.uniform(-1, 1)], np.float32)
-  p["fill"] = rng.uniform(0.8, 0.94)  # figure extent (with a small margin) / image height
+  p["fill"] = rng.uniform(*FILL)
   p["place"] = rng.uniform(0, 1, 2)
   return p
 
@@ -491,6 +500,13 @@ def _compose(materials: np.ndarray, ident: _Identity, g: dict, scale: float, bac
   return image
 
 
+def _identity_framing(seed: int, index: int) -> dict:
+  """`_sample_params`' framing draws ("fill", "place") for a whole person: a stream of its own (the key's length
+  differs from every frame's), so poses and expressions stay those of `camera="frame"`."""
+  rng = np.random.default_rng([seed, index, 0, 1])
+  return {"fill": rng.uniform(*FILL), "place": rng.uniform(0, 1, 2)}
+
+
 def _place(g: dict, ident: _Identity, p: dict, size: int) -> tuple[float, np.ndarray]:
   """Scale and offset (pixels) that fit the figure's extent into the image, filling p['fill'] of its height."""
   r = ident.head_r
@@ -569,6 +585,8 @@ class SyntheticSource:
     seed, size = self.config.seed, self.config.image_size
     ident = _styled_identity(seed, video, self.config.detail)
     params = _sample_params(seed, video, frame)
+    if self.config.camera == "identity":
+      params.update(_identity_framing(seed, video))
     g = _skeleton(ident, params)
     scale, offset = _place(g, ident, params, size)
     g = _to_pixels(g, scale, offset)

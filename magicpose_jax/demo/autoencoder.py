@@ -133,10 +133,16 @@ def _encode_mean(params: Params, vae: AutoencoderKL, images: jax.Array) -> jax.A
 
 
 def _posterior_means(vae: AutoencoderKL, params: Params, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """The posterior means over `images` (uint8 `[N, H, W, 3]`), one row per latent pixel: float64 `[N*h*w, C]`."""
-  means = np.concatenate([np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + batch_size])))
-                          for i in range(0, len(images), batch_size)])
-  return means.reshape(-1, means.shape[-1]).astype(np.float64)
+  """The posterior means of `images` (uint8 `[N, H, W, 3]`), encoded `batch_size` at a time: float32 `[N, h, w, C]`."""
+  return np.concatenate([np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + batch_size])))
+                         for i in range(0, len(images), batch_size)])
+
+
+def _optimizer(steps: int, peak_lr: float) -> optax.GradientTransformation:
+  """Adam with global-norm clipping at 1, the rate warmed up over 5% of `steps`, then cosine-decayed to 10%."""
+  warmup = max(1, steps // 20)
+  lr = optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(steps, warmup + 1), end_value=0.1 * peak_lr)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
 
 
 def fit_latent_scaling(config: VAEConfig, vae: AutoencoderKL, params: Params, images: np.ndarray,
@@ -147,6 +153,7 @@ def fit_latent_scaling(config: VAEConfig, vae: AutoencoderKL, params: Params, im
   its VAE); `per_channel`: `latents_mean`/`latents_std` per channel and `scaling_factor` 1.
   """
   z = _posterior_means(vae, params, images)
+  z = z.reshape(-1, z.shape[-1]).astype(np.float64)  # one row per latent pixel
   if per_channel:
     return config.replace(scaling_factor=1.0, latents_mean=tuple(float(m) for m in z.mean(0)),
                           latents_std=tuple(float(max(s, 1e-6)) for s in z.std(0)))
@@ -191,10 +198,7 @@ def train_autoencoder(config: VAEConfig, images: np.ndarray, training: Autoencod
   if training.identity_blocks:
     params = _identity_blocks(params)
   params = jax.device_put(params)  # one transfer (`jnp.asarray` per leaf compiles a program per leaf shape)
-  warmup = max(1, training.steps // 20)
-  lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
-                                          end_value=0.1 * training.lr)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  tx = _optimizer(training.steps, training.lr)
   opt_state = jax.jit(tx.init)(params)  # one program, not an eager zeros_like (a compile) per leaf shape
   rng = np.random.default_rng(training.seed)
   last: dict[str, float] = {}
@@ -273,14 +277,10 @@ def finetune_decoder(config: VAEConfig, params: Params, images: np.ndarray,
   if missing:
     raise ValueError(f"finetune_decoder: params have no {missing}: not a diffusers-layout AutoencoderKL")
   vae = AutoencoderKL(config)
-  latents = np.concatenate([np.asarray(_encode_mean(params, vae, jnp.asarray(images[i:i + 64])))
-                            for i in range(0, len(images), 64)])
+  latents = _posterior_means(vae, params, images)
   encoder = jax.device_put({k: v for k, v in params.items() if k not in DECODER_PARAMS})
   decoder = jax.device_put({k: params[k] for k in DECODER_PARAMS})
-  warmup = max(1, training.steps // 20)
-  lr = optax.warmup_cosine_decay_schedule(0.0, training.lr, warmup, max(training.steps, warmup + 1),
-                                          end_value=0.1 * training.lr)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  tx = _optimizer(training.steps, training.lr)
   opt_state = jax.jit(tx.init)(decoder)
   rng = np.random.default_rng(training.seed)
   losses: list[jax.Array] = []

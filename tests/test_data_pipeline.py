@@ -126,6 +126,22 @@ def test_synthetic_source():
     np.testing.assert_array_equal(again[key], batches[0][key])
 
 
+def test_head_masks_ride_along_only_when_asked():
+  """`with_head_mask=True` adds each target's head region (the loss weight's mask) and changes nothing else."""
+  config = default_data_config()
+  config.image_size = 32
+  config.synthetic.update(image_size=64, num_identities=6, frames_per_identity=4, holdout_identities=2)
+  plain = take(train_dataset(config, global_batch_size=8, seed=0), 2)
+  masked = take(train_dataset(config, global_batch_size=8, seed=0, with_head_mask=True), 2)
+  for a, b in zip(plain, masked, strict=True):
+    assert set(b) == set(a) | {"head_mask"}
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+    assert b["head_mask"].shape == (8, 32, 32) and b["head_mask"].dtype == np.uint8
+    share = b["head_mask"].mean((1, 2))
+    assert (share > 0.005).all() and (share < 0.2).all()  # every figure has a head, a small part of the frame
+
+
 def test_latent_records(shards, tmp_path):
   vae = str(tmp_path / "vae")
   vae_config, _ = write_tiny_vae(vae)
@@ -139,6 +155,8 @@ def test_latent_records(shards, tmp_path):
   assert set(batch) == {"reference_latent", "target_latent", "pose", "target_id", "reference_id"}
   assert batch["target_latent"].shape == (2, h, h, 2 * vae_config.latent_channels)
   assert batch["target_latent"].dtype == np.float32 and batch["pose"].shape == (2, SIZE, SIZE, 3)
+  masked = take(train_dataset(config, global_batch_size=2, seed=0, with_head_mask=True), 1)[0]
+  assert masked["head_mask"].shape == (2, SIZE, SIZE) and masked["head_mask"].any()
   with pytest.raises(ValueError, match="holds VAE latents, which cannot be cropped or flipped"):
     train_dataset(record_config(out), global_batch_size=2, seed=0)
   config.image_size = 64

@@ -152,6 +152,49 @@ def test_reference_only_base_is_stage_1_with_the_unet_as_its_own_controller():
   assert abs(plain - float(loss)) > 1e-6  # the reference changed the prediction
 
 
+def test_head_loss_weight_is_a_weighted_mean_over_the_head_mask():
+  """`head_weight` lambda with the head mask on the top half of every frame: the loss is (lambda E_top + E_bottom) /
+  (lambda + 1) with E the plain mean error of each half. Two weights fix E_top and E_bottom; a third must follow.
+  A mask covering everything gives the plain loss at any weight. And a step trains with the data's masks."""
+  from magicpose_jax.diffusion.schedules import make_schedule  # noqa: PLC0415
+  from magicpose_jax.train import step  # noqa: PLC0415
+
+  config = tiny(stage="stage1", head_loss_weight=4.0)
+  run = loop.setup(config)
+  it = iter(train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+                          with_head_mask=True))
+  batch = loop._next_batch(it, run)
+  assert "head_mask" in batch
+  schedule, key = make_schedule(run.nets.schedule), jax.random.key(2)
+  size = batch["target"].shape[1]
+  top = np.zeros(batch["target"].shape[:3], np.uint8)
+  top[:, : size // 2] = 1
+
+  def loss(weight, mask):
+    b = {**batch, "head_mask": mask}
+    return float(step.loss_fn(run.state.params, run.frozen, b, key, run.nets, schedule, 0.0, 0.0, 0.0, weight))
+
+  plain = float(step.loss_fn(run.state.params, run.frozen, batch, key, run.nets, schedule, 0.0, 0.0))
+  assert loss(1.0, top) == pytest.approx(plain, rel=1e-6)
+  assert loss(7.0, np.ones_like(top)) == pytest.approx(plain, rel=1e-5)
+  l3 = loss(3.0, top)
+  e_top = 2 * l3 - plain  # plain = (E_top + E_bottom) / 2 and l3 = (3 E_top + E_bottom) / 4
+  e_bottom = 2 * plain - e_top
+  assert abs(e_top - e_bottom) > 1e-3 * plain  # the halves differ, so a wrong weighting would show
+  assert loss(10.0, top) == pytest.approx((10 * e_top + e_bottom) / 11, rel=1e-5)
+
+  weights = np.asarray(step.head_weights(top, (top.shape[0], 4, 4, 4), 3.0))
+  assert weights.shape == (top.shape[0], 4, 4, 1)
+  np.testing.assert_allclose(weights[:, :2], 3.0)
+  np.testing.assert_allclose(weights[:, 2:], 1.0)
+  with pytest.raises(ValueError, match="does not tile the latents"):
+    step.head_weights(top[:, :, :-1], (top.shape[0], 4, 4, 4), 3.0)
+
+  step_fn = loop.compile_step(run, batch)
+  run.state, metrics = step_fn(run.state, run.frozen, batch)
+  assert bool(metrics["finite"])
+
+
 def test_cached_latent_moments_are_sampled_like_the_vae_posterior():
   """Batches from `preprocess --vae` records carry latent moments (mean ++ logvar); the step samples them."""
   import jax.numpy as jnp  # noqa: PLC0415

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from magicpose_jax.pose.keypoints import Pose, crop_resize, flip_horizontal
+from magicpose_jax.pose.regions import head_mask
 from magicpose_jax.pose.render import render
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, x1/y1 exclusive
@@ -87,7 +88,7 @@ def crop_poses(poses: Sequence[Pose] | None, box: Box, size: int) -> list[Pose] 
 
 def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.ndarray, pose_image: np.ndarray,
                     poses: Sequence[Pose] | None, size: int, config: AugmentConfig,
-                    pose_scale: float = 1.0) -> dict:
+                    pose_scale: float = 1.0, with_head_mask: bool = False) -> dict:
   """One training example's images at the output size.
 
   Args:
@@ -98,8 +99,11 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
     size: output side.
     config: the augmentation.
     pose_scale: `render`'s stroke scale of `pose_image`, for the flipped pose's render.
+    with_head_mask: also return "head_mask".
   Returns:
-    "reference", "target", "pose": uint8 [size, size, 3].
+    "reference", "target", "pose": uint8 [size, size, 3]; with `with_head_mask` also "head_mask" uint8
+    [size, size]: 1 inside the target's heads (`pose.regions.head_mask` of its cropped, flipped keypoints; all 0
+    without keypoints).
   """
   if pose_image.shape[:2] != target.shape[:2]:
     raise ValueError(f"augment_example: pose image {pose_image.shape} and target {target.shape} differ in size")
@@ -113,11 +117,14 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
       "target": crop_resize_image(target, target_box, size),
       "pose": crop_resize_image(pose_image, target_box, size),
   }
+  cropped = crop_poses(poses, target_box, size)
   if config.enabled and config.flip and rng.uniform() < config.flip_prob:
     out["target"] = np.ascontiguousarray(out["target"][:, ::-1])
-    cropped = crop_poses(poses, target_box, size)
     if cropped is None:
       out["pose"] = np.ascontiguousarray(out["pose"][:, ::-1])
     else:
-      out["pose"] = render([flip_horizontal(p, size) for p in cropped], size, size, scale=pose_scale)
+      cropped = [flip_horizontal(p, size) for p in cropped]
+      out["pose"] = render(cropped, size, size, scale=pose_scale)
+  if with_head_mask:
+    out["head_mask"] = head_mask(cropped, size, size)
   return out

@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 
 from magicpose_jax.data import records
-from magicpose_jax.data.augment import AugmentConfig, augment_example, center_box, crop_resize_image
+from magicpose_jax.data.augment import AugmentConfig, augment_example, center_box, crop_poses, crop_resize_image
 from magicpose_jax.data.pairs import FrameIndex, PairConfig, sample_reference
+from magicpose_jax.pose.regions import head_mask
 
 SOURCES = ("synthetic", "arrayrecord")
 
@@ -133,8 +134,10 @@ class RecordFrames:
 class MakeExample:
   """Flat target index + generator -> one example (a picklable callable for grain's `random_map`)."""
 
-  def __init__(self, frames: SyntheticFrames | RecordFrames, size: int, pairs: PairConfig, augment: AugmentConfig):
+  def __init__(self, frames: SyntheticFrames | RecordFrames, size: int, pairs: PairConfig, augment: AugmentConfig,
+               with_head_mask: bool = False):
     self.frames, self.size, self.pairs, self.augment = frames, size, pairs, augment
+    self.with_head_mask = with_head_mask
     self.index = FrameIndex(frames.counts)
 
   def __call__(self, flat: int, rng: np.random.Generator) -> dict:
@@ -147,9 +150,12 @@ class MakeExample:
       if pose.shape[:2] != (self.size, self.size):
         pose = crop_resize_image(pose, center_box(*pose.shape[:2]), self.size)
       out = {"reference_latent": ref["latent"], "target_latent": tgt["latent"], "pose": pose}
+      if self.with_head_mask:  # the latents are of the whole frame, so its keypoints only scale to the output size
+        out["head_mask"] = head_mask(crop_poses(tgt["poses"], center_box(*tgt["pose_image"].shape[:2]), self.size),
+                                     self.size, self.size)
     else:
       out = augment_example(rng, ref["image"], tgt["image"], tgt["pose_image"], tgt["poses"], self.size, self.augment,
-                            self.frames.pose_scale)
+                            self.frames.pose_scale, self.with_head_mask)
     out["target_id"] = np.int32(self.frames.record_id(video, target))
     out["reference_id"] = np.int32(self.frames.record_id(video, reference))
     return out
@@ -173,14 +179,16 @@ def _frames(config: ml_collections.ConfigDict) -> SyntheticFrames | RecordFrames
   raise ValueError(f"data.source={config.source!r}; expected one of {SOURCES}")
 
 
-def make_example_fn(config: ml_collections.ConfigDict) -> MakeExample:
+def make_example_fn(config: ml_collections.ConfigDict, with_head_mask: bool = False) -> MakeExample:
   """The per-example function of `train_dataset` (flat target index, generator) -> example."""
   augment = AugmentConfig(**{**config.augment.to_dict(), "crop_scale": tuple(config.augment.crop_scale)})
-  return MakeExample(_frames(config), int(config.image_size), PairConfig(**config.pairs.to_dict()), augment)
+  return MakeExample(_frames(config), int(config.image_size), PairConfig(**config.pairs.to_dict()), augment,
+                     with_head_mask)
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  with_head_mask: bool = False) -> grain.IterDataset:
   """This host's infinite stream of training batches.
 
   Args:
@@ -193,14 +201,16 @@ def train_dataset(config: ml_collections.ConfigDict, *, global_batch_size: int, 
     rows: "reference", "target", "pose" uint8 [b, S, S, 3] (S = config.image_size), or with VAE-latent records
     "reference_latent", "target_latent" float32 [b, S/f, S/f, 2C] and "pose"; plus "target_id",
     "reference_id" int32 [b] (record ids: the global record index for "arrayrecord",
-    identity * frames_per_identity + frame for "synthetic"). The iterator supports `get_state()`/`set_state()`.
+    identity * frames_per_identity + frame for "synthetic"); with `with_head_mask` also "head_mask" uint8
+    [b, S, S], 1 inside the target's heads (`pose.regions.head_mask`; the training loss's `head_loss_weight`).
+    The iterator supports `get_state()`/`set_state()`.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                      f"process_count={process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  make = make_example_fn(config)
+  make = make_example_fn(config, with_head_mask)
   num_targets = len(make.index)
   if num_targets == 0:
     raise ValueError(f"data.source={config.source!r} has no frames to train on")

@@ -95,6 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.drop = ml_collections.ConfigDict()
   c.drop.reference = 0.0  # probability a row trains without reference states
   c.drop.pose = 0.0  # probability a row trains without pose residuals
+  # Weight of the loss inside the target's head (face, forehead and hair: `pose.regions.head_mask` of its
+  # keypoints) relative to the rest of the frame; the loss stays a weighted mean. 1: plain MSE (the paper's). The
+  # face is a few percent of a full-body frame but carries the expression and the identity.
+  c.head_loss_weight = 1.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4  # peak learning rate (paper; the release uses 1e-5)

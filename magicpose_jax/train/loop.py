@@ -76,7 +76,7 @@ def _jit_step(config: ml_collections.ConfigDict, nets: stages.Networks, trainabl
   step = functools.partial(train_step, nets=nets, schedule=make_schedule(nets.schedule), tx=tx, lr_fn=lr_fn,
                            grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
                            drop_reference=config.drop.reference, drop_pose=config.drop.pose,
-                           base_reference=config.base_reference_share)
+                           base_reference=config.base_reference_share, head_weight=config.head_loss_weight)
   batch_sh = sharding.batch_sharding(mesh)
 
   def step_in_mesh(*args: Any) -> Any:
@@ -152,6 +152,8 @@ def abstract_setup(config: ml_collections.ConfigDict,
   px = sd.unet.sample_size * sd.vae.downsample_factor
   image = jax.ShapeDtypeStruct((config.global_batch_size, px, px, 3), jnp.uint8, sharding=parts["batch_sh"])
   batch = {k: image for k in ("reference", "target", "pose")}
+  if config.head_loss_weight != 1.0:
+    batch["head_mask"] = jax.ShapeDtypeStruct(image.shape[:3], jnp.uint8, sharding=parts["batch_sh"])
   return parts["step_fn"], (with_sh(parts["abstract"], parts["state_sh"]), with_sh(frozen, parts["frozen_sh"]), batch)
 
 
@@ -167,7 +169,7 @@ def compile_step(run: Run, batch: dict[str, jax.Array]) -> Any:
   return compiled
 
 
-BATCH_KEYS = ("reference", "target", "pose", "reference_latent", "target_latent")
+BATCH_KEYS = ("reference", "target", "pose", "reference_latent", "target_latent", "head_mask")
 
 
 def _next_batch(it: Iterator[dict], run: Run) -> dict[str, jax.Array]:
@@ -254,7 +256,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Dev
   try:
     run = setup(config, devices)
     dataset = train_dataset(config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            with_head_mask=config.head_loss_weight != 1.0)
     data_iter = iter(dataset)
     checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints, run.base_source, run.base_hash, config)
     start, state = checkpointer.restore_latest(abstract_state(run), data_iter, config.resume_damaged)

@@ -89,12 +89,32 @@ def predict(nets: Networks, params: Params, z_t: jax.Array, t: jax.Array, text: 
   return nets.model.apply(params, z_t, t, text, z_ref, pose_image, use_reference=use_reference, use_pose=use_pose)
 
 
+def head_weights(head_mask: jax.Array, latent_shape: tuple[int, ...], weight: float) -> jax.Array:
+  """float32 `[B, h, w, 1]` loss weights: `weight` inside the head, 1 elsewhere, on the latent grid.
+
+  Args:
+    head_mask: uint8 `[B, H, W]`, 1 inside the target's heads (`pose.regions.head_mask`), at the image's size.
+    latent_shape: `[B, h, w, C]`, the latents' shape; H and W must be multiples of h and w.
+    weight: the head's weight.
+  A latent cell takes the share of its pixels inside the head, so a cell on the head's outline is weighed
+  in proportion.
+  """
+  b, h, w = latent_shape[:3]
+  big_h, big_w = head_mask.shape[1:]
+  if big_h % h or big_w % w:
+    raise ValueError(f"head_mask {list(head_mask.shape)} does not tile the latents {list(latent_shape)}")
+  share = head_mask.astype(jnp.float32).reshape(b, h, big_h // h, w, big_w // w).mean((2, 4))
+  return (1.0 + (weight - 1.0) * share)[..., None]
+
+
 def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], key: jax.Array, nets: Networks,
-            schedule: Schedule, drop_reference: float, drop_pose: float, base_reference: float = 0.0) -> jax.Array:
+            schedule: Schedule, drop_reference: float, drop_pose: float, base_reference: float = 0.0,
+            head_weight: float = 1.0) -> jax.Array:
   """Mean squared error of the prediction (ε or v per the schedule) over a batch, in float32.
 
   `base_reference` (stage "base" only): the share of rows trained reference-only (`predict`); the others, and
-  every row when it is 0, are plain SD training.
+  every row when it is 0, are plain SD training. `head_weight` != 1 (needs `batch["head_mask"]`): the error
+  inside the target's head weighs that much more, as a weighted mean over the batch (`head_weights`).
   """
   k_z, k_ref, k_noise, k_t, k_drop_r, k_drop_p = jax.random.split(key, 6)
   z0 = latents(nets, frozen["vae"], batch, "target", k_z)
@@ -113,7 +133,11 @@ def loss_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array], k
   pose = batch.get("pose") if nets.model.config.pose is not None else None
   pred = predict(nets, params, z_t, t, text, z_ref, pose, use_reference, use_pose)
   target = training_target(nets.schedule, schedule, z0, noise, t)
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+  error = jnp.square(pred.astype(jnp.float32) - target)
+  if head_weight == 1.0:
+    return jnp.mean(error)
+  weights = head_weights(batch["head_mask"], z0.shape, head_weight)
+  return jnp.sum(weights * error) / (jnp.sum(weights) * error.shape[-1])
 
 
 def split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -132,11 +156,11 @@ def split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
 def train_step(state: TrainState, frozen: Params, batch: Mapping[str, jax.Array], *, nets: Networks,
                schedule: Schedule, tx: optax.GradientTransformation, lr_fn: optax.Schedule, grad_accum_steps: int = 1,
                ema_decay: float = 0.0, drop_reference: float = 0.0, drop_pose: float = 0.0,
-               base_reference: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               base_reference: float = 0.0, head_weight: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update over the global batch (`grad_accum_steps` micro-batches scanned)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(loss_fn)
-  args = (nets, schedule, drop_reference, drop_pose, base_reference)
+  args = (nets, schedule, drop_reference, drop_pose, base_reference, head_weight)
   if grad_accum_steps == 1:
     loss, grads = grad_fn(state.params, frozen, batch, key, *args)
   else:

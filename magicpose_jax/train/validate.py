@@ -133,6 +133,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "base_reference_share": PROBABILITY,
     "drop.reference": PROBABILITY,
     "drop.pose": PROBABILITY,
+    "head_loss_weight": _range(0.0, lo_open=True),
     "optimizer.lr": _range(0.0, lo_open=True),
     "optimizer.schedule": _choice(("constant", "cosine")),
     "optimizer.warmup_steps": NON_NEGATIVE_INT,

@@ -31,6 +31,9 @@ def get_config():
   c.model.prediction_type = "v_prediction"
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 20
+  # Decayed to 0 by the last step: the stages' 500 steps end as a finished model, not a snapshot at the peak rate
+  # (held-out PSNR +0.26 dB, identity error -0.007 over the constant rate; benchmarks/results/demo.md).
+  c.optimizer.schedule = "cosine"
   c.sharding.min_size = 1024
   c.data.source = "synthetic"
   c.data.image_size = 64

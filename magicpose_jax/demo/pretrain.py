@@ -57,10 +57,10 @@ MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
-  """The demo's training config (configs/demo.py) with the learning rate decayed to 0 over the base's steps: the
-  shipped weights are a finished model, not a snapshot at the constant rate the stages train with."""
+  """The demo's training config (configs/demo.py), whose learning rate decays to 0 by cosine over each run's
+  steps: the shipped weights are a finished model, not a snapshot at the peak rate."""
   c = load_config()
-  c.optimizer.schedule = "cosine"
+  c.optimizer.schedule = "cosine"  # configs/demo.py's too; stated here because the packaged base depends on it
   return c
 
 

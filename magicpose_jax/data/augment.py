@@ -117,8 +117,10 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
       "target": crop_resize_image(target, target_box, size),
       "pose": crop_resize_image(pose_image, target_box, size),
   }
-  cropped = crop_poses(poses, target_box, size)
-  if config.enabled and config.flip and rng.uniform() < config.flip_prob:
+  flip = config.enabled and config.flip and rng.uniform() < config.flip_prob
+  # The keypoints are moved only where something reads them: the flipped pose's render, the head mask.
+  cropped = crop_poses(poses, target_box, size) if flip or with_head_mask else None
+  if flip:
     out["target"] = np.ascontiguousarray(out["target"][:, ::-1])
     if cropped is None:
       out["pose"] = np.ascontiguousarray(out["pose"][:, ::-1])

@@ -147,12 +147,12 @@ class MakeExample:
     ref = self.frames.load(video, reference, with_pose=False)
     if self.frames.latents:
       pose = tgt["pose_image"]
+      box = center_box(*pose.shape[:2])
       if pose.shape[:2] != (self.size, self.size):
-        pose = crop_resize_image(pose, center_box(*pose.shape[:2]), self.size)
+        pose = crop_resize_image(pose, box, self.size)
       out = {"reference_latent": ref["latent"], "target_latent": tgt["latent"], "pose": pose}
       if self.with_head_mask:  # the latents are of the whole frame, so its keypoints only scale to the output size
-        out["head_mask"] = head_mask(crop_poses(tgt["poses"], center_box(*tgt["pose_image"].shape[:2]), self.size),
-                                     self.size, self.size)
+        out["head_mask"] = head_mask(crop_poses(tgt["poses"], box, self.size), self.size, self.size)
     else:
       out = augment_example(rng, ref["image"], tgt["image"], tgt["pose_image"], tgt["poses"], self.size, self.augment,
                             self.frames.pose_scale, self.with_head_mask)

@@ -2,6 +2,7 @@
 with the demo's metrics.
 
     python benchmarks/autoencoder_ceiling.py [--vae DIR ...] [--train-latent-channels 4 8] [--components 8 12 16]
+                                             [--shifts 0.5 1 2]
 
 Every generated image of the demo is a decoded latent, so no diffusion model can score better than the
 autoencoder's reconstruction of the ground truth itself. This scores, on the frames the demo evaluates (8 held-out
@@ -12,6 +13,10 @@ identities x frames 1-4 of configs/demo.py's data), the reconstructions of:
   here exactly as the demo trains it (2048 training figures, `AutoencoderTraining()` with the demo's steps);
   ~3 minutes each on 2 CPU cores;
 * `--components K`: the patch autoencoder (PCA of 4 x 4 patches, `models.patch_vae.fit_patch_vae`), seconds.
+
+and, with `--shifts S`, no autoencoder at all: the ground truth itself moved by S pixels down, then right (bilinear
+for fractional S, edges repeated). At 64 px these say what the pixel metrics make of a figure drawn perfectly but a
+pixel off, which is as close as a pose map drawn on ControlNet's integer grid places it.
 
 Prints a Markdown table (PSNR, SSIM, pose mIoU, identity colour error, face L1, and the colour error per region:
 the demo's columns, `eval.figure_metrics`) with the command and commit.
@@ -24,6 +29,7 @@ import dataclasses
 import sys
 import time
 
+import cv2
 import numpy as np
 
 from magicpose_jax.configs import load_config
@@ -38,10 +44,23 @@ from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae
 def score_row(name: str, config: autoencoder.AnyVAEConfig, params: dict, frames: list, palettes: list) -> str:
   """The table row of an autoencoder: its reconstructions of `frames` (`SyntheticSource.frame` dicts) scored."""
   images = np.stack([f["image"] for f in frames])
-  m = evaluate_figures(autoencoder.reconstruct(config, params, images), frames, palettes)
-  r = m["region_error"]
   h, w = images.shape[1] // config.downsample_factor, images.shape[2] // config.downsample_factor
-  return (f"| {name} | {h}x{w}x{config.latent_channels} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
+  return table_row(name, f"{h}x{w}x{config.latent_channels}", autoencoder.reconstruct(config, params, images), frames,
+                   palettes)
+
+
+def shifted(images: np.ndarray, dy: float, dx: float) -> np.ndarray:
+  """uint8 `[N, H, W, 3]` moved by (dy, dx) pixels: bilinear, edge pixels repeated into the uncovered border."""
+  m = np.array([[1, 0, dx], [0, 1, dy]], np.float64)
+  return np.stack([cv2.warpAffine(i, m, i.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                   for i in images])
+
+
+def table_row(name: str, latents: str, generated: np.ndarray, frames: list, palettes: list) -> str:
+  """The table row of images `generated [N, H, W, 3]` standing in for `frames`' ground truth."""
+  m = evaluate_figures(generated, frames, palettes)
+  r = m["region_error"]
+  return (f"| {name} | {latents} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
           f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {r['clothes']:.3f} | {r['skin']:.3f} | {r['hair']:.3f} | "
           f"{r['background']:.3f} |")
 
@@ -53,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="train the demo's tiny VAE with these latent channel counts, as the demo does")
   parser.add_argument("--components", type=int, nargs="*", default=[8, 12, 16], help="patch autoencoder sizes")
   parser.add_argument("--fit-images", type=int, default=DEMO.vae_images, help="training figures to fit on")
+  parser.add_argument("--shifts", type=float, nargs="*", default=[],
+                      help="also score the ground truth moved by these many pixels (down, then right)")
   args = parser.parse_args(argv)
   data = load_config("demo").data
   source = rt.synthetic_source(data)
@@ -76,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
   for k in args.components:
     config, params = fit_patch_vae(PatchVAEConfig(latent_channels=k), fit)
     print(score_row("patch (PCA)", config, params, frames, palettes), flush=True)
+  truth = np.stack([f["image"] for f in frames])
+  for s in args.shifts:
+    for name, (dy, dx) in (("down", (s, 0)), ("right", (0, s))):
+      print(table_row(f"none: the ground truth moved {s:g} px {name}", "-", shifted(truth, dy, dx), frames, palettes))
   print(f"\n({time.perf_counter() - start:.1f} s)")
 
 

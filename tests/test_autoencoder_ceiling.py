@@ -51,3 +51,15 @@ def test_lossy_autoencoder_scores_below_the_ground_truth(ceiling, figures):
   config, params = fit_patch_vae(PatchVAEConfig(latent_channels=3), fit)
   psnr, ssim, miou, identity, face, *_ = _cells(ceiling.score_row("pca 3", config, params, frames, palettes))
   assert psnr < 30 and ssim < 0.95 and miou < 0.9 and identity > 0.01 and face > 0.01
+
+
+def test_shifted_truth_rows(ceiling, figures):
+  """A whole-pixel move is exact (checked against slicing); the scores fall with the distance moved."""
+  _, frames, palettes = figures
+  truth = np.stack([f["image"] for f in frames])
+  np.testing.assert_array_equal(ceiling.shifted(truth, 2, 0)[:, 2:], truth[:, :-2])
+  np.testing.assert_array_equal(ceiling.shifted(truth, 0, 1)[:, :, 1:], truth[:, :, :-1])
+  np.testing.assert_array_equal(ceiling.shifted(truth, 0, 0), truth)
+  rows = [_cells(ceiling.table_row("s", "-", ceiling.shifted(truth, s, 0), frames, palettes)) for s in (0, 1, 2)]
+  assert rows[0][0] >= 99 and rows[0][1:5] == [1.0, 1.0, 0.0, 0.0]
+  assert rows[0][0] > rows[1][0] > rows[2][0] and rows[1][2] > rows[2][2] and rows[1][3] < rows[2][3]

@@ -232,6 +232,11 @@ def test_flip_swaps_sides_and_rerenders_the_pose():
   thin = augment_example(np.random.default_rng(3), target, target, render(pose, size, size, scale=0.25), [pose], size,
                          AugmentConfig(crop_scale=(1.0, 1.0), flip=True, flip_prob=1.0), pose_scale=0.25)
   np.testing.assert_array_equal(thin["pose"], render(_one_joint_pose(5, size - 1 - 10.0, 20.0), size, size, scale=0.25))
+  # ... and a supersampled one supersampled again (SyntheticConfig.pose_supersample).
+  fine = augment_example(np.random.default_rng(3), target, target, render(pose, size, size, supersample=4), [pose],
+                         size, AugmentConfig(crop_scale=(1.0, 1.0), flip=True, flip_prob=1.0), pose_supersample=4)
+  np.testing.assert_array_equal(fine["pose"], render(_one_joint_pose(5, size - 1 - 10.0, 20.0), size, size,
+                                                     supersample=4))
   # Without keypoints the render can only be mirrored.
   mirrored = augment_example(np.random.default_rng(3), target, target, pose_image, None, size,
                              AugmentConfig(crop_scale=(1.0, 1.0), flip=True, flip_prob=1.0))

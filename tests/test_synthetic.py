@@ -83,6 +83,10 @@ def test_frame_contract_and_sizes(size):
                                          pose_scale=size / 512)).frame(3, 2)
   np.testing.assert_array_equal(thin["pose_image"], render(d["pose"], size, size, scale=size / 512))
   np.testing.assert_array_equal(thin["image"], d["image"])
+  fine = SyntheticSource(SyntheticConfig(image_size=size, num_identities=4, frames_per_identity=3,
+                                         pose_scale=size / 512, pose_supersample=4)).frame(3, 2)
+  np.testing.assert_array_equal(fine["pose_image"], render(d["pose"], size, size, scale=size / 512, supersample=4))
+  assert not np.array_equal(fine["pose_image"], thin["pose_image"])
 
 
 def test_config_validation():
@@ -96,6 +100,9 @@ def test_config_validation():
     SyntheticConfig(detail="none")
   with pytest.raises(ValueError, match="pose_scale: expected a positive number, got 0"):
     SyntheticConfig(pose_scale=0)
+  for bad in (0, 17, 2.0):
+    with pytest.raises(ValueError, match=f"pose_supersample: expected an integer 1..16, got {bad!r}"):
+      SyntheticConfig(pose_supersample=bad)
   with pytest.raises(ValueError, match=r"camera: expected one of \('frame', 'identity'\), got 'fixed'"):
     SyntheticConfig(camera="fixed")
 

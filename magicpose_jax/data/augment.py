@@ -88,7 +88,7 @@ def crop_poses(poses: Sequence[Pose] | None, box: Box, size: int) -> list[Pose] 
 
 def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.ndarray, pose_image: np.ndarray,
                     poses: Sequence[Pose] | None, size: int, config: AugmentConfig,
-                    pose_scale: float = 1.0, with_head_mask: bool = False) -> dict:
+                    pose_scale: float = 1.0, with_head_mask: bool = False, pose_supersample: int = 1) -> dict:
   """One training example's images at the output size.
 
   Args:
@@ -98,7 +98,8 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
     poses: the target's keypoints in `target`'s pixels, or None (a pose map without keypoints).
     size: output side.
     config: the augmentation.
-    pose_scale: `render`'s stroke scale of `pose_image`, for the flipped pose's render.
+    pose_scale, pose_supersample: `render`'s `scale` and `supersample` of `pose_image`, for the flipped pose's
+      render.
     with_head_mask: also return "head_mask".
   Returns:
     "reference", "target", "pose": uint8 [size, size, 3]; with `with_head_mask` also "head_mask" uint8
@@ -126,7 +127,7 @@ def augment_example(rng: np.random.Generator, reference: np.ndarray, target: np.
       out["pose"] = np.ascontiguousarray(out["pose"][:, ::-1])
     else:
       cropped = [flip_horizontal(p, size) for p in cropped]
-      out["pose"] = render(cropped, size, size, scale=pose_scale)
+      out["pose"] = render(cropped, size, size, scale=pose_scale, supersample=pose_supersample)
   if with_head_mask:
     out["head_mask"] = head_mask(cropped, size, size)
   return out

@@ -81,7 +81,8 @@ class SyntheticFrames:
                        f"training identity of num_identities={self.config.num_identities}")
     self.counts = [self.config.frames_per_identity] * identities
     self.latents = False
-    self.pose_scale = self.config.pose_scale  # the renders' stroke scale (a flipped pose is drawn again)
+    # How the pose maps were drawn (a flipped pose is drawn again the same way).
+    self.pose_scale, self.pose_supersample = self.config.pose_scale, self.config.pose_supersample
     self._source = None  # built on first use, so the object pickles small into grain's workers
 
   def record_id(self, video: int, frame: int) -> int:
@@ -108,7 +109,7 @@ class RecordFrames:
     self.latents = bool(manifest.get("latent"))
     self._ids = [list(ids) for ids in manifest["videos"].values() if ids]
     self.counts = [len(ids) for ids in self._ids]
-    self.pose_scale = 1.0  # preprocessing renders pose maps at ControlNet's stroke sizes
+    self.pose_scale, self.pose_supersample = 1.0, 1  # preprocessing renders pose maps as ControlNet does
     self._source = None
 
   def record_id(self, video: int, frame: int) -> int:
@@ -155,7 +156,7 @@ class MakeExample:
         out["head_mask"] = head_mask(crop_poses(tgt["poses"], box, self.size), self.size, self.size)
     else:
       out = augment_example(rng, ref["image"], tgt["image"], tgt["pose_image"], tgt["poses"], self.size, self.augment,
-                            self.frames.pose_scale, self.with_head_mask)
+                            self.frames.pose_scale, self.with_head_mask, self.frames.pose_supersample)
     out["target_id"] = np.int32(self.frames.record_id(video, target))
     out["reference_id"] = np.int32(self.frames.record_id(video, reference))
     return out

@@ -71,6 +71,9 @@ class SyntheticConfig:
     pose_scale: stroke widths and dot radii of "pose_image" (`render`'s `scale`): 1 draws ControlNet's SD-size
       strokes, which at 64 px cover the whole figure (limbs 9 px wide, face dots 7 px across); `image_size / 512`
       draws them in proportion.
+    pose_supersample: "pose_image" drawn at this many times the size and area-averaged down (`render`'s
+      `supersample`): 1 is ControlNet's render, whose truncated points and one-pixel dots lose the figure's
+      sub-pixel place and the face's eyes and mouth at 64 px; 4 keeps them to 1/4 pixel, anti-aliased.
     camera: how frames are framed (the figure's height fill and its place in the free room). "frame": each frame
       its own draw, so a person's reference and target frames differ in framing. "identity": one draw per person,
       every frame framed alike, as by a video's fixed camera (TikTok's), where a training pair's reference and
@@ -83,6 +86,7 @@ class SyntheticConfig:
   seed: int = 0
   detail: str = "full"
   pose_scale: float = 1.0
+  pose_supersample: int = 1
   camera: str = "frame"
 
   def __post_init__(self):
@@ -95,6 +99,9 @@ class SyntheticConfig:
                        f"{self.num_identities} and {self.frames_per_identity}")
     if not self.pose_scale > 0:
       raise ValueError(f"SyntheticConfig.pose_scale: expected a positive number, got {self.pose_scale}")
+    if isinstance(self.pose_supersample, bool) or not isinstance(self.pose_supersample, int) \
+        or not 1 <= self.pose_supersample <= 16:
+      raise ValueError(f"SyntheticConfig.pose_supersample: expected an integer 1..16, got {self.pose_supersample!r}")
     if self.camera not in CAMERAS:
       raise ValueError(f"SyntheticConfig.camera: expected one of {CAMERAS}, got {self.camera!r}")
     if self.detail not in DETAILS:
@@ -596,7 +603,7 @@ class SyntheticSource:
     pose = _pose(g, params["expression"])
     return {
       "image": image,
-      "pose_image": render(pose, size, size, scale=self.config.pose_scale),
+      "pose_image": render(pose, size, size, scale=self.config.pose_scale, supersample=self.config.pose_supersample),
       "pose": pose,
       "part_mask": cv2.LUT(materials, _MATERIAL_PART),
       "identity": video,

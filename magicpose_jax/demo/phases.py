@@ -378,7 +378,8 @@ class Demo:
     keyframes = [source.frame(identity, f) for f in range(1, b.animation_keyframes + 1)]
     poses = interpolate_poses([f["pose"] for f in keyframes], b.animation_inbetweens)
     size = source.config.image_size
-    pose_images = np.stack([render(p, size, size, scale=source.config.pose_scale) for p in poses])
+    pose_images = np.stack([render(p, size, size, scale=source.config.pose_scale,
+                                   supersample=source.config.pose_supersample) for p in poses])
     reference = source.frame(identity, 0)["image"]
     bar = tqdm.tqdm(total=1, desc="animate", unit="video", dynamic_ncols=True)
     frames = rt.animate(model, reference, pose_images, sampler, seed=identity, batch_frames=b.poses_per_identity)

@@ -53,5 +53,10 @@ def get_config():
   # at SD size the limbs are 9 px wide and every face landmark a 7 px disc, so the pose render was a blob with
   # a white ball for a head; at 1/8 the limbs are 3 px, hands and the face's eyes, brows and mouth single pixels.
   c.data.synthetic.pose_scale = 0.125
+  # ... drawn at 4x and area-averaged down (`pose.render`'s `supersample`): ControlNet's renderer truncates every
+  # point to its pixel, and at 64 px a figure one pixel off scores 20-21.5 dB against itself; supersampled, strokes
+  # keep their places to 1/4 px and the face dots show eyes and mouth. With the packaged ControlNet trained on
+  # them: held-out PSNR +0.27 dB over the same training on the truncated maps (benchmarks/results/demo.md).
+  c.data.synthetic.pose_supersample = 4
   c.data.pairs.allow_same = False  # the reference is always another frame (pose) than the target
   return c

@@ -74,6 +74,14 @@ def test_every_file_is_intact_and_from_the_pretrain_budget():
   assert pretrained.controlnet_of(BASE) and manifest["budget"]["pose_steps"] > 0
 
 
+def test_the_controlnet_was_last_trained_on_the_demos_pose_maps():
+  # configs/demo.py's pose maps changed without training the packaged ControlNet on them: it reads other maps.
+  supersample = phases.load_config().data.synthetic.pose_supersample
+  runs = [c for c in pretrained.check_base_sd(BASE)["controlnet_continued"]["commands"]
+          if c.startswith("python -m magicpose_jax.train")]
+  assert runs and all(f"--config.data.synthetic.pose_supersample={supersample} " in c for c in runs)
+
+
 def test_the_scheduler_is_the_demo_schedule_in_diffusers(base):
   sd, _ = base
   assert sd.scheduler == phases.DEMO_SCHEDULE

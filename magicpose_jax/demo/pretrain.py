@@ -24,7 +24,9 @@ packaged one). Phases are cached in DIR as the demo's are (`--fresh` retrains). 
 one from scratch, then `--continue-from` it twice (VAE and decoder reused, base 10000 more steps from the previous
 UNet each time, a new ControlNet; the decoder phase, newer than the first two runs, ran in the third). On 2 CPU
 cores its VAE took 18 minutes (beside a second pretrain), its decoder 23, its base 47 + 38 + about 29 minutes, its
-ControlNet 16 minutes.
+ControlNet 16 minutes. Its ControlNet then trained 2 x 5000 more steps on the supersampled pose maps that
+configs/demo.py draws since (`pretrain.json`'s `controlnet_continued` has the commands); a new pretrain's pose
+phase trains on those maps from the start.
 """
 
 from __future__ import annotations

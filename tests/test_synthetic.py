@@ -87,6 +87,10 @@ def test_frame_contract_and_sizes(size):
                                          pose_scale=size / 512, pose_supersample=4)).frame(3, 2)
   np.testing.assert_array_equal(fine["pose_image"], render(d["pose"], size, size, scale=size / 512, supersample=4))
   assert not np.array_equal(fine["pose_image"], thin["pose_image"])
+  fine_source = SyntheticSource(SyntheticConfig(image_size=size, num_identities=4, frames_per_identity=3,
+                                                pose_scale=size / 512, pose_supersample=4))
+  np.testing.assert_array_equal(fine_source.pose_image(d["pose"]),
+                                render(d["pose"], size, size, scale=size / 512, supersample=4))
 
 
 def test_config_validation():

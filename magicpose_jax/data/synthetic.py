@@ -585,6 +585,12 @@ class SyntheticSource:
     out["background"]["background_2"] = tuple(int(c) for c in ident.background_colors[1])
     return out
 
+  def pose_image(self, pose: Pose) -> np.ndarray:
+    """uint8 [S, S, 3]: `pose` drawn as this source draws its frames' "pose_image" (`pose_scale`,
+    `pose_supersample`), e.g. for poses between frames."""
+    size = self.config.image_size
+    return render(pose, size, size, scale=self.config.pose_scale, supersample=self.config.pose_supersample)
+
   def frame(self, video: int, frame: int) -> dict:
     self._check_video(video)
     if not 0 <= frame < self.config.frames_per_identity:
@@ -603,7 +609,7 @@ class SyntheticSource:
     pose = _pose(g, params["expression"])
     return {
       "image": image,
-      "pose_image": render(pose, size, size, scale=self.config.pose_scale, supersample=self.config.pose_supersample),
+      "pose_image": self.pose_image(pose),
       "pose": pose,
       "part_mask": cv2.LUT(materials, _MATERIAL_PART),
       "identity": video,

@@ -32,7 +32,6 @@ from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.patch_vae import fit_patch_vae
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.pose.keypoints import Pose
-from magicpose_jax.pose.render import render
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import loop
 
@@ -377,9 +376,7 @@ class Demo:
     identity = self.config.data.synthetic.num_identities - 1  # a held-out figure
     keyframes = [source.frame(identity, f) for f in range(1, b.animation_keyframes + 1)]
     poses = interpolate_poses([f["pose"] for f in keyframes], b.animation_inbetweens)
-    size = source.config.image_size
-    pose_images = np.stack([render(p, size, size, scale=source.config.pose_scale,
-                                   supersample=source.config.pose_supersample) for p in poses])
+    pose_images = np.stack([source.pose_image(p) for p in poses])
     reference = source.frame(identity, 0)["image"]
     bar = tqdm.tqdm(total=1, desc="animate", unit="video", dynamic_ncols=True)
     frames = rt.animate(model, reference, pose_images, sampler, seed=identity, batch_frames=b.poses_per_identity)

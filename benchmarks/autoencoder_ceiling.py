@@ -8,7 +8,8 @@ Every generated image of the demo is a decoded latent, so no diffusion model can
 autoencoder's reconstruction of the ground truth itself. This scores, on the frames the demo evaluates (8 held-out
 identities x frames 1-4 of configs/demo.py's data), the reconstructions of:
 
-* `--vae DIR`: autoencoders saved by the demo (`outputs/demo/vae`);
+* `--vae DIR`: autoencoders saved by the demo's pretrain (`PRETRAIN_DIR/vae`) or diffusers VAE folders (the
+  packaged base's, `magicpose_jax/demo/pretrained_sd/vae`);
 * `--train-latent-channels K`: the demo's tiny VAE (`demo.autoencoder.DEMO_VAE`) with K latent channels, trained
   here exactly as the demo trains it (2048 training figures, `AutoencoderTraining()` with the demo's steps);
   ~3 minutes each on 2 CPU cores;
@@ -18,6 +19,8 @@ and, with `--shifts S`, no autoencoder at all: the ground truth itself moved by 
 for fractional S, edges repeated). At 64 px these say what the pixel metrics make of a figure drawn perfectly but a
 pixel off, which is as close as a pose map drawn on ControlNet's integer grid places it.
 
+`--set KEY=VALUE` changes configs/demo.py's data for the run (e.g. `--set data.synthetic.head_scale=1.5`).
+
 Prints a Markdown table (PSNR, SSIM, pose mIoU, identity colour error, face L1, and the colour error per region:
 the demo's columns, `eval.figure_metrics`) with the command and commit.
 """
@@ -25,7 +28,9 @@ the demo's columns, `eval.figure_metrics`) with the command and commit.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import os
 import sys
 import time
 
@@ -33,6 +38,7 @@ import cv2
 import numpy as np
 
 from magicpose_jax.configs import load_config
+from magicpose_jax.convert.vae import load_vae
 from magicpose_jax.demo import autoencoder
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.phases import DEMO, training_figures
@@ -47,6 +53,30 @@ def score_row(name: str, config: autoencoder.AnyVAEConfig, params: dict, frames:
   h, w = images.shape[1] // config.downsample_factor, images.shape[2] // config.downsample_factor
   return table_row(name, f"{h}x{w}x{config.latent_channels}", autoencoder.reconstruct(config, params, images), frames,
                    palettes)
+
+
+def load_any_vae(folder: str) -> tuple[autoencoder.AnyVAEConfig, dict]:
+  """A pretrain's saved autoencoder (`config.json` + `params/`) or a diffusers `AutoencoderKL` folder."""
+  if os.path.isdir(os.path.join(folder, "params")):
+    return autoencoder.load_autoencoder(folder)
+  return load_vae(folder)
+
+
+def apply_sets(config, sets: list[str]):
+  """`KEY=VALUE` strings (VALUE a Python literal) applied to an ml_collections config, e.g.
+  `data.synthetic.head_scale=1.5`."""
+  for item in sets:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+    *path, leaf = key.split(".")
+    node = config
+    for name in path:
+      node = node[name]
+    if leaf not in node:
+      raise SystemExit(f"--set {item!r}: the config has no field {key!r}")
+    node[leaf] = ast.literal_eval(value)
+  return config
 
 
 def shifted(images: np.ndarray, dy: float, dx: float) -> np.ndarray:
@@ -74,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fit-images", type=int, default=DEMO.vae_images, help="training figures to fit on")
   parser.add_argument("--shifts", type=float, nargs="*", default=[],
                       help="also score the ground truth moved by these many pixels (down, then right)")
+  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                      help="configs/demo.py fields to change, e.g. data.synthetic.head_scale=1.5")
   args = parser.parse_args(argv)
-  data = load_config("demo").data
+  data = apply_sets(load_config("demo"), args.set).data
   source = rt.synthetic_source(data)
   start = time.perf_counter()
   fit = training_figures(data, args.fit_images)  # the demo's own draw (Demo.train_vae)
@@ -87,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
   print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | clothes | skin | hair | "
         "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for folder in args.vae:
-    config, params = autoencoder.load_autoencoder(folder)
+    config, params = load_any_vae(folder)
     print(score_row(folder, config, params, frames, palettes), flush=True)
   training = autoencoder.AutoencoderTraining(steps=DEMO.vae_steps)
   for k in args.train_latent_channels:

@@ -5,12 +5,16 @@ not."""
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 
+from magicpose_jax.configs import load_config
+from magicpose_jax.convert.vae import save_vae
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
-from magicpose_jax.demo.autoencoder import reconstruct
+from magicpose_jax.demo.autoencoder import DEMO_VAE, reconstruct, save_autoencoder
 from magicpose_jax.models.patch_vae import PatchVAEConfig, fit_patch_vae
+from magicpose_jax.models.vae import AutoencoderKL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,3 +67,21 @@ def test_shifted_truth_rows(ceiling, figures):
   rows = [_cells(ceiling.table_row("s", "-", ceiling.shifted(truth, s, 0), frames, palettes)) for s in (0, 1, 2)]
   assert rows[0][0] >= 99 and rows[0][1:5] == [1.0, 1.0, 0.0, 0.0]
   assert rows[0][0] > rows[1][0] > rows[2][0] and rows[1][2] > rows[2][2] and rows[1][3] < rows[2][3]
+
+
+def test_vae_folders_of_both_formats_and_config_sets(ceiling, tmp_path):
+  """`--vae` reads a pretrain's Flax autoencoder folder and a diffusers VAE folder to the same weights; `--set`
+  changes configs/demo.py's data and names a field it does not have."""
+  params = AutoencoderKL(DEMO_VAE).init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))["params"]
+  save_autoencoder(str(tmp_path / "flax"), DEMO_VAE, params, {})
+  save_vae(DEMO_VAE, params, tmp_path / "diffusers")
+  (cf, pf), (cd, pd) = ceiling.load_any_vae(str(tmp_path / "flax")), ceiling.load_any_vae(str(tmp_path / "diffusers"))
+  assert cf.latent_channels == cd.latent_channels == DEMO_VAE.latent_channels
+  for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pd), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  config = ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_scale=1.5", "data.synthetic.seed=3"])
+  assert config.data.synthetic.head_scale == 1.5 and config.data.synthetic.seed == 3
+  with pytest.raises(SystemExit, match="no field 'data.synthetic.head_size'"):
+    ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_size=1.5"])
+  with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+    ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_scale"])

@@ -109,6 +109,9 @@ def test_config_validation():
       SyntheticConfig(pose_supersample=bad)
   with pytest.raises(ValueError, match=r"camera: expected one of \('frame', 'identity'\), got 'fixed'"):
     SyntheticConfig(camera="fixed")
+  for bad in (0.4, 2.5, True, "1.5"):
+    with pytest.raises(ValueError, match=f"head_scale: expected a number in 0.5..2, got {bad!r}"):
+      SyntheticConfig(head_scale=bad)
 
 
 def _similarity(a, b):
@@ -132,6 +135,38 @@ def test_identity_camera_changes_only_the_framing():
       assert residual < 1e-3, residual  # a scale and a shift: the same pose
       moved += abs(s - 1) > 1e-3 or np.abs(t).max() > 1e-3
   assert moved > 6  # the framing did change
+
+
+def test_head_scale_grows_the_head_alone():
+  """head_scale=1 is the default's frames byte for byte; at 1.6 the same people (palette, pose, expression) with
+  heads 1.6x as wide, measured against the shoulders (the body's own scale in the frame), and face landmarks
+  1.6x as spread around the head's centre."""
+  def source(head_scale):
+    return SyntheticSource(SyntheticConfig(image_size=128, num_identities=6, frames_per_identity=2, detail="plain",
+                                           head_scale=head_scale))
+  default, one, big = SyntheticSource(SyntheticConfig(image_size=128, num_identities=6, frames_per_identity=2,
+                                                      detail="plain")), source(1), source(1.6)
+  ratios, spreads = [], []
+  for v in range(6):
+    a, b, c = default.frame(v, 1), one.frame(v, 1), big.frame(v, 1)
+    for key in ("image", "pose_image", "part_mask"):
+      assert a[key].tobytes() == b[key].tobytes(), key
+    assert big.palette(v) == default.palette(v)
+    np.testing.assert_array_equal(a["expression"], c["expression"])
+
+    def head_over_shoulders(f):
+      body, face = f["pose"].body[:, :2], f["pose"].face[:68, :2]
+      return np.linalg.norm(body[2] - body[5]), np.linalg.norm(face[16] - face[0]), face
+
+    (sa, wa, fa), (sc, wc, fc) = head_over_shoulders(a), head_over_shoulders(c)
+    ratios.append((wc / sc) / (wa / sa))
+    spreads.append(np.linalg.norm(fc - fc.mean(0), axis=-1).mean() / sc
+                   / (np.linalg.norm(fa - fa.mean(0), axis=-1).mean() / sa))
+    # The head's pixels grow with it (area ~ 1.6^2, against the torso's).
+    area = lambda f, part: (f["part_mask"] == LABEL[part]).sum()
+    assert area(c, "head") / area(c, "torso") > 1.8 * area(a, "head") / area(a, "torso")
+  np.testing.assert_allclose(ratios, 1.6, rtol=1e-6)
+  np.testing.assert_allclose(spreads, 1.6, rtol=1e-6)
 
 
 def test_plain_detail_is_the_same_people_without_patterns_or_textures():

@@ -11,6 +11,8 @@ from magicpose_jax.data.synthetic import PART_NAMES, SyntheticConfig, SyntheticS
 from magicpose_jax.eval.figure_metrics import (
   REGIONS,
   evaluate_figures,
+  eye_state_accuracy,
+  eye_white_share,
   palette_from_frame,
   recover_parts,
   region_map,
@@ -100,6 +102,44 @@ def test_face_l1_is_the_error_inside_the_head(frames):
              for f in frames[:1]]
   result = evaluate_figures(images[:1], no_head)
   assert result["face_l1"] == 0.0 and result["per_image"]["face_l1"] == [None]
+
+
+def _eyes_set(head_scale, count=120):
+  """Frames of `count` people (frame 5 each) at `head_scale`, with their palettes."""
+  src = SyntheticSource(SyntheticConfig(image_size=64, num_identities=count, frames_per_identity=8, detail="plain",
+                                        head_scale=head_scale))
+  frames = [src.frame(v, 5) for v in range(count)]
+  return frames, [src.palette(v) for v in range(count)]
+
+
+@pytest.mark.parametrize("head_scale, least", [(1.6, 0.97), (1.0, 0.75)])
+def test_eye_state_reads_the_generators_expressions(head_scale, least):
+  """On ground truth the eyes read open exactly where the generator drew them open (its eye_closure parameter, not
+  the image), up to eyes too small to show their whites; painting the eyes over with skin reads every eye shut."""
+  frames, palettes = _eyes_set(head_scale)
+  closures = np.array([f["expression"][1] for f in frames])
+  assert 10 < (closures >= 0.8).sum() < len(frames) - 10  # both states present
+  truth = evaluate_figures(_images(frames), frames, palettes)
+  assert truth["eye_state"] >= least
+  shares = np.array(truth["per_image"]["eye_white_share"], dtype=float)
+  assert np.all(shares[closures >= 0.8] == 0.0)  # shut eyes have no white
+  blank = _images(frames).copy()
+  for image, palette in zip(blank, palettes, strict=True):
+    white = np.all(image == np.array(palette["head"]["eye_white"], np.uint8), -1)
+    image[white] = palette["head"]["skin"]
+  assert evaluate_figures(blank, frames, palettes)["eye_state"] == 0.5  # every eye shut: chance
+  assert "eye_state" not in evaluate_figures(_images(frames), frames)  # no palettes: nothing to read the white by
+
+
+def test_eye_state_accuracy_and_share_edges(frames):
+  # Balanced: 2 of 3 open targets and 1 of 1 shut read right -> (2/3 + 1) / 2; NaN shares are left out.
+  assert eye_state_accuracy([0.5, 0.2, 0.0, 0.0, np.nan], [0.0, 0.1, 0.2, 0.9, 0.0]) == pytest.approx(5 / 6)
+  assert eye_state_accuracy([0.5, 0.5], [0.0, 0.0]) == 1.0 and np.isnan(eye_state_accuracy([np.nan], [0.0]))
+  face = frames[0]["pose"].face.copy()
+  face[36:48, 2] = 0
+  assert np.isnan(eye_white_share(frames[0]["image"], face, {"head": {"eye_white": (1, 2, 3)}}))
+  with pytest.raises(ValueError, match="no 'eye_white' colour"):
+    eye_white_share(frames[0]["image"], frames[0]["pose"].face, {"head": {"skin": (1, 2, 3)}})
 
 
 def test_small_noise_keeps_iou(frames):

@@ -35,6 +35,7 @@ PART_NAMES = ("background", "head", "torso", "left_arm", "right_arm", "left_hand
 PART_FLIP = np.array([PART_NAMES.index(n.replace("left", "@").replace("right", "left").replace("@", "right"))
                       for n in PART_NAMES], np.uint8)
 EXPRESSION_NAMES = ("mouth_open", "eye_closure", "head_tilt")  # [0, 1], [0, 1], [-1, 1] (= +-MAX_TILT_DEG)
+EYES_CLOSED_AT = 0.8  # eye_closure from which eyes are drawn shut (a dark line, no white, no pupils in the pose)
 MIN_SIZE, MAX_SIZE = 64, 512
 MAX_TILT_DEG = 20.0
 _SHIFT = 4  # OpenCV fixed-point bits: sub-pixel accurate shapes at 64x64
@@ -476,7 +477,7 @@ def _draw_face(canvas: np.ndarray, face: np.ndarray, r: float, eyes: float, mout
   ff = _fx(face)
   fl = ff.tolist()
   for first, pupil in ((36, 68), (42, 69)):
-    if eyes < 0.8:
+    if eyes < EYES_CLOSED_AT:
       cv2.fillPoly(canvas, [ff[first:first + 6]], _M["eye_white"], cv2.LINE_8, _SHIFT)
       _ellipse(canvas, face[pupil], (0.07 * r, 0.07 * r * (1 - eyes)), 0, "eye_dark")
     else:
@@ -632,6 +633,6 @@ class SyntheticSource:
 def _pose(g: dict, expression: np.ndarray) -> Pose:
   ones = lambda a: np.concatenate([a, np.ones((*a.shape[:-1], 1))], -1)
   face = ones(g["face"])
-  if expression[1] >= 0.8:  # closed eyes: no pupils
+  if expression[1] >= EYES_CLOSED_AT:  # closed eyes: no pupils
     face[68:] = 0
   return Pose(ones(g["body"]), ones(g["hands"]), face)

@@ -3,7 +3,8 @@
     model = load_trained(workdir)                       # a stage-1/stage-2 run (its base comes with it)
     pairs = holdout_pairs(data_config, poses_per_identity=4)
     result = retarget(model, source, pairs, SamplerConfig(num_steps=20, guidance=2.0))
-    result.metrics   # evaluate_figures(...) per (identity, pose): l1, psnr, ssim, mean_iou, identity_error, face_l1
+    result.metrics   # evaluate_figures(...) per (identity, pose): l1, psnr, ssim, mean_iou, identity_error, face_l1,
+                     # eye_state
 
 The demo and the fidelity benchmark share this. The identities are the data config's held-out ones (never
 trained on), the reference is one frame of each and the targets are other frames of the same figure, so the
@@ -124,7 +125,7 @@ def retarget(model: TrainedModel, source: SyntheticSource, pairs: Sequence[tuple
 
 SUMMARY_KEYS = (("l1", "L1", "lower"), ("psnr", "PSNR", "higher"), ("ssim", "SSIM", "higher"),
                 ("mean_iou", "pose mIoU", "higher"), ("identity_error", "identity err", "lower"),
-                ("face_l1", "face L1", "lower"))
+                ("face_l1", "face L1", "lower"), ("eye_state", "eyes", "higher"))
 
 
 def summary(metrics: dict) -> dict[str, float]:

@@ -81,8 +81,8 @@ class SyntheticConfig:
       target differ in framing only through augmentation (the setting of the paper's augmentation ablation).
     head_scale: every head (face, hair, face landmarks) drawn this many times its drawn size, 0.5..2; the rest of
       the person and every colour unchanged (the figure is framed again, so it shrinks a little). 1 draws adult
-      proportions, where a 64 px face is ~8 px wide (2 x 2 latent tokens of a factor-4 autoencoder); larger heads
-      make eyes, mouth and hair big enough for a small model to see.
+      proportions, where a 64 px face is ~8 px wide (2 x 2 latent tokens of a factor-4 autoencoder) and its eyes
+      1-2 px; at 1.6 the head has 2.6 times the area and its eyes show their whites.
   """
 
   image_size: int = 64

@@ -21,8 +21,8 @@ pixel off, which is as close as a pose map drawn on ControlNet's integer grid pl
 
 `--set KEY=VALUE` changes configs/demo.py's data for the run (e.g. `--set data.synthetic.head_scale=1.5`).
 
-Prints a Markdown table (PSNR, SSIM, pose mIoU, identity colour error, face L1, and the colour error per region:
-the demo's columns, `eval.figure_metrics`) with the command and commit.
+Prints a Markdown table (PSNR, SSIM, pose mIoU, identity colour error, face L1, eye state, and the colour error per
+region: the demo's columns, `eval.figure_metrics`) with the command and commit.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def table_row(name: str, latents: str, generated: np.ndarray, frames: list, pale
   m = evaluate_figures(generated, frames, palettes)
   r = m["region_error"]
   return (f"| {name} | {latents} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
-          f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {r['clothes']:.3f} | {r['skin']:.3f} | {r['hair']:.3f} | "
-          f"{r['background']:.3f} |")
+          f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {m['eye_state']:.3f} | {r['clothes']:.3f} | "
+          f"{r['skin']:.3f} | {r['hair']:.3f} | {r['background']:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
   palettes = [source.palette(identity) for identity, _, targets in pairs for _ in targets]
   command = " ".join(["python benchmarks/autoencoder_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"`{command}` -- commit {source_commit() or 'unknown'}; scored on {len(frames)} held-out frames\n")
-  print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | clothes | skin | hair | "
-        "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | eyes | clothes | skin | hair | "
+        "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for folder in args.vae:
     config, params = load_any_vae(folder)
     print(score_row(folder, config, params, frames, palettes), flush=True)

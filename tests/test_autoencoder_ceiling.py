@@ -46,15 +46,18 @@ def test_lossless_autoencoder_scores_the_ground_truth(ceiling, figures):
   config, params = fit_patch_vae(PatchVAEConfig(latent_channels=48), fit)
   out = reconstruct(config, params, images)
   np.testing.assert_array_equal(out, images)
-  psnr, ssim, miou, identity, face, *regions = _cells(ceiling.score_row("lossless", config, params, frames, palettes))
+  psnr, ssim, miou, identity, face, eyes, *regions = _cells(ceiling.score_row("lossless", config, params, frames,
+                                                                             palettes))
   assert psnr >= 99 and ssim == 1.0 and miou == 1.0 and identity == 0.0 and face == 0.0 and regions == [0.0] * 4
+  assert eyes >= 0.75  # the ground truth's own eye state (adult heads: some eyes too small to show their white)
 
 
 def test_lossy_autoencoder_scores_below_the_ground_truth(ceiling, figures):
   fit, frames, palettes = figures
   config, params = fit_patch_vae(PatchVAEConfig(latent_channels=3), fit)
-  psnr, ssim, miou, identity, face, *_ = _cells(ceiling.score_row("pca 3", config, params, frames, palettes))
+  psnr, ssim, miou, identity, face, eyes, *_ = _cells(ceiling.score_row("pca 3", config, params, frames, palettes))
   assert psnr < 30 and ssim < 0.95 and miou < 0.9 and identity > 0.01 and face > 0.01
+  assert eyes == 0.5  # 3 components per 4 x 4 patch keep no eye white: every eye reads shut
 
 
 def test_shifted_truth_rows(ceiling, figures):

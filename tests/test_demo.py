@@ -100,6 +100,18 @@ def test_image_grid_shape():
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[1] >= 2 * 16 + 3 * 4
 
 
+def test_image_grid_wraps_a_caption_wider_than_the_grid():
+  """A caption line wider than the grid wraps at its double spaces instead of running off the edge: the strip gains
+  rows, and no ink reaches the last pixel columns."""
+  cell = np.zeros((64, 64, 3), np.uint8)  # a grid 268 px wide
+  short = image_grid([[cell, cell]], caption="full: L1 0.032", scale=2)
+  metrics = "  ".join(f"metric{i} 0.{i}00" for i in range(8))
+  long = image_grid([[cell, cell]], caption=f"full: {metrics}", scale=2)
+  assert long.shape[1] == short.shape[1] and long.shape[0] >= short.shape[0] + 2 * 22
+  strip = long[short.shape[0] - 22:]  # the caption rows (the body above is the same)
+  assert (strip[:, -4:] == 255).all()  # nothing cut at the right edge
+
+
 def test_phases_trained_with_another_setup_are_retrained(tmp_path):
   out = str(tmp_path)
   d = demo.Demo(out, demo.MICRO, unet=demo.MICRO_UNET)

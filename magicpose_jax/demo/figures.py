@@ -26,12 +26,29 @@ def enlarge(image: np.ndarray, factor: int) -> np.ndarray:
   return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
+def _wrap(line: str, width: int, scale: float) -> list[str]:
+  """`line` cut at its double spaces (the caption's field separators) into rows no wider than `width` pixels; a
+  field wider than that alone keeps a row of its own."""
+  fits = lambda text: cv2.getTextSize(text, _FONT, scale, 1)[0][0] <= width
+  if fits(line):
+    return [line]
+  rows: list[str] = []
+  for field in line.split("  "):
+    if rows and fits(rows[-1] + "  " + field):
+      rows[-1] += "  " + field
+    else:
+      rows.append(field if not rows else "    " + field)  # continuation rows indented
+  return rows
+
+
 def _text_strip(lines: Sequence[str], width: int, scale: float = 0.45, pad: int = 6) -> np.ndarray:
-  """A white strip [h, width, 3] with `lines` of text, one per row (long lines are cut at the strip's edge)."""
+  """A white strip [h, width, 3] with `lines` of text, one per row; a line wider than the strip wraps at its
+  double spaces."""
   line_h = round(22 * scale / 0.45)
-  strip = np.full((pad * 2 + line_h * len(lines), width, 3), _BACKGROUND, np.uint8)
-  for i, line in enumerate(lines):
-    cv2.putText(strip, line, (pad, pad + line_h * (i + 1) - 6), _FONT, scale, _INK, 1, cv2.LINE_AA)
+  rows = [row for line in lines for row in _wrap(line, width - 2 * pad, scale)]
+  strip = np.full((pad * 2 + line_h * len(rows), width, 3), _BACKGROUND, np.uint8)
+  for i, row in enumerate(rows):
+    cv2.putText(strip, row, (pad, pad + line_h * (i + 1) - 6), _FONT, scale, _INK, 1, cv2.LINE_AA)
   return strip
 
 

@@ -17,6 +17,7 @@ from magicpose_jax.eval.figure_metrics import (
   recover_parts,
   region_map,
 )
+from magicpose_jax.pose.keypoints import Pose
 
 NUM = 8  # identities; one frame each
 
@@ -138,6 +139,9 @@ def test_eye_state_accuracy_and_share_edges(frames):
   face = frames[0]["pose"].face.copy()
   face[36:48, 2] = 0
   assert np.isnan(eye_white_share(frames[0]["image"], face, {"head": {"eye_white": (1, 2, 3)}}))
+  eyeless = [{**frames[0], "pose": Pose(frames[0]["pose"].body, frames[0]["pose"].hands, face)}]
+  palette = {**{k: {} for k in PART_NAMES}, "head": {"eye_white": (245, 245, 245), "skin": (200, 150, 120)}}
+  assert evaluate_figures(frames[0]["image"], eyeless, [palette])["eye_state"] == 0.5  # nothing to read: chance
   with pytest.raises(ValueError, match="no 'eye_white' colour"):
     eye_white_share(frames[0]["image"], frames[0]["pose"].face, {"head": {"skin": (1, 2, 3)}})
 

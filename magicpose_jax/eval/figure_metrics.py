@@ -345,7 +345,8 @@ def evaluate_figures(generated: np.ndarray, frames: Sequence[Mapping], palettes:
     - "region_error": {"skin", "hair", "clothes", "background": [0, 1]}: mean over images where present.
     - "face_l1" [0, 1]: mean over images (with a head) of the L1 inside the ground-truth head (0 best).
     - "eye_state" [0, 1]: balanced accuracy of the eyes read open or shut against the targets' expressions (0.5
-      chance, 1 best); only with `palettes` and frames that have "pose" and "expression".
+      chance, 1 best; 0.5 when no frame shows an eye); only with `palettes` and frames that have "pose" and
+      "expression".
     - "per_image": {"l1", "psnr", "ssim", "mean_iou", "figure_iou", "identity_error", "face_l1" (NaN without a
       head): [N] lists;
       "part_iou": [N][P] (parts in neither map: 1); "region_error": [N][4] (absent regions: 0)}.
@@ -389,7 +390,8 @@ def evaluate_figures(generated: np.ndarray, frames: Sequence[Mapping], palettes:
   out["region_error"] = dict(zip(REGIONS, _masked_mean(errors, regions_present, 0.0).tolist(), strict=True))
   if palettes is not None and all("pose" in f and "expression" in f for f in frames):
     shares = [eye_white_share(generated[i], f["pose"].face, palettes[i]) for i, f in enumerate(frames)]
-    out["eye_state"] = eye_state_accuracy(shares, [float(f["expression"][1]) for f in frames])
+    accuracy = eye_state_accuracy(shares, [float(f["expression"][1]) for f in frames])
+    out["eye_state"] = accuracy if np.isfinite(accuracy) else 0.5  # no eye on any frame: nothing told, chance
     per_image["eye_white_share"] = [None if np.isnan(v) else v for v in shares]
   out.update(per_image=per_image, num_images=len(generated), parts=list(PART_NAMES), regions=list(REGIONS),
              tolerance=float(tolerance))

@@ -28,16 +28,15 @@ region: the demo's columns, `eval.figure_metrics`) with the command and commit.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import os
 import sys
 import time
 
 import cv2
 import numpy as np
 
-from magicpose_jax.configs import load_config
+from magicpose_jax.configs import apply_overrides, load_config
+from magicpose_jax.convert.flax_checkpoint import is_flax_model
 from magicpose_jax.convert.vae import load_vae
 from magicpose_jax.demo import autoencoder
 from magicpose_jax.demo import retarget as rt
@@ -57,26 +56,9 @@ def score_row(name: str, config: autoencoder.AnyVAEConfig, params: dict, frames:
 
 def load_any_vae(folder: str) -> tuple[autoencoder.AnyVAEConfig, dict]:
   """A pretrain's saved autoencoder (`config.json` + `params/`) or a diffusers `AutoencoderKL` folder."""
-  if os.path.isdir(os.path.join(folder, "params")):
+  if is_flax_model(folder):
     return autoencoder.load_autoencoder(folder)
   return load_vae(folder)
-
-
-def apply_sets(config, sets: list[str]):
-  """`KEY=VALUE` strings (VALUE a Python literal) applied to an ml_collections config, e.g.
-  `data.synthetic.head_scale=1.5`."""
-  for item in sets:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-    *path, leaf = key.split(".")
-    node = config
-    for name in path:
-      node = node[name]
-    if leaf not in node:
-      raise SystemExit(f"--set {item!r}: the config has no field {key!r}")
-    node[leaf] = ast.literal_eval(value)
-  return config
 
 
 def shifted(images: np.ndarray, dy: float, dx: float) -> np.ndarray:
@@ -107,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                       help="configs/demo.py fields to change, e.g. data.synthetic.head_scale=1.5")
   args = parser.parse_args(argv)
-  data = apply_sets(load_config("demo"), args.set).data
+  data = apply_overrides(load_config("demo"), args.set).data
   source = rt.synthetic_source(data)
   start = time.perf_counter()
   fit = training_figures(data, args.fit_images)  # the demo's own draw (Demo.train_vae)

@@ -52,6 +52,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from magicpose_jax.configs import apply_overrides  # no jax: safe before the device-count flag is set
+
 if TYPE_CHECKING:  # imported for real only after the device-count flag is set
   import jax
   import ml_collections
@@ -181,29 +183,6 @@ def load_config(stage: str) -> ml_collections.ConfigDict:
   config = module.get_config()
   config.stage = stage
   return config
-
-
-def _parse_value(text: str, current: Any) -> Any:
-  """A `--set KEY=VALUE` string in the type of the field it replaces (tuples as comma lists)."""
-  if isinstance(current, bool):
-    return text.lower() in ("1", "true", "yes")
-  if isinstance(current, tuple | list):
-    return tuple(type(current[0])(v) if current else int(v) for v in text.split(","))
-  return type(current)(text) if current is not None else text
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.unet=tiny")
-    node, *path = key.split(".")[::-1]
-    parent = config
-    for part in reversed(path):
-      parent = parent[part]
-    if node not in parent:
-      raise SystemExit(f"--set {item!r}: config has no field {key!r}")
-    parent[node] = _parse_value(value, parent[node])
 
 
 def configure(args: argparse.Namespace, stage: str, batch: int) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from magicpose_jax.configs import load_config
+from magicpose_jax.configs import apply_overrides, load_config
 from magicpose_jax.convert.vae import save_vae
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.demo.autoencoder import DEMO_VAE, reconstruct, save_autoencoder
@@ -82,9 +82,9 @@ def test_vae_folders_of_both_formats_and_config_sets(ceiling, tmp_path):
   assert cf.latent_channels == cd.latent_channels == DEMO_VAE.latent_channels
   for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pd), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  config = ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_scale=1.5", "data.synthetic.seed=3"])
+  config = apply_overrides(load_config("demo"), ["data.synthetic.head_scale=1.5", "data.synthetic.seed=3"])
   assert config.data.synthetic.head_scale == 1.5 and config.data.synthetic.seed == 3
   with pytest.raises(SystemExit, match="no field 'data.synthetic.head_size'"):
-    ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_size=1.5"])
+    apply_overrides(load_config("demo"), ["data.synthetic.head_size=1.5"])
   with pytest.raises(SystemExit, match="expected KEY=VALUE"):
-    ceiling.apply_sets(load_config("demo"), ["data.synthetic.head_scale"])
+    apply_overrides(load_config("demo"), ["data.synthetic.head_scale"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import ml_collections
 
@@ -42,3 +43,33 @@ def load_config(name: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  """A `KEY=VALUE` string in the type of the field it replaces (tuples as comma lists)."""
+  if isinstance(current, bool):
+    return text.lower() in ("1", "true", "yes")
+  if isinstance(current, tuple | list):
+    return tuple(type(current[0])(v) if current else int(v) for v in text.split(","))
+  return type(current)(text) if current is not None else text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+  """Sets `KEY=VALUE` strings (e.g. `data.synthetic.head_scale=1.5`, the benchmarks' `--set`) on `config`, each
+  value parsed in the type of the field it replaces; returns `config`.
+
+  Raises:
+    SystemExit: an item without "=", or a key the config does not have (named).
+  """
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.unet=tiny")
+    node, *path = key.split(".")[::-1]
+    parent = config
+    for part in reversed(path):
+      parent = parent[part]
+    if node not in parent:
+      raise SystemExit(f"--set {item!r}: config has no field {key!r}")
+    parent[node] = _parse_value(value, parent[node])
+  return config

@@ -213,6 +213,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 # Identity colours
 
 
+def _nearest_colour(pixels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """int [N]: index of the nearest of `colours` [K, 3] (RGB, Euclidean) for each of `pixels` [N, 3]."""
+  return np.linalg.norm(pixels.astype(np.float64)[:, None] - colours, axis=-1).argmin(-1)
+
+
 def region_map(image: np.ndarray, part_mask: np.ndarray, palette: Palette) -> np.ndarray:
   """int8 [H, W]: index into `REGIONS` of each ground-truth pixel, -1 for none (eyes, brows, mouth).
 
@@ -227,7 +232,7 @@ def region_map(image: np.ndarray, part_mask: np.ndarray, palette: Palette) -> np
       continue
     names = list(palette[name])
     colours = np.array([palette[name][n] for n in names], np.float64)
-    nearest = np.linalg.norm(image[inside].astype(np.float64)[:, None] - colours, axis=-1).argmin(-1)
+    nearest = _nearest_colour(image[inside], colours)
     region = np.array([_region_of(name, n) for n in names], np.int8)
     regions[inside] = region[nearest]
   return regions
@@ -298,8 +303,7 @@ def eye_white_share(image: np.ndarray, face: np.ndarray, palette: Palette) -> fl
     return float("nan")
   names = list(head)
   colours = np.array([head[n] for n in names], np.float64)
-  nearest = np.linalg.norm(image[inside].astype(np.float64)[:, None] - colours, axis=-1).argmin(-1)
-  return float(np.mean(nearest == names.index("eye_white")))
+  return float(np.mean(_nearest_colour(image[inside], colours) == names.index("eye_white")))
 
 
 def eye_state_accuracy(shares: Sequence[float], closures: Sequence[float]) -> float:

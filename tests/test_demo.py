@@ -18,6 +18,7 @@ from PIL import Image
 from magicpose_jax import demo
 from magicpose_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from magicpose_jax.demo import phases, pretrained
+from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.figures import image_grid
 
 # The micro run's time is tracing and compiling ~10 programs (4 training steps, the VAE's, 3 samplers...), not
@@ -74,6 +75,28 @@ def test_second_run_reuses_finished_phases(micro):
   d.train_vae()
   d.train_all()
   assert d.cached == ["vae", "base", "stage1", "stage2", "no_appearance"]
+
+
+def _cells(row):
+  return [float(c) for c in row.strip("| ").split(" | ")[1:]]
+
+
+def test_appearance_ceiling_rows(micro, monkeypatch):
+  """benchmarks/appearance_ceiling.py on the micro run: three rows of finite scores. With a stand-in sampler that
+  returns its reference, the copy row is the ground truth itself (so each copy pair's reference is its target
+  frame) and the retarget row is not (its reference is another frame)."""
+  out, _ = micro
+  ceiling = _benchmark("appearance_ceiling")
+  assert ceiling.copy_pairs([(7, 0, [1, 3])]) == [(7, 1, [1]), (7, 3, [3])]
+  model = rt.load_trained(os.path.join(out, "runs", "stage2"))
+  data = demo.load_config().data
+  rows = [_cells(r) for r in ceiling.ceiling_rows(model, data, demo.MICRO)]
+  assert len(rows) == 3 and all(math.isfinite(v) for row in rows for v in row)
+  monkeypatch.setattr(rt, "animate", lambda _, reference, poses, *a, **k: np.stack([reference] * len(poses)))
+  retarget, copy, _ = (_cells(r) for r in ceiling.ceiling_rows(model, data, demo.MICRO))
+  psnr, ssim, miou, identity, face, _, *regions = copy
+  assert psnr >= 99 and ssim == 1.0 and miou == 1.0 and identity == 0.0 and face == 0.0 and regions == [0.0] * 4
+  assert retarget[0] < 40 and retarget[2] < 1.0
 
 
 def test_budget_names_a_known_autoencoder():
@@ -182,13 +205,16 @@ def test_run_phases_stop_at_the_first_failure():
     demo.run_phases({"a": (lambda: 0, ("b",)), "b": (lambda: 0, ("a",))}, 2)
 
 
-def _fidelity_module():
+def _benchmark(name):
   spec = importlib.util.spec_from_file_location(
-      "fidelity", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                               "fidelity.py"))
-  fidelity = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(fidelity)
-  return fidelity
+      name, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _fidelity_module():
+  return _benchmark("fidelity")
 
 
 def test_every_phase_needs_only_known_phases(tmp_path):

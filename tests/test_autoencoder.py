@@ -101,3 +101,43 @@ def test_finetune_decoder_names_what_it_lacks():
   del params["post_quant_conv"]
   with pytest.raises(ValueError, match=r"no \['post_quant_conv'\]"):
     autoencoder.finetune_decoder(config, params, _figures(2))
+
+
+def test_decoder_loss_weights_each_pixel():
+  """`decoder_loss` against numpy: the mean of |e| + e^2 over pixels and channels, or its per-pixel weighted mean
+  (channels averaged first); all-ones weights give the plain mean."""
+  config = VAE_VARIANTS["tiny"]
+  params = random_params(abstract_vae_params(config), 0)
+  decoder = {k: params[k] for k in autoencoder.DECODER_PARAMS}
+  encoder = {k: v for k, v in params.items() if k not in autoencoder.DECODER_PARAMS}
+  images = _figures(2)
+  vae = AutoencoderKL(config)
+  latents = np.random.default_rng(0).normal(size=(2, 16, 16, config.latent_channels)).astype(np.float32)
+  recon = np.asarray(vae.apply({"params": params}, latents, method="decode"), np.float64)
+  e = recon - (images.astype(np.float64) / 127.5 - 1)
+  per_pixel = (np.abs(e) + e ** 2).mean(-1)
+  weights = np.random.default_rng(1).uniform(0.5, 5, size=per_pixel.shape).astype(np.float32)
+  plain = float(autoencoder.decoder_loss(decoder, encoder, vae, latents, images))
+  weighted = float(autoencoder.decoder_loss(decoder, encoder, vae, latents, images, weights))
+  ones = float(autoencoder.decoder_loss(decoder, encoder, vae, latents, images, np.ones_like(weights)))
+  np.testing.assert_allclose(plain, per_pixel.mean(), rtol=1e-5)
+  np.testing.assert_allclose(weighted, (per_pixel * weights).sum() / weights.sum(), rtol=1e-5)
+  np.testing.assert_allclose(ones, plain, rtol=1e-6)
+  assert abs(weighted - plain) > 1e-4  # the weights matter
+
+
+def test_head_weighted_finetuning_needs_heads_and_trains_on_them():
+  config = VAE_VARIANTS["tiny"]
+  params = random_params(abstract_vae_params(config), 0)
+  images = _figures(2)
+  training = autoencoder.DecoderTraining(steps=2, batch_size=2, head_weight=4.0)
+  with pytest.raises(ValueError, match=r"head_weight=4.0 needs heads, bool \[N, H, W\] = \[2, 32, 32\], got None"):
+    autoencoder.finetune_decoder(config, params, images, training)
+  with pytest.raises(ValueError, match=r"got \[2, 64, 64\]"):
+    autoencoder.finetune_decoder(config, params, images, training, heads=np.ones((2, 64, 64), bool))
+  with pytest.raises(ValueError, match="head_weight must be >= 0"):
+    autoencoder.DecoderTraining(head_weight=-1.0)
+  heads = np.zeros((2, 32, 32), bool)
+  heads[:, 4:10, 12:20] = True
+  tuned, last = autoencoder.finetune_decoder(config, params, images, training, heads=heads)
+  assert np.isfinite(last["loss"]) and set(tuned) == set(params)

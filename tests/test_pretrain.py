@@ -184,3 +184,30 @@ def test_continuing_another_folder_or_another_vae_is_refused(continued, tmp_path
   with pytest.raises(ValueError, match=r"its VAE was trained with another budget \(vae_steps\)"):
     pretrain.pretrain(str(tmp_path / "new"), pretrain.MICRO_PRETRAIN, unet=demo.MICRO_UNET, continue_from=other)
   assert not os.path.exists(tmp_path / "new" / "vae")  # refused before anything was copied or trained
+
+
+def test_finetune_decoder_changes_only_the_decoder(micro_base, tmp_path):
+  """`--finetune-decoder SD_DIR`: DIR/sd is SD_DIR with the VAE's decoder trained further (head-weighted): every
+  other file byte-identical, the encoder leaves bit-identical (the latent space the UNet and ControlNet trained in),
+  the manifest valid and recording the run; an existing output folder is refused."""
+  base = micro_base[0]
+  out = str(tmp_path / "ft")
+  command = ["--micro", "--finetune-decoder", base, "--out", out]
+  folder = pretrain.main(command)
+  before, after = pretrained.check_base_sd(base), pretrained.check_base_sd(folder)
+  (record,) = after["decoder_continued"]
+  assert record["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
+  assert record["steps"] == 2 and record["head_weight"] == 4.0 and np.isfinite(record["loss"])
+  assert after["command"] == before["command"] and after["budget"] == before["budget"]
+  changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
+  assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])
+  _, a = load_stable_diffusion(base)
+  _, b = load_stable_diffusion(folder)
+  for name in a["vae"]:
+    same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["vae"][name]), jax.tree.leaves(b["vae"][name]),
+                                                    strict=True))
+    assert same == (name not in DECODER_PARAMS), name
+  with pytest.raises(FileExistsError, match=r"ft/sd exists"):
+    pretrain.main(command)
+  with pytest.raises(SystemExit, match="no --continue-from"):
+    pretrain.main([*command, "--continue-from", base])

@@ -22,7 +22,7 @@ import tqdm
 
 from magicpose_jax import configs
 from magicpose_jax.configs import config_path
-from magicpose_jax.data.synthetic import SyntheticSource
+from magicpose_jax.data.synthetic import PART_NAMES, SyntheticSource
 from magicpose_jax.demo import autoencoder, pretrained
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.figures import image_grid, save_animation, save_png
@@ -84,6 +84,7 @@ class Budget:
   # training figures (0: none; `autoencoder.finetune_decoder`). The latent space, hence the base, stays the same.
   decoder_steps: int = 0
   decoder_images: int = 8192
+  decoder_head_weight: float = 0.0  # `autoencoder.DecoderTraining.head_weight` of the decoder phase
   stage1_steps: int = 250
   stage2_steps: int = 250
   no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base
@@ -126,11 +127,22 @@ def training_figures(data: ml_collections.ConfigDict, count: int,
   """uint8 `[count, S, S, 3]`: the figures the demo fits its autoencoder on, `count` distinct (identity, frame)
   draws among the training identities of `data` (a training config's `data`; details included), always the
   same draw. `progress` wraps the iteration (e.g. a tqdm bar)."""
+  return training_figures_and_heads(data, count, progress)[0]
+
+
+def training_figures_and_heads(data: ml_collections.ConfigDict, count: int,
+                               progress: Callable[[Any], Any] = lambda it: it) -> tuple[np.ndarray, np.ndarray]:
+  """`training_figures` and each figure's head: (uint8 `[count, S, S, 3]`, bool `[count, S, S]`)."""
   source = rt.synthetic_source(data)
   frames = data.synthetic.frames_per_identity
   train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
   flat = np.random.default_rng(0).permutation(train_ids * frames)[:count]
-  return np.stack([source.frame(int(i) // frames, int(i) % frames)["image"] for i in progress(flat)])
+  images, heads = [], []
+  for i in progress(flat):
+    frame = source.frame(int(i) // frames, int(i) % frames)
+    images.append(frame["image"])
+    heads.append(frame["part_mask"] == PART_NAMES.index("head"))
+  return np.stack(images), np.stack(heads)
 
 
 def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:

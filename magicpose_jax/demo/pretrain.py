@@ -1,12 +1,13 @@
 """`python -m magicpose_jax.demo.pretrain [--out DIR] [--continue-from PREV] [--micro]`: trains the demo's
-"pretrained SD" from scratch (or PREV's further).
+"pretrained SD" from scratch (or PREV's further); `--finetune-decoder SD_DIR --out DIR` trains only the VAE decoder
+of a finished base folder further (`finetune_decoder_of`).
 
 What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretrained_sd/`), and what makes another:
 
   1. vae      the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
   2. decoder  the VAE's decoder trained further alone, its encoder frozen (`PRETRAIN.decoder_steps` on
-              `PRETRAIN.decoder_images` figures), as SD's ft-MSE VAE was: sharper reconstructions in the same latent
-              space (`autoencoder.finetune_decoder`);
+              `PRETRAIN.decoder_images` figures, the heads' pixels weighted `1 + decoder_head_weight`), as SD's
+              ft-MSE VAE was: sharper reconstructions in the same latent space (`autoencoder.finetune_decoder`);
   3. base     the tiny UNet trained as SD on the figures (`PRETRAIN.base_steps`), `PRETRAIN.base_reference_share`
               of each batch reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention
               also reads its own states of another frame of the same person. A plain base never learns to match
@@ -26,7 +27,9 @@ UNet each time, a new ControlNet; the decoder phase, newer than the first two ru
 cores its VAE took 18 minutes (beside a second pretrain), its decoder 23, its base 47 + 38 + about 29 minutes, its
 ControlNet 16 minutes. Its ControlNet then trained 2 x 5000 more steps on the supersampled pose maps that
 configs/demo.py draws since (`pretrain.json`'s `controlnet_continued` has the commands); a new pretrain's pose
-phase trains on those maps from the start.
+phase trains on those maps from the start. Its decoder phase ran before the head weight; the decoder then trained
+3000 more steps with it (`--finetune-decoder`, `decoder_continued`), as a new pretrain's decoder phase trains from
+the start.
 """
 
 from __future__ import annotations
@@ -46,16 +49,31 @@ import tqdm
 
 from magicpose_jax.convert.controlnet import save_controlnet
 from magicpose_jax.convert.stable_diffusion import COMPONENTS, save_stable_diffusion
+from magicpose_jax.convert.vae import load_vae, save_vae
 from magicpose_jax.demo import autoencoder, pretrained
-from magicpose_jax.demo.phases import MICRO, MICRO_UNET, SETUP_FILE, Budget, Demo, load_config, training_figures
+from magicpose_jax.demo.phases import (
+    MICRO,
+    MICRO_UNET,
+    SETUP_FILE,
+    Budget,
+    Demo,
+    load_config,
+    training_figures_and_heads,
+)
 from magicpose_jax.eval.report import source_commit
 from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
 # The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
-PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, base_steps=10000, base_reference_share=0.5,
-                  pose_steps=5000)
-MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1, decoder_steps=2, decoder_images=8)
+# Its decoder phase weighs the loss inside the heads 5x (`decoder_head_weight`; the packaged decoder was trained
+# without it, then `--finetune-decoder` with it).
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, decoder_head_weight=4.0, base_steps=10000,
+                  base_reference_share=0.5, pose_steps=5000)
+MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1, decoder_steps=2, decoder_images=8,
+                                     decoder_head_weight=4.0)
+# `--finetune-decoder`: a finished base's decoder trained this much more (3000 steps: 10 minutes on 2 CPU cores).
+FINETUNE_DECODER = dataclasses.replace(PRETRAIN, decoder_steps=3000)
+MICRO_FINETUNE_DECODER = dataclasses.replace(MICRO_PRETRAIN, decoder_steps=2)
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -70,7 +88,7 @@ CONTINUATION = "continue.json"  # in DIR: the folder a continued pretrain starte
 # Budget fields that make the VAE phase: a continuation reuses its folder's VAE only when they are the same.
 VAE_FIELDS = ("autoencoder", "vae_steps", "vae_images", "latent_channels")
 # ... and the decoder phase's: a continuation reuses the fine-tuned decoder too when they are also the same.
-DECODER_FIELDS = ("decoder_steps", "decoder_images")
+DECODER_FIELDS = ("decoder_steps", "decoder_images", "decoder_head_weight")
 DECODER = "decoder"  # in DIR: the VAE with its fine-tuned decoder (an `autoencoder.save_autoencoder` folder)
 
 
@@ -101,7 +119,8 @@ def continue_from_folder(demo: Demo, previous: str) -> dict[str, Any]:
     raise ValueError(f"--continue-from {previous}: its VAE was trained with another budget ({', '.join(changed)}); a "
                      f"continuation keeps the VAE its base was trained over")
   names = ["vae", "base_sd"]
-  if all(before.get(k) == getattr(demo.budget, k) for k in DECODER_FIELDS):
+  # A folder from before a field existed was trained at its default.
+  if all(before.get(k, getattr(Budget(), k)) == getattr(demo.budget, k) for k in DECODER_FIELDS):
     names.append(DECODER)
   for name in names:
     if os.path.isdir(os.path.join(previous, name)) and not os.path.isdir(demo.path(name)):
@@ -120,20 +139,59 @@ def train_decoder(demo: Demo) -> tuple[dict[str, Any], dict[str, float]]:
     with open(os.path.join(folder, "training.json")) as f:
       return autoencoder.load_autoencoder(folder)[1], json.load(f)
   config, params = autoencoder.load_autoencoder(demo.path("vae"))
-  images = training_figures(demo.config.data, demo.budget.decoder_images)
-  bar = tqdm.tqdm(total=demo.budget.decoder_steps, desc="decoder", unit="step", dynamic_ncols=True)
+  params, metrics = _finetune_decoder(config, params, demo.config.data, demo.budget)
+  shutil.rmtree(folder, ignore_errors=True)
+  autoencoder.save_autoencoder(folder, config, params, metrics)
+  return params, metrics
+
+
+def _finetune_decoder(config: autoencoder.VAEConfig, params: dict[str, Any], data: ml_collections.ConfigDict,
+                      budget: Budget) -> tuple[dict[str, Any], dict[str, float]]:
+  """`autoencoder.finetune_decoder` on `budget.decoder_images` training figures of `data`, with a progress bar."""
+  images, heads = training_figures_and_heads(data, budget.decoder_images)
+  bar = tqdm.tqdm(total=budget.decoder_steps, desc="decoder", unit="step", dynamic_ncols=True)
 
   def progress(step: int, report: dict) -> None:
     bar.update(1)
     if report:
       bar.set_postfix(loss=f"{report['loss']:.4f}", refresh=False)
 
-  params, metrics = autoencoder.finetune_decoder(
-      config, params, images, autoencoder.DecoderTraining(steps=demo.budget.decoder_steps), progress)
+  training = autoencoder.DecoderTraining(steps=budget.decoder_steps, head_weight=budget.decoder_head_weight)
+  params, metrics = autoencoder.finetune_decoder(config, params, images, training, progress, heads)
   bar.close()
-  shutil.rmtree(folder, ignore_errors=True)
-  autoencoder.save_autoencoder(folder, config, params, metrics)
   return params, metrics
+
+
+def finetune_decoder_of(base_sd: str, out: str, budget: Budget = FINETUNE_DECODER,
+                        config: ml_collections.ConfigDict | None = None, command: str = "") -> str:
+  """Writes `out/sd`: a copy of the pretrained base folder `base_sd` whose VAE decoder trained `budget.
+  decoder_steps` more steps alone (`decoder_head_weight`, `decoder_images`); returns its path.
+
+  The encoder (the latent space), the UNet and the ControlNet stay bit for bit, so every model trained over
+  `base_sd` (the demo's stages) still fits it, as the decoder phase's own. The manifest keeps `base_sd`'s record
+  and adds the run to `decoder_continued`, with the sha256 of every file as it now is.
+  """
+  manifest = pretrained.check_base_sd(base_sd)
+  config = config if config is not None else pretrain_config()
+  folder = os.path.join(out, "sd")
+  if os.path.exists(folder):
+    raise FileExistsError(f"{folder} exists: pass another --out (nothing is overwritten)")
+  start = time.perf_counter()
+  vae_config, params = load_vae(os.path.join(base_sd, "vae"))
+  params, scores = _finetune_decoder(vae_config, params, config.data, budget)
+  shutil.copytree(base_sd, folder)
+  written = save_vae(vae_config, params, os.path.join(folder, "vae"))
+  stale = set(os.listdir(os.path.join(folder, "vae"))) - set(written)
+  if stale:
+    raise ValueError(f"{folder}/vae: {sorted(stale)} from {base_sd} not rewritten by save_vae")
+  info = {k: v for k, v in manifest.items() if k not in ("files", "sha256")}
+  info["decoder_continued"] = [*info.get("decoder_continued", []), {
+      "command": command or f"python -m magicpose_jax.demo.pretrain --finetune-decoder {base_sd} --out {out}",
+      "commit": source_commit(), "steps": budget.decoder_steps, "images": budget.decoder_images,
+      "head_weight": budget.decoder_head_weight, "loss": scores.get("loss"),
+      "seconds": round(time.perf_counter() - start, 1)}]
+  pretrained.write_manifest(folder, info)
+  return folder
 
 
 def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigDict | None = None,
@@ -186,7 +244,8 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
       "commit": source_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "budget": {k: v for k, v in dataclasses.asdict(budget).items()
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
-                          "pose_steps", "decoder_steps", "decoder_images", "batch_size", "autoencoder")},
+                          "pose_steps", "decoder_steps", "decoder_images", "decoder_head_weight", "batch_size",
+                          "autoencoder")},
       "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
       "decoder_training": decoder_scores,
       # The chain of base runs this one continued, oldest first, and the UNet's training steps in all.
@@ -206,12 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--micro", action="store_true", help="a few steps per phase (the tests' size)")
   parser.add_argument("--continue-from", default="", metavar="DIR",
                       help="a folder this command wrote: reuse its VAE and train its base UNet for more steps")
+  parser.add_argument("--finetune-decoder", default="", metavar="SD_DIR",
+                      help="only train the VAE decoder of the pretrained base folder SD_DIR further (head-weighted); "
+                           "writes DIR/sd, the rest of SD_DIR unchanged")
   return parser
 
 
 def main(argv: list[str] | None = None) -> str:
   args = build_parser().parse_args(argv)
   command = "python -m magicpose_jax.demo.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+  if args.finetune_decoder:
+    if args.continue_from or args.fresh:
+      raise SystemExit("--finetune-decoder trains only a finished base's decoder: no --continue-from or --fresh")
+    folder = finetune_decoder_of(args.finetune_decoder, args.out,
+                                 MICRO_FINETUNE_DECODER if args.micro else FINETUNE_DECODER, command=command.strip())
+    print(f"pretrained base with the new decoder: {folder}\n  python -m magicpose_jax.demo --base-sd {folder}")
+    return folder
   folder = pretrain(args.out, MICRO_PRETRAIN if args.micro else PRETRAIN, fresh=args.fresh,
                     unet=MICRO_UNET if args.micro else None, command=command.strip(),
                     continue_from=args.continue_from)

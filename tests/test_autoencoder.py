@@ -135,9 +135,26 @@ def test_head_weighted_finetuning_needs_heads_and_trains_on_them():
     autoencoder.finetune_decoder(config, params, images, training)
   with pytest.raises(ValueError, match=r"got \[2, 64, 64\]"):
     autoencoder.finetune_decoder(config, params, images, training, heads=np.ones((2, 64, 64), bool))
-  with pytest.raises(ValueError, match="head_weight must be >= 0"):
+  with pytest.raises(ValueError, match="head_weight and latent_noise must be >= 0, got -1.0, 0.0"):
     autoencoder.DecoderTraining(head_weight=-1.0)
+  with pytest.raises(ValueError, match="must be >= 0, got 0.0, -0.1"):
+    autoencoder.DecoderTraining(latent_noise=-0.1)
   heads = np.zeros((2, 32, 32), bool)
   heads[:, 4:10, 12:20] = True
   tuned, last = autoencoder.finetune_decoder(config, params, images, training, heads=heads)
   assert np.isfinite(last["loss"]) and set(tuned) == set(params)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_noisy_latents_are_noised_in_the_unets_units(per_channel):
+  """`noisy_latents` (the decoder's `latent_noise`): the noise has the asked std after `scale_latents`, whether the
+  VAE scales by one factor or per channel, so it is the size of a sampler's error whatever the VAE's latent spread."""
+  config = VAE_VARIANTS["tiny"].replace(scaling_factor=0.5)
+  if per_channel:
+    config = config.replace(latents_mean=(0.3, -1.0, 0.0, 2.0), latents_std=(0.1, 1.0, 2.0, 4.0), scaling_factor=1.0)
+  z = np.random.default_rng(0).normal(size=(64, 16, 16, 4)).astype(np.float32)
+  noisy = autoencoder.noisy_latents(z, config, 0.2, jax.random.key(0))
+  diff = np.asarray(scale_latents(noisy, config)) - np.asarray(scale_latents(z, config))
+  np.testing.assert_allclose(diff.reshape(-1, 4).std(0), 0.2, rtol=0.03)
+  np.testing.assert_allclose(diff.mean(), 0.0, atol=3e-3)
+  np.testing.assert_allclose(np.asarray(autoencoder.noisy_latents(z, config, 0.0, jax.random.key(0))), z, atol=1e-5)

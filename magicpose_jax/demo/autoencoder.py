@@ -48,7 +48,7 @@ from magicpose_jax.models.patch_vae import (
 )
 from magicpose_jax.models.random_init import random_params
 from magicpose_jax.models.unet import UNetConfig, abstract_unet_params
-from magicpose_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params
+from magicpose_jax.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, scale_latents, unscale_latents
 
 Params = dict[str, Any]
 
@@ -233,6 +233,10 @@ class DecoderTraining:
       1 + head_weight times. A 64 px head is ~1% of the image, so a plain mean hardly sees its hair, skin and
       face; weighted 5x in all, the packaged decoder's own reconstructions keep the whole image's PSNR and cut
       hair error by a fifth (benchmarks/results/demo.md). 0: the plain mean.
+    latent_noise: std of Gaussian noise added to the latents the decoder learns from, in the UNet's units (scaled
+      latents, unit variance). A sampler's final latents are the UNet's estimate, off the encoder's by a few
+      tenths; a decoder that has only seen exact latents draws those errors as they are, one that has seen noisy
+      ones maps them back onto figures. 0: exact latents.
   """
 
   steps: int = 3000
@@ -240,10 +244,12 @@ class DecoderTraining:
   lr: float = 1e-3
   seed: int = 1
   head_weight: float = 0.0
+  latent_noise: float = 0.0
 
   def __post_init__(self):
-    if self.head_weight < 0:
-      raise ValueError(f"DecoderTraining.head_weight must be >= 0, got {self.head_weight}")
+    if self.head_weight < 0 or self.latent_noise < 0:
+      raise ValueError(f"DecoderTraining: head_weight and latent_noise must be >= 0, got {self.head_weight}, "
+                       f"{self.latent_noise}")
 
 
 def decoder_loss(decoder: Params, encoder: Params, vae: AutoencoderKL, latents: jax.Array, images: jax.Array,
@@ -258,10 +264,18 @@ def decoder_loss(decoder: Params, encoder: Params, vae: AutoencoderKL, latents: 
   return jnp.sum(error * weights) / jnp.sum(weights)
 
 
+def noisy_latents(latents: jax.Array, config: VAEConfig, std: jax.Array | float, key: jax.Array) -> jax.Array:
+  """VAE latents `[..., C]` plus Gaussian noise of `std` in the UNet's units (`scale_latents`: what a sampler's
+  estimate of them is off by), returned in the VAE's units."""
+  noise = std * jax.random.normal(key, latents.shape, latents.dtype)
+  return unscale_latents(scale_latents(latents, config) + noise, config)
+
+
 @functools.partial(jax.jit, static_argnames=("vae", "tx"), donate_argnums=(0, 1))
 def _decoder_step(decoder: Params, opt_state: Any, encoder: Params, latents: jax.Array, images: jax.Array,
-                  weights: jax.Array | None, *, vae: AutoencoderKL,
+                  weights: jax.Array | None, noise_std: jax.Array, key: jax.Array, *, vae: AutoencoderKL,
                   tx: optax.GradientTransformation) -> tuple[Params, Any, jax.Array]:
+  latents = noisy_latents(latents, vae.config, noise_std, key)
   loss, grads = jax.value_and_grad(decoder_loss)(decoder, encoder, vae, latents, images, weights)
   updates, opt_state = tx.update(grads, opt_state, decoder)
   return optax.apply_updates(decoder, updates), opt_state, loss
@@ -304,13 +318,16 @@ def finetune_decoder(config: VAEConfig, params: Params, images: np.ndarray,
   tx = _optimizer(training.steps, training.lr)
   opt_state = jax.jit(tx.init)(decoder)
   rng = np.random.default_rng(training.seed)
+  key = jax.random.key(training.seed)
+  noise_std = jnp.float32(training.latent_noise)
   losses: list[jax.Array] = []
   last: dict[str, float] = {}
   for step in range(training.steps):
     idx = rng.integers(len(images), size=training.batch_size)
     batch_weights = None if weights is None else jnp.asarray(weights[idx])
     decoder, opt_state, loss = _decoder_step(decoder, opt_state, encoder, jnp.asarray(latents[idx]),
-                                             jnp.asarray(images[idx]), batch_weights, vae=vae, tx=tx)
+                                             jnp.asarray(images[idx]), batch_weights, noise_std,
+                                             jax.random.fold_in(key, step), vae=vae, tx=tx)
     losses = [*losses[-9:], loss]
     report = {}
     if step % 10 == 9 or step == training.steps - 1:

@@ -85,6 +85,7 @@ class Budget:
   decoder_steps: int = 0
   decoder_images: int = 8192
   decoder_head_weight: float = 0.0  # `autoencoder.DecoderTraining.head_weight` of the decoder phase
+  decoder_latent_noise: float = 0.0  # `autoencoder.DecoderTraining.latent_noise` of the decoder phase
   stage1_steps: int = 250
   stage2_steps: int = 250
   no_appearance_steps: int = 250  # stage 2 with use_appearance=False, from the base

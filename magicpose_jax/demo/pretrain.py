@@ -67,10 +67,10 @@ from magicpose_jax.models.unet import UNetConfig
 # The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
 # Its decoder phase weighs the loss inside the heads 5x (`decoder_head_weight`; the packaged decoder was trained
 # without it, then `--finetune-decoder` with it).
-PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, decoder_head_weight=4.0, base_steps=10000,
-                  base_reference_share=0.5, pose_steps=5000)
+PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, decoder_head_weight=4.0,
+                  decoder_latent_noise=0.2, base_steps=10000, base_reference_share=0.5, pose_steps=5000)
 MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1, decoder_steps=2, decoder_images=8,
-                                     decoder_head_weight=4.0)
+                                     decoder_head_weight=4.0, decoder_latent_noise=0.2)
 # `--finetune-decoder`: a finished base's decoder trained this much more (3000 steps: 10 minutes on 2 CPU cores).
 FINETUNE_DECODER = dataclasses.replace(PRETRAIN, decoder_steps=3000)
 MICRO_FINETUNE_DECODER = dataclasses.replace(MICRO_PRETRAIN, decoder_steps=2)
@@ -88,7 +88,7 @@ CONTINUATION = "continue.json"  # in DIR: the folder a continued pretrain starte
 # Budget fields that make the VAE phase: a continuation reuses its folder's VAE only when they are the same.
 VAE_FIELDS = ("autoencoder", "vae_steps", "vae_images", "latent_channels")
 # ... and the decoder phase's: a continuation reuses the fine-tuned decoder too when they are also the same.
-DECODER_FIELDS = ("decoder_steps", "decoder_images", "decoder_head_weight")
+DECODER_FIELDS = ("decoder_steps", "decoder_images", "decoder_head_weight", "decoder_latent_noise")
 DECODER = "decoder"  # in DIR: the VAE with its fine-tuned decoder (an `autoencoder.save_autoencoder` folder)
 
 
@@ -156,7 +156,8 @@ def _finetune_decoder(config: autoencoder.VAEConfig, params: dict[str, Any], dat
     if report:
       bar.set_postfix(loss=f"{report['loss']:.4f}", refresh=False)
 
-  training = autoencoder.DecoderTraining(steps=budget.decoder_steps, head_weight=budget.decoder_head_weight)
+  training = autoencoder.DecoderTraining(steps=budget.decoder_steps, head_weight=budget.decoder_head_weight,
+                                         latent_noise=budget.decoder_latent_noise)
   params, metrics = autoencoder.finetune_decoder(config, params, images, training, progress, heads)
   bar.close()
   return params, metrics
@@ -188,7 +189,8 @@ def finetune_decoder_of(base_sd: str, out: str, budget: Budget = FINETUNE_DECODE
   info["decoder_continued"] = [*info.get("decoder_continued", []), {
       "command": command or f"python -m magicpose_jax.demo.pretrain --finetune-decoder {base_sd} --out {out}",
       "commit": source_commit(), "steps": budget.decoder_steps, "images": budget.decoder_images,
-      "head_weight": budget.decoder_head_weight, "loss": scores.get("loss"),
+      "head_weight": budget.decoder_head_weight, "latent_noise": budget.decoder_latent_noise,
+      "loss": scores.get("loss"),
       "seconds": round(time.perf_counter() - start, 1)}]
   pretrained.write_manifest(folder, info)
   return folder
@@ -244,8 +246,8 @@ def pretrain(out: str, budget: Budget = PRETRAIN, config: ml_collections.ConfigD
       "commit": source_commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "budget": {k: v for k, v in dataclasses.asdict(budget).items()
                  if k in ("vae_steps", "vae_images", "latent_channels", "base_steps", "base_reference_share",
-                          "pose_steps", "decoder_steps", "decoder_images", "decoder_head_weight", "batch_size",
-                          "autoencoder")},
+                          "pose_steps", "decoder_steps", "decoder_images", "decoder_head_weight",
+                          "decoder_latent_noise", "batch_size", "autoencoder")},
       "config": config.to_dict(), "step": model.info["step"], "vae_reconstruction": vae_scores,
       "decoder_training": decoder_scores,
       # The chain of base runs this one continued, oldest first, and the UNet's training steps in all.

@@ -10,8 +10,9 @@ samples them):
   is still wrong here (a region's colour, the face) the run cannot carry from a reference even without a pose
   change: the limit is the appearance path (the Appearance Controller reading through the frozen base's attention)
   or the base, not the pose;
-* **autoencoder**: the run's own VAE's reconstructions of the targets, no diffusion at all: no generated image
-  scores better.
+* **autoencoder**: the run's own VAE's reconstructions of the targets, no diffusion at all: what exact latents
+  give (a decoder trained on noisy latents, as the demo's packaged one, gives up a little of it to draw the UNet's
+  estimates better).
 
 A region whose error stays high in the copy row while the autoencoder keeps it is lost in the diffusion model.
 Prints a Markdown table (the demo's columns, `eval.figure_metrics`) with the command and commit; about two minutes

@@ -4,9 +4,11 @@ with the demo's metrics.
     python benchmarks/autoencoder_ceiling.py [--vae DIR ...] [--train-latent-channels 4 8] [--components 8 12 16]
                                              [--shifts 0.5 1 2]
 
-Every generated image of the demo is a decoded latent, so no diffusion model can score better than the
-autoencoder's reconstruction of the ground truth itself. This scores, on the frames the demo evaluates (8 held-out
-identities x frames 1-4 of configs/demo.py's data), the reconstructions of:
+Every generated image of the demo is a decoded latent, so with a decoder trained on exact latents no diffusion model
+can score better than the autoencoder's reconstruction of the ground truth itself (a decoder trained on noisy
+latents, `DecoderTraining.latent_noise`, trades some of that for drawing a sampler's estimates better). This
+scores, on the frames the demo evaluates (8 held-out identities x frames 1-4 of configs/demo.py's data), the
+reconstructions of:
 
 * `--vae DIR`: autoencoders saved by the demo's pretrain (`PRETRAIN_DIR/vae`) or diffusers VAE folders (the
   packaged base's, `magicpose_jax/demo/pretrained_sd/vae`);

@@ -289,7 +289,8 @@ def finetune_decoder(config: VAEConfig, params: Params, images: np.ndarray,
 
   What SD's "ft-MSE" VAE did: the latent space stays the one the UNet (and every ControlNet and stage over it)
   was trained in, bit for bit, so the decoder can be improved after them. The decoder learns from the posterior
-  means (what a sampler's denoised latents estimate), computed once.
+  means (what a sampler's denoised latents estimate), computed once, with `training.latent_noise` added afresh
+  at every step.
 
   Args:
     progress: called after every step with (step, {"loss": the mean over the last 10 steps} every 10 steps, else

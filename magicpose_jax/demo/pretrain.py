@@ -6,8 +6,9 @@ What made the packaged base (`demo/pretrained.py`, `magicpose_jax/demo/pretraine
 
   1. vae      the tiny VAE (factor 4: 64 px figures -> 16 x 16 latents) on `PRETRAIN.vae_images` training figures;
   2. decoder  the VAE's decoder trained further alone, its encoder frozen (`PRETRAIN.decoder_steps` on
-              `PRETRAIN.decoder_images` figures, the heads' pixels weighted `1 + decoder_head_weight`), as SD's
-              ft-MSE VAE was: sharper reconstructions in the same latent space (`autoencoder.finetune_decoder`);
+              `PRETRAIN.decoder_images` figures, the heads' pixels weighted `1 + decoder_head_weight`, the latents
+              noised by `decoder_latent_noise`), as SD's ft-MSE VAE was: sharper reconstructions in the same
+              latent space (`autoencoder.finetune_decoder`);
   3. base     the tiny UNet trained as SD on the figures (`PRETRAIN.base_steps`), `PRETRAIN.base_reference_share`
               of each batch reference-only (`train/config.py` `base_reference_share`): the UNet's self-attention
               also reads its own states of another frame of the same person. A plain base never learns to match
@@ -27,9 +28,9 @@ UNet each time, a new ControlNet; the decoder phase, newer than the first two ru
 cores its VAE took 18 minutes (beside a second pretrain), its decoder 23, its base 47 + 38 + about 29 minutes, its
 ControlNet 16 minutes. Its ControlNet then trained 2 x 5000 more steps on the supersampled pose maps that
 configs/demo.py draws since (`pretrain.json`'s `controlnet_continued` has the commands); a new pretrain's pose
-phase trains on those maps from the start. Its decoder phase ran before the head weight; the decoder then trained
-3000 more steps with it (`--finetune-decoder`, `decoder_continued`), as a new pretrain's decoder phase trains from
-the start.
+phase trains on those maps from the start. Its decoder phase ran before the head weight and the latent noise; the
+decoder then trained 3000 more steps with the head weight, then 3000 with both (`--finetune-decoder`,
+`decoder_continued`), as a new pretrain's decoder phase trains from the start.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ from magicpose_jax.export import load_run
 from magicpose_jax.models.unet import UNetConfig
 
 # The packaged base's budget: ~4x the demo's former in-demo VAE training and 25x its former 400-step plain base.
-# Its decoder phase weighs the loss inside the heads 5x (`decoder_head_weight`; the packaged decoder was trained
-# without it, then `--finetune-decoder` with it).
+# Its decoder phase weighs the loss inside the heads 5x and learns from noisy latents (`decoder_head_weight`,
+# `decoder_latent_noise`; the packaged decoder was trained without them, then `--finetune-decoder` with them).
 PRETRAIN = Budget(vae_steps=3000, vae_images=4096, decoder_steps=10000, decoder_head_weight=4.0,
                   decoder_latent_noise=0.2, base_steps=10000, base_reference_share=0.5, pose_steps=5000)
 MICRO_PRETRAIN = dataclasses.replace(MICRO, base_reference_share=0.5, pose_steps=1, decoder_steps=2, decoder_images=8,

@@ -36,22 +36,11 @@ from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.eval.figure_metrics import evaluate_figures
 from magicpose_jax.eval.report import source_commit
 
-HEADER = ("| reference | PSNR | SSIM | pose mIoU | identity err | face L1 | eyes | clothes | skin | hair | "
-          "background |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-
 
 def copy_pairs(pairs: Sequence[tuple[int, int, list[int]]]) -> list[tuple[int, int, list[int]]]:
   """`rt.holdout_pairs`' (identity, reference frame, targets) as one pair per target whose reference is the target
   frame itself."""
   return [(identity, t, [t]) for identity, _, targets in pairs for t in targets]
-
-
-def table_row(name: str, metrics: dict) -> str:
-  """A table row of `evaluate_figures` metrics."""
-  r = metrics["region_error"]
-  return (f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.3f} | {metrics['mean_iou']:.3f} | "
-          f"{metrics['identity_error']:.3f} | {metrics['face_l1']:.3f} | {metrics['eye_state']:.3f} | "
-          f"{r['clothes']:.3f} | {r['skin']:.3f} | {r['hair']:.3f} | {r['background']:.3f} |")
 
 
 def ceiling_rows(model: rt.TrainedModel, data: ml_collections.ConfigDict, budget: Budget = DEMO,
@@ -61,14 +50,14 @@ def ceiling_rows(model: rt.TrainedModel, data: ml_collections.ConfigDict, budget
   source = rt.synthetic_source(data)
   sampler = SamplerConfig(num_steps=budget.sample_steps, guidance=budget.guidance)
   pairs = rt.holdout_pairs(data, budget.poses_per_identity, budget.holdout_identities)
-  rows = [table_row("retarget: frame 0", rt.retarget(model, source, pairs, sampler, seed=seed).metrics),
-          table_row("copy: the target frame", rt.retarget(model, source, copy_pairs(pairs), sampler,
-                                                          seed=seed).metrics)]
+  rows = [rt.markdown_row(["retarget: frame 0"], rt.retarget(model, source, pairs, sampler, seed=seed).metrics),
+          rt.markdown_row(["copy: the target frame"], rt.retarget(model, source, copy_pairs(pairs), sampler,
+                                                                  seed=seed).metrics)]
   frames = [source.frame(identity, t) for identity, _, targets in pairs for t in targets]
   palettes = [source.palette(identity) for identity, _, targets in pairs for _ in targets]
   truth = np.stack([f["image"] for f in frames])
   recon = reconstruct(model.sd.vae, model.params["vae"], truth)
-  rows.append(table_row("none: the VAE's reconstruction", evaluate_figures(recon, frames, palettes)))
+  rows.append(rt.markdown_row(["none: the VAE's reconstruction"], evaluate_figures(recon, frames, palettes)))
   return rows
 
 
@@ -81,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
   model = rt.load_trained(args.run)
   command = " ".join(["python benchmarks/appearance_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"`{command}` -- commit {source_commit() or 'unknown'}, sampling seed {args.seed}\n")
-  print(HEADER)
+  print(rt.markdown_header(["reference"]))
   for row in ceiling_rows(model, load_config().data, seed=args.seed):
     print(row, flush=True)
   print(f"\n({time.perf_counter() - start:.1f} s)")

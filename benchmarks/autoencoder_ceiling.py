@@ -72,11 +72,7 @@ def shifted(images: np.ndarray, dy: float, dx: float) -> np.ndarray:
 
 def table_row(name: str, latents: str, generated: np.ndarray, frames: list, palettes: list) -> str:
   """The table row of images `generated [N, H, W, 3]` standing in for `frames`' ground truth."""
-  m = evaluate_figures(generated, frames, palettes)
-  r = m["region_error"]
-  return (f"| {name} | {latents} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mean_iou']:.3f} | "
-          f"{m['identity_error']:.3f} | {m['face_l1']:.3f} | {m['eye_state']:.3f} | {r['clothes']:.3f} | "
-          f"{r['skin']:.3f} | {r['hair']:.3f} | {r['background']:.3f} |")
+  return rt.markdown_row([name, latents], evaluate_figures(generated, frames, palettes))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
   palettes = [source.palette(identity) for identity, _, targets in pairs for _ in targets]
   command = " ".join(["python benchmarks/autoencoder_ceiling.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"`{command}` -- commit {source_commit() or 'unknown'}; scored on {len(frames)} held-out frames\n")
-  print("| autoencoder | latents | PSNR | SSIM | pose mIoU | identity err | face L1 | eyes | clothes | skin | hair | "
-        "background |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print(rt.markdown_header(["autoencoder", "latents"]))
   for folder in args.vae:
     config, params = load_any_vae(folder)
     print(score_row(folder, config, params, frames, palettes), flush=True)

@@ -65,9 +65,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     key, sep, value = item.partition("=")
     if not sep:
       raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. model.unet=tiny")
-    node, *path = key.split(".")[::-1]
+    *path, node = key.split(".")
     parent = config
-    for part in reversed(path):
+    for part in path:
       parent = parent[part]
     if node not in parent:
       raise SystemExit(f"--set {item!r}: config has no field {key!r}")

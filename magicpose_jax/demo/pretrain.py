@@ -167,7 +167,8 @@ def _finetune_decoder(config: autoencoder.VAEConfig, params: dict[str, Any], dat
 def finetune_decoder_of(base_sd: str, out: str, budget: Budget = FINETUNE_DECODER,
                         config: ml_collections.ConfigDict | None = None, command: str = "") -> str:
   """Writes `out/sd`: a copy of the pretrained base folder `base_sd` whose VAE decoder trained `budget.
-  decoder_steps` more steps alone (`decoder_head_weight`, `decoder_images`); returns its path.
+  decoder_steps` more steps alone (`decoder_head_weight`, `decoder_latent_noise`, `decoder_images`); returns its
+  path.
 
   The encoder (the latent space), the UNet and the ControlNet stay bit for bit, so every model trained over
   `base_sd` (the demo's stages) still fits it, as the decoder phase's own. The manifest keeps `base_sd`'s record
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--continue-from", default="", metavar="DIR",
                       help="a folder this command wrote: reuse its VAE and train its base UNet for more steps")
   parser.add_argument("--finetune-decoder", default="", metavar="SD_DIR",
-                      help="only train the VAE decoder of the pretrained base folder SD_DIR further (head-weighted); "
+                      help="only train the VAE decoder of the pretrained base folder SD_DIR further (head-weighted, "
+                           "on noisy latents); "
                            "writes DIR/sd, the rest of SD_DIR unchanged")
   return parser
 

@@ -140,6 +140,26 @@ def report(metrics: dict) -> dict:
           "num_images": metrics["num_images"]}
 
 
+# The benchmarks' Markdown columns: the headline numbers (L1 aside) and the colour error per region.
+MARKDOWN_COLUMNS = ("PSNR", "SSIM", "pose mIoU", "identity err", "face L1", "eyes", "clothes", "skin", "hair",
+                    "background")
+
+
+def markdown_header(labels: Sequence[str]) -> str:
+  """The header and rule of a Markdown table whose rows are `markdown_row`s with these leading labels."""
+  return (f"| {' | '.join([*labels, *MARKDOWN_COLUMNS])} |\n"
+          f"|{'---|' * len(labels)}{'---:|' * len(MARKDOWN_COLUMNS)}")
+
+
+def markdown_row(labels: Sequence[str], metrics: dict) -> str:
+  """A Markdown row of an `evaluate_figures` dict (`MARKDOWN_COLUMNS`) after the text cells `labels`."""
+  r = metrics["region_error"]
+  values = [metrics["ssim"], metrics["mean_iou"], metrics["identity_error"], metrics["face_l1"],
+            metrics["eye_state"], r["clothes"], r["skin"], r["hair"], r["background"]]
+  cells = [*labels, f"{metrics['psnr']:.2f}", *(f"{v:.3f}" for v in values)]
+  return f"| {' | '.join(cells)} |"
+
+
 def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:
   """A table of `summary` dicts, one row per variant (best value per column marked with *)."""
   names = list(results)

@@ -198,6 +198,7 @@ def test_finetune_decoder_changes_only_the_decoder(micro_base, tmp_path):
   (record,) = after["decoder_continued"]
   assert record["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
   assert record["steps"] == 2 and record["head_weight"] == 4.0 and np.isfinite(record["loss"])
+  assert record["head_scale"] == demo.load_config().data.synthetic.head_scale  # the figures it trained on
   assert after["command"] == before["command"] and after["budget"] == before["budget"]
   changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
   assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])

@@ -30,7 +30,9 @@ ControlNet 16 minutes. Its ControlNet then trained 2 x 5000 more steps on the su
 configs/demo.py draws since (`pretrain.json`'s `controlnet_continued` has the commands); a new pretrain's pose
 phase trains on those maps from the start. Its decoder phase ran before the head weight and the latent noise; the
 decoder then trained 3000 more steps with the head weight, then 3000 with both (`--finetune-decoder`,
-`decoder_continued`), as a new pretrain's decoder phase trains from the start.
+`decoder_continued`), as a new pretrain's decoder phase trains from the start. Last, since configs/demo.py draws
+1.6x heads, its UNet trained 2 x 10000 more steps on them (`unet_continued`; 56 + 50 minutes), its ControlNet
+2 x 5000 (17 + 19 minutes) and its decoder 2 x 3000 (12 + 17 minutes); a new pretrain draws them from the start.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def finetune_decoder_of(base_sd: str, out: str, budget: Budget = FINETUNE_DECODE
       "command": command or f"python -m magicpose_jax.demo.pretrain --finetune-decoder {base_sd} --out {out}",
       "commit": source_commit(), "steps": budget.decoder_steps, "images": budget.decoder_images,
       "head_weight": budget.decoder_head_weight, "latent_noise": budget.decoder_latent_noise,
-      "loss": scores.get("loss"),
+      "head_scale": float(config.data.synthetic.head_scale), "loss": scores.get("loss"),
       "seconds": round(time.perf_counter() - start, 1)}]
   pretrained.write_manifest(folder, info)
   return folder

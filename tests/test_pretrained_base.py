@@ -80,11 +80,15 @@ def test_every_file_is_intact_and_from_the_pretrain_budget():
   assert pretrained.controlnet_of(BASE) and manifest["budget"]["pose_steps"] > 0
 
 
+def _training_commands(record: dict) -> list[str]:
+  """The `python -m magicpose_jax.train` commands of a manifest's continued-training record, in order."""
+  return [c for c in record["commands"] if c.startswith("python -m magicpose_jax.train")]
+
+
 def test_the_controlnet_was_last_trained_on_the_demos_pose_maps():
   # configs/demo.py's pose maps changed without training the packaged ControlNet on them: it reads other maps.
   supersample = phases.load_config().data.synthetic.pose_supersample
-  runs = [c for c in pretrained.check_base_sd(BASE)["controlnet_continued"]["commands"]
-          if c.startswith("python -m magicpose_jax.train")]
+  runs = _training_commands(pretrained.check_base_sd(BASE)["controlnet_continued"])
   assert runs and all(f"--config.data.synthetic.pose_supersample={supersample} " in c for c in runs)
 
 
@@ -94,7 +98,7 @@ def test_the_networks_were_last_trained_on_the_demos_figures():
   scale = phases.load_config().data.synthetic.head_scale
   manifest = pretrained.check_base_sd(BASE)
   for record in ("unet_continued", "controlnet_continued"):
-    runs = [c for c in manifest[record]["commands"] if c.startswith("python -m magicpose_jax.train")]
+    runs = _training_commands(manifest[record])
     assert runs and f"--config.data.synthetic.head_scale={scale} " in runs[-1], record
   assert manifest["decoder_continued"][-1]["head_scale"] == scale
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from magicpose_jax.models.attention import Attention
+from magicpose_jax.models.normalization import GroupNorm
 from magicpose_jax.models.resnet import conv
 
 
@@ -104,8 +105,7 @@ class Transformer2DModel(nn.Module):
       proj = lambda name, f: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     else:
       proj = lambda name, f: conv(f, 1, name, self.dtype, self.param_dtype)
-    h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                     use_fast_variance=False, name="norm")(x)
+    h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
     # A 1x1 conv and a dense layer are the same map on NHWC; only the kernel shape differs.
     h = proj("proj_in", inner)(h).reshape(b, hgt * wid, inner)  # [B, H*W, inner]
     states = []

@@ -26,6 +26,7 @@ from magicpose_jax.models import platforms
 from magicpose_jax.models.attention import check_runtime_fields
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
 from magicpose_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from magicpose_jax.models.normalization import GroupNorm
 from magicpose_jax.models.resnet import conv
 from magicpose_jax.models.unet_blocks import DownBlock2D, MidBlock2DCrossAttn, UpBlock2D
 
@@ -345,9 +346,8 @@ class UNet2DConditionModel(nn.Module):
         raise ValueError("compute_output=False only makes sense with return_reference_states=True")
       return None, states
     # The output head runs in float32 (bf16 here costs visible sample quality).
-    h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=jnp.float32,
-                     param_dtype=self.param_dtype, use_fast_variance=False,
-                     name="conv_norm_out")(h.astype(jnp.float32))
+    h = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype,
+                  name="conv_norm_out")(h.astype(jnp.float32))
     out = conv(cfg.out_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
     return (out, states) if return_reference_states else out
 

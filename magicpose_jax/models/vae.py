@@ -27,6 +27,7 @@ import numpy as np
 from magicpose_jax.models import platforms
 from magicpose_jax.models.attention import attend, check_runtime_fields
 from magicpose_jax.models.config_files import check_class_name, parse_config_entries, read_config_dict
+from magicpose_jax.models.normalization import GroupNorm
 from magicpose_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
 # diffusers hard-codes eps=1e-6 for every GroupNorm of the VAE (resnets, attention, output norms).
@@ -220,8 +221,8 @@ class VAEAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    y = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     use_fast_variance=False, name="group_norm")(x).reshape(b, h * w, c)  # [B, N, C]
+    y = GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="group_norm")(x).reshape(b, h * w, c)  # [B, N, C]
     split = lambda t: t.reshape(b, h * w, self.heads, c // self.heads)  # [B, N, H, D]
     q, k, v = (split(dense(name)(y)) for name in ("to_q", "to_k", "to_v"))
     out = attend(q, k, v, self.backend).reshape(b, h * w, c)
@@ -309,8 +310,8 @@ class Encoder(nn.Module):
     h = VAEMidBlock(channels[-1], cfg.norm_num_groups, cfg.attention_backend, self.dtype, self.param_dtype,
                     name="mid_block")(h)
     # The moments head runs in float32: exp(logvar) and the sampled latents are precision-sensitive.
-    h = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     use_fast_variance=False, name="conv_norm_out")(h.astype(jnp.float32))
+    h = GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
+                  name="conv_norm_out")(h.astype(jnp.float32))
     return conv(2 * cfg.latent_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
 
 
@@ -333,8 +334,8 @@ class Decoder(nn.Module):
       h = UpDecoderBlock2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(rev) - 1, self.dtype,
                            self.param_dtype, name=f"up_blocks_{i}")(h)
     # The pixel head runs in float32 (as the UNet's): bf16 here shows as banding in the image.
-    h = nn.GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
-                     use_fast_variance=False, name="conv_norm_out")(h.astype(jnp.float32))
+    h = GroupNorm(cfg.norm_num_groups, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=self.param_dtype,
+                  name="conv_norm_out")(h.astype(jnp.float32))
     return conv(cfg.out_channels, 3, "conv_out", jnp.float32, self.param_dtype)(nn.silu(h))
 
 

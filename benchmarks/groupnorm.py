@@ -97,7 +97,6 @@ def models(iters: int, vae_size: int) -> None:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from magicpose_jax.models import random_init  # noqa: F401, PLC0415  (keeps the import order of the models)
   from magicpose_jax.models.normalization import GroupNorm  # noqa: PLC0415
   from magicpose_jax.models.unet import VARIANTS, UNet2DConditionModel  # noqa: PLC0415
   from magicpose_jax.models.vae import VAE_VARIANTS, AutoencoderKL  # noqa: PLC0415

@@ -51,19 +51,22 @@ def _group_sum(x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(partial).sum(axis=(1, 3))
 
 
-def group_statistics(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-  """Per-image, per-group mean and (two-pass, biased) variance of `x` `[B, ..., C]`, in float32; shifted,
-  two-level sums when traced for the CPU (see the module docstring).
-
-  Returns:
-    `(mean, var)`, each `[B, 1, G, 1]`, broadcastable against `x` reshaped to `[B, L, G, C/G]` (L: the product of
-    the spatial axes). The variance is `E[(x - E[x])^2]`, as torch's: flax's fast `E[x^2] - E[x]^2` cancels
-    catastrophically when |mean| >> std (tests/test_unet_parity.py).
-  """
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """`x` `[B, ..., C]` as `[B, L, G, C/G]` (L: the product of the spatial axes), in at least float32."""
   b, c = x.shape[0], x.shape[-1]
   if c % num_groups:
     raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
-  xg = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, -1, num_groups, c // num_groups)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, -1, num_groups, c // num_groups)
+
+
+def group_statistics(xg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-image, per-group mean and (two-pass, biased) variance of grouped activations `xg` `[B, L, G, C/G]`
+  (float32); shifted, two-level sums when traced for the CPU (see the module docstring).
+
+  Returns:
+    `(mean, var)`, each `[B, 1, G, 1]`. The variance is `E[(x - E[x])^2]`, as torch's: flax's fast
+    `E[x^2] - E[x]^2` cancels catastrophically when |mean| >> std (tests/test_unet_parity.py).
+  """
   if platforms.current_platform() != "cpu":  # tree-shaped reductions: flax's statistics, at flax's cost
     mean = xg.mean(axis=(1, 3), keepdims=True)
     return mean, jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
@@ -90,11 +93,11 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, c = x.shape[0], x.shape[-1]
+    c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    mean, var = group_statistics(x, self.num_groups)
-    xg = x.astype(mean.dtype).reshape(b, -1, self.num_groups, c // self.num_groups)
+    xg = _grouped(x, self.num_groups)  # [B, L, G, C/G]
+    mean, var = group_statistics(xg)
     # flax's order of operations: (x - mean) * (rsqrt(var + eps) * scale) + bias.
     mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(mean.dtype).reshape(self.num_groups, -1)
     y = (xg - mean) * mul + bias.astype(mean.dtype).reshape(self.num_groups, -1)

@@ -6,7 +6,7 @@ import pytest
 from magicpose_jax.data.augment import AugmentConfig, augment_example
 from magicpose_jax.data.synthetic import PART_NAMES, SyntheticConfig, SyntheticSource
 from magicpose_jax.pose.keypoints import COCO18_NAMES, Pose, flip_horizontal
-from magicpose_jax.pose.regions import head_mask
+from magicpose_jax.pose.regions import eye_mask, head_mask
 
 HEAD = PART_NAMES.index("head")
 
@@ -29,6 +29,32 @@ def test_head_mask_covers_the_drawn_head_hair_included(frames):
     area.append(mask.sum() / head.sum())
   assert np.mean(coverage) >= 0.95 and np.percentile(coverage, 5) >= 0.88, (np.mean(coverage), min(coverage))
   assert np.mean(area) <= 1.6, np.mean(area)
+
+
+def test_eye_mask_covers_every_drawn_eye_and_little_else():
+  """The renderer is the truth: every eye-white pixel the generator drew lies in the mask, open and shut eyes alike
+  get a region, and it is a small part of the head; an eye with a hidden landmark is left out."""
+  source = SyntheticSource(SyntheticConfig(image_size=128, num_identities=60, frames_per_identity=8))
+  covered, share = [], []
+  for v in range(0, 60, 3):
+    white = np.array(source.palette(v)["head"]["eye_white"])
+    for f in range(8):
+      frame = source.frame(v, f)
+      mask = eye_mask([frame["pose"]], 128, 128)
+      assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1} and mask.any()
+      head = frame["part_mask"] == HEAD
+      eye = head & (frame["image"] == white).all(-1)
+      if eye.any():
+        covered.append(mask.astype(bool)[eye].mean())
+      share.append(mask[head].mean())
+  assert len(covered) > 40 and min(covered) == 1.0, (len(covered), min(covered))
+  assert 0.01 < np.mean(share) < 0.15, np.mean(share)
+  pose = frame["pose"]
+  face = pose.face.copy()
+  face[37, 2] = 0
+  hidden = Pose(pose.body, pose.hands, face)
+  assert 0 < eye_mask([hidden], 128, 128).sum() < 0.7 * eye_mask([pose], 128, 128).sum()
+  assert not eye_mask(None, 8, 8).any()
 
 
 def test_head_mask_follows_a_horizontal_flip(frames):

@@ -212,3 +212,31 @@ def test_finetune_decoder_changes_only_the_decoder(micro_base, tmp_path):
     pretrain.main(command)
   with pytest.raises(SystemExit, match="no --continue-from"):
     pretrain.main([*command, "--continue-from", base])
+
+
+def test_tune_encoder_changes_only_the_vae(micro_base, tmp_path):
+  """`--tune-encoder SD_DIR`: DIR/sd is SD_DIR with the VAE's encoder and decoder trained further: every other file
+  byte-identical, the manifest valid and recording the run (weights, drift); an existing output folder and
+  another mode beside it are refused."""
+  base = micro_base[0]
+  out = str(tmp_path / "enc")
+  command = ["--micro", "--tune-encoder", base, "--out", out]
+  folder = pretrain.main(command)
+  before, after = pretrained.check_base_sd(base), pretrained.check_base_sd(folder)
+  (record,) = after["encoder_tuned"]
+  assert record["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
+  assert record["steps"] == 2 and record["eye_weight"] == pretrain.TUNE_EYE_WEIGHT and np.isfinite(record["loss"])
+  assert 0 < record["drift"] < 1
+  assert record["eye_scale"] == demo.load_config().data.synthetic.eye_scale  # the figures it trained on
+  assert after["command"] == before["command"] and after["budget"] == before["budget"]
+  changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
+  assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])
+  _, a = load_stable_diffusion(base)
+  _, b = load_stable_diffusion(folder)
+  for name in ("encoder", "decoder"):
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["vae"][name]),
+                                                        jax.tree.leaves(b["vae"][name]), strict=True)), name
+  with pytest.raises(FileExistsError, match=r"enc/sd exists"):
+    pretrain.main(command)
+  with pytest.raises(SystemExit, match="no --continue-from, --fresh or --finetune-decoder"):
+    pretrain.main([*command, "--finetune-decoder", base])

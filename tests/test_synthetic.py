@@ -112,6 +112,9 @@ def test_config_validation():
   for bad in (0.4, 2.5, True, "1.5"):
     with pytest.raises(ValueError, match=f"head_scale: expected a number in 0.5..2, got {bad!r}"):
       SyntheticConfig(head_scale=bad)
+  for bad in (0.9, 2.6, True, "2"):
+    with pytest.raises(ValueError, match=f"eye_scale: expected a number in 1..2.5, got {bad!r}"):
+      SyntheticConfig(eye_scale=bad)
 
 
 def _similarity(a, b):
@@ -135,6 +138,35 @@ def test_identity_camera_changes_only_the_framing():
       assert residual < 1e-3, residual  # a scale and a shift: the same pose
       moved += abs(s - 1) > 1e-3 or np.abs(t).max() > 1e-3
   assert moved > 6  # the framing did change
+
+
+def test_eye_scale_grows_each_eye_about_its_centre_alone():
+  """eye_scale=1 is the default's frames byte for byte; at 2 every face landmark but the eyes' outlines is where it
+  was, each outline's points lie twice as far from their centroid (the eye's centre, in pixels: the scale is
+  about each eye's own centre), and open eyes show over twice the eye-white pixels."""
+  def source(**kw):
+    return SyntheticSource(SyntheticConfig(image_size=128, num_identities=6, frames_per_identity=4, detail="plain",
+                                           head_scale=1.6, **kw))
+  default, one, big = source(), source(eye_scale=1.0), source(eye_scale=2.0)
+  whites = {1: 0, 2: 0}
+  for v in range(6):
+    palette = default.palette(v)
+    for f in range(4):
+      a, b, c = default.frame(v, f), one.frame(v, f), big.frame(v, f)
+      for key in ("image", "pose_image", "part_mask"):
+        assert a[key].tobytes() == b[key].tobytes(), key
+      eyes = np.r_[36:48]
+      rest = np.setdiff1d(np.arange(70), eyes)
+      np.testing.assert_allclose(c["pose"].face[rest], a["pose"].face[rest], atol=1e-4)  # float32 pixels
+      for outline in (np.r_[36:42], np.r_[42:48]):
+        pa, pc = a["pose"].face[outline, :2], c["pose"].face[outline, :2]
+        np.testing.assert_allclose(pc.mean(0), pa.mean(0), atol=1e-4)
+        np.testing.assert_allclose(pc - pc.mean(0), 2 * (pa - pa.mean(0)), atol=1e-4)
+      if a["expression"][1] < synthetic.EYES_CLOSED_AT:
+        white = np.array(palette["head"]["eye_white"])
+        whites[1] += (a["image"] == white).all(-1).sum()
+        whites[2] += (c["image"] == white).all(-1).sum()
+  assert whites[1] > 0 and whites[2] > 2 * whites[1], whites
 
 
 def test_head_scale_grows_the_head_alone():

@@ -83,6 +83,10 @@ class SyntheticConfig:
       the person and every colour unchanged (the figure is framed again, so it shrinks a little). 1 draws adult
       proportions, where a 64 px face is ~8 px wide (2 x 2 latent tokens of a factor-4 autoencoder) and its eyes
       1-2 px; at 1.6 the head has 2.6 times the area and its eyes show their whites.
+    eye_scale: each eye's outline and lids' travel drawn this many times their size about the eye's centre,
+      1..2.5, in the image and the pose's face landmarks alike; the pupils and the rest of the face unchanged. At
+      2 (with `head_scale` 1.6) an open eye is ~4 x 2.6 px at 64 px, a 4 x 4 latent patch's worth: large enough
+      for a factor-4, 4-channel autoencoder trained to keep it (benchmarks/results/demo.md).
   """
 
   image_size: int = 64
@@ -94,6 +98,7 @@ class SyntheticConfig:
   pose_supersample: int = 1
   camera: str = "frame"
   head_scale: float = 1.0
+  eye_scale: float = 1.0
 
   def __post_init__(self):
     if not MIN_SIZE <= self.image_size <= MAX_SIZE:
@@ -111,6 +116,9 @@ class SyntheticConfig:
     if isinstance(self.head_scale, bool) or not isinstance(self.head_scale, (int, float)) \
         or not 0.5 <= self.head_scale <= 2.0:
       raise ValueError(f"SyntheticConfig.head_scale: expected a number in 0.5..2, got {self.head_scale!r}")
+    if isinstance(self.eye_scale, bool) or not isinstance(self.eye_scale, (int, float)) \
+        or not 1.0 <= self.eye_scale <= 2.5:
+      raise ValueError(f"SyntheticConfig.eye_scale: expected a number in 1..2.5, got {self.eye_scale!r}")
     if self.camera not in CAMERAS:
       raise ValueError(f"SyntheticConfig.camera: expected one of {CAMERAS}, got {self.camera!r}")
     if self.detail not in DETAILS:
@@ -160,6 +168,7 @@ class _Identity:
   thigh: float
   shin: float
   limb: float  # limb thickness scale
+  eye_scale: float = 1.0  # SyntheticConfig.eye_scale
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -210,12 +219,15 @@ def _identity(seed: int, index: int) -> _Identity:
 
 
 @functools.lru_cache(maxsize=4096)
-def _styled_identity(seed: int, index: int, detail: str, head_scale: float = 1.0) -> _Identity:
-  """`_identity` drawn at `detail` (SyntheticConfig.detail) and `head_scale`: "plain" keeps every draw of "full"
-  (so an identity's colours do not depend on the detail) and drops the shirt pattern and the background texture."""
+def _styled_identity(seed: int, index: int, detail: str, head_scale: float = 1.0, eye_scale: float = 1.0) -> _Identity:
+  """`_identity` drawn at `detail` (SyntheticConfig.detail), `head_scale` and `eye_scale`: "plain" keeps every draw
+  of "full" (so an identity's colours do not depend on the detail) and drops the shirt pattern and the background
+  texture."""
   ident = _identity(seed, index)
   if head_scale != 1.0:
     ident = dataclasses.replace(ident, head_r=ident.head_r * head_scale)
+  if eye_scale != 1.0:
+    ident = dataclasses.replace(ident, eye_scale=eye_scale)
   if detail == "plain":
     a = ident.background_colors[0]
     return dataclasses.replace(ident, pattern="plain", background="flat", background_colors=(a, a))
@@ -252,8 +264,9 @@ def _background(seed: int, index: int, size: int, detail: str = "full") -> np.nd
 # Face landmarks (iBUG-68 + pupils) in head units (head half-width = 1), y down, head centre at the origin.
 
 
-def _face_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Neutral landmarks [70, 2] and their displacements at full eye closure and full mouth opening."""
+def _face_template(eye_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Neutral landmarks [70, 2] and their displacements at full eye closure and full mouth opening, each eye's
+  outline and lids' travel `eye_scale` times their size about the eye's centre (its pupil)."""
   base = np.zeros((70, 2))
   eye_d = np.zeros((70, 2))
   mouth_d = np.zeros((70, 2))
@@ -269,8 +282,8 @@ def _face_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   for first, cx, order in ((36, -0.36, (-0.17, -0.06, 0.06, 0.17, 0.06, -0.06)),
                            (42, 0.36, (-0.17, -0.06, 0.06, 0.17, 0.06, -0.06))):
     lid = np.array([0, -1, -1, 0, 1, 1])  # corner, upper, upper, corner, lower, lower
-    base[first:first + 6] = np.stack([cx + np.array(order), eye_y + lid * eye_h], -1)
-    eye_d[first:first + 6, 1] = -lid * eye_h  # lids meet on the eye's midline
+    base[first:first + 6] = np.stack([cx + eye_scale * np.array(order), eye_y + eye_scale * lid * eye_h], -1)
+    eye_d[first:first + 6, 1] = -eye_scale * lid * eye_h  # lids meet on the eye's midline
   base[68], base[69] = (-0.36, eye_y), (0.36, eye_y)
   base[48:60] = [(-0.3, 0.5), (-0.18, 0.43), (-0.07, 0.41), (0, 0.43), (0.07, 0.41), (0.18, 0.43), (0.3, 0.5),
                  (0.18, 0.57), (0.07, 0.6), (0, 0.61), (-0.07, 0.6), (-0.18, 0.57)]
@@ -282,6 +295,7 @@ def _face_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _FACE_BASE, _FACE_EYE, _FACE_MOUTH = _face_template()
+_face_template_at = functools.lru_cache(maxsize=8)(_face_template)
 _EAR_X, _EAR_Y = 0.9, -0.1
 _HEAD_ASPECT = 1.2  # head half-height / half-width
 
@@ -372,7 +386,8 @@ def _skeleton(ident: _Identity, p: dict) -> dict:
   head_rot = _rot(head_angle)
   r = ident.head_r
   head_center = neck + head_rot @ np.array([0.0, -(0.18 + _HEAD_ASPECT * r)])
-  face = (_FACE_BASE + eyes * _FACE_EYE + mouth * _FACE_MOUTH) * r @ head_rot.T + head_center
+  face_base, face_eye, face_mouth = _face_template_at(float(ident.eye_scale))
+  face = (face_base + eyes * face_eye + mouth * face_mouth) * r @ head_rot.T + head_center
   body[0] = face[30]
   body[14], body[15] = face[68], face[69]
   body[16] = head_center + head_rot @ (np.array([-_EAR_X, _EAR_Y]) * r)
@@ -581,7 +596,8 @@ class SyntheticSource:
       between, rounded down). Every figure pixel of `frame(video, f)["image"]` has exactly one colour of its part.
     """
     self._check_video(video)
-    ident = _styled_identity(self.config.seed, video, self.config.detail, float(self.config.head_scale))
+    ident = _styled_identity(self.config.seed, video, self.config.detail, float(self.config.head_scale),
+                              float(self.config.eye_scale))
     rgb = lambda m: tuple(int(c) for c in ident.colors[_M[m], 0])
     skin = rgb("skin_head")
     out: dict[str, dict[str, tuple[int, int, int]]] = {name: {} for name in PART_NAMES}
@@ -607,7 +623,8 @@ class SyntheticSource:
     if not 0 <= frame < self.config.frames_per_identity:
       raise IndexError(f"SyntheticSource: frame {frame} out of range [0, {self.config.frames_per_identity})")
     seed, size = self.config.seed, self.config.image_size
-    ident = _styled_identity(seed, video, self.config.detail, float(self.config.head_scale))
+    ident = _styled_identity(seed, video, self.config.detail, float(self.config.head_scale),
+                              float(self.config.eye_scale))
     params = _sample_params(seed, video, frame)
     if self.config.camera == "identity":
       params.update(_identity_framing(seed, video))

@@ -32,6 +32,7 @@ from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.patch_vae import fit_patch_vae
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
 from magicpose_jax.pose.keypoints import Pose
+from magicpose_jax.pose.regions import eye_mask
 from magicpose_jax.train import checkpoint as ckpt
 from magicpose_jax.train import loop
 
@@ -134,16 +135,26 @@ def training_figures(data: ml_collections.ConfigDict, count: int,
 def training_figures_and_heads(data: ml_collections.ConfigDict, count: int,
                                progress: Callable[[Any], Any] = lambda it: it) -> tuple[np.ndarray, np.ndarray]:
   """`training_figures` and each figure's head: (uint8 `[count, S, S, 3]`, bool `[count, S, S]`)."""
+  images, heads, _ = training_figures_and_parts(data, count, progress)
+  return images, heads
+
+
+def training_figures_and_parts(data: ml_collections.ConfigDict, count: int,
+                               progress: Callable[[Any], Any] = lambda it: it
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`training_figures`, each figure's head and its eyes (`pose.regions.eye_mask` of its face landmarks):
+  (uint8 `[count, S, S, 3]`, bool `[count, S, S]`, bool `[count, S, S]`)."""
   source = rt.synthetic_source(data)
   frames = data.synthetic.frames_per_identity
   train_ids = data.synthetic.num_identities - data.synthetic.holdout_identities
   flat = np.random.default_rng(0).permutation(train_ids * frames)[:count]
-  images, heads = [], []
+  images, heads, eyes = [], [], []
   for i in progress(flat):
     frame = source.frame(int(i) // frames, int(i) % frames)
     images.append(frame["image"])
     heads.append(frame["part_mask"] == PART_NAMES.index("head"))
-  return np.stack(images), np.stack(heads)
+    eyes.append(eye_mask([frame["pose"]], *frame["image"].shape[:2]).astype(bool))
+  return np.stack(images), np.stack(heads), np.stack(eyes)
 
 
 def load_config(path: str = CONFIG_FILE) -> ml_collections.ConfigDict:

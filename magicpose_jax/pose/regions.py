@@ -46,6 +46,29 @@ def head_mask(poses: Sequence[Pose] | None, height: int, width: int) -> np.ndarr
   return mask
 
 
+_EYES = (slice(36, 42), slice(42, 48))  # iBUG-68: each eye's six outline points
+_SUBPIXEL = 2  # cv2 fixed-point bits: outlines drawn to a quarter pixel
+
+
+def eye_mask(poses: Sequence[Pose] | None, height: int, width: int) -> np.ndarray:
+  """uint8 [height, width]: 1 on and inside each eye's outline (face landmarks 36-47, pixel coordinates) of any of
+  `poses`, grown by one pixel (3 x 3), else 0. An eye whose six points are not all visible is left out.
+
+  What a loss weighted there sees: the eye white, pupil and lids of an open eye, the lid line of a shut one, and
+  the skin around them (an eye at 64 px is a few pixels; the ring keeps its edge in the mask when it is rounded).
+  """
+  mask = np.zeros((height, width), np.uint8)
+  for pose in poses or ():
+    for eye in _EYES:
+      points = pose.face[eye]
+      if not (points[:, 2] > 0).all():
+        continue
+      fixed = np.round(points[:, :2] * (1 << _SUBPIXEL)).astype(np.int32)
+      cv2.fillPoly(mask, [fixed], 1, cv2.LINE_8, _SUBPIXEL)
+      cv2.polylines(mask, [fixed], True, 1, 1, cv2.LINE_8, _SUBPIXEL)
+  return cv2.dilate(mask, np.ones((3, 3), np.uint8))
+
+
 def _head_ellipse(pose: Pose) -> tuple | None:
   """cv2's rotated rectangle ((cx, cy), (width, height), degrees) of one head, or None."""
   face = pose.face[_LANDMARKS]

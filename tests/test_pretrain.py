@@ -186,28 +186,35 @@ def test_continuing_another_folder_or_another_vae_is_refused(continued, tmp_path
   assert not os.path.exists(tmp_path / "new" / "vae")  # refused before anything was copied or trained
 
 
+def _run_vae_only(command: list[str], base: str, record: str) -> tuple[dict, dict, dict]:
+  """Runs a pretrain command that rewrites only `base`'s VAE and checks what both modes promise: DIR/sd is valid,
+  every file but the VAE's weights byte-identical to `base`'s, the manifest keeping `base`'s record and adding the
+  run (with this command) to `record`. Returns (the run's record, `base`'s VAE params, the new VAE params)."""
+  folder = pretrain.main(command)
+  before, after = pretrained.check_base_sd(base), pretrained.check_base_sd(folder)
+  (run,) = after[record]
+  assert run["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
+  assert after["command"] == before["command"] and after["budget"] == before["budget"]
+  changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
+  assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])
+  return run, load_stable_diffusion(base)[1]["vae"], load_stable_diffusion(folder)[1]["vae"]
+
+
+def _same(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def test_finetune_decoder_changes_only_the_decoder(micro_base, tmp_path):
   """`--finetune-decoder SD_DIR`: DIR/sd is SD_DIR with the VAE's decoder trained further (head-weighted): every
   other file byte-identical, the encoder leaves bit-identical (the latent space the UNet and ControlNet trained in),
   the manifest valid and recording the run; an existing output folder is refused."""
   base = micro_base[0]
-  out = str(tmp_path / "ft")
-  command = ["--micro", "--finetune-decoder", base, "--out", out]
-  folder = pretrain.main(command)
-  before, after = pretrained.check_base_sd(base), pretrained.check_base_sd(folder)
-  (record,) = after["decoder_continued"]
-  assert record["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
+  command = ["--micro", "--finetune-decoder", base, "--out", str(tmp_path / "ft")]
+  record, a, b = _run_vae_only(command, base, "decoder_continued")
   assert record["steps"] == 2 and record["head_weight"] == 4.0 and np.isfinite(record["loss"])
   assert record["head_scale"] == demo.load_config().data.synthetic.head_scale  # the figures it trained on
-  assert after["command"] == before["command"] and after["budget"] == before["budget"]
-  changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
-  assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])
-  _, a = load_stable_diffusion(base)
-  _, b = load_stable_diffusion(folder)
-  for name in a["vae"]:
-    same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["vae"][name]), jax.tree.leaves(b["vae"][name]),
-                                                    strict=True))
-    assert same == (name not in DECODER_PARAMS), name
+  for name in a:
+    assert _same(a[name], b[name]) == (name not in DECODER_PARAMS), name
   with pytest.raises(FileExistsError, match=r"ft/sd exists"):
     pretrain.main(command)
   with pytest.raises(SystemExit, match="no --continue-from"):
@@ -219,23 +226,13 @@ def test_tune_encoder_changes_only_the_vae(micro_base, tmp_path):
   byte-identical, the manifest valid and recording the run (weights, drift); an existing output folder and
   another mode beside it are refused."""
   base = micro_base[0]
-  out = str(tmp_path / "enc")
-  command = ["--micro", "--tune-encoder", base, "--out", out]
-  folder = pretrain.main(command)
-  before, after = pretrained.check_base_sd(base), pretrained.check_base_sd(folder)
-  (record,) = after["encoder_tuned"]
-  assert record["command"] == "python -m magicpose_jax.demo.pretrain " + " ".join(command)
+  command = ["--micro", "--tune-encoder", base, "--out", str(tmp_path / "enc")]
+  record, a, b = _run_vae_only(command, base, "encoder_tuned")
   assert record["steps"] == 2 and record["eye_weight"] == pretrain.TUNE_EYE_WEIGHT and np.isfinite(record["loss"])
   assert 0 < record["drift"] < 1
   assert record["eye_scale"] == demo.load_config().data.synthetic.eye_scale  # the figures it trained on
-  assert after["command"] == before["command"] and after["budget"] == before["budget"]
-  changed = {name for name in before["files"] if after["files"][name] != before["files"][name]}
-  assert changed == {"vae/diffusion_pytorch_model.safetensors"} and set(after["files"]) == set(before["files"])
-  _, a = load_stable_diffusion(base)
-  _, b = load_stable_diffusion(folder)
   for name in ("encoder", "decoder"):
-    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["vae"][name]),
-                                                        jax.tree.leaves(b["vae"][name]), strict=True)), name
+    assert not _same(a[name], b[name]), name
   with pytest.raises(FileExistsError, match=r"enc/sd exists"):
     pretrain.main(command)
   with pytest.raises(SystemExit, match="no --continue-from, --fresh or --finetune-decoder"):

@@ -186,29 +186,44 @@ def finetune_decoder_of(base_sd: str, out: str, budget: Budget = FINETUNE_DECODE
   `base_sd` (the demo's stages) still fits it, as the decoder phase's own. The manifest keeps `base_sd`'s record
   and adds the run to `decoder_continued`, with the sha256 of every file as it now is.
   """
+  manifest, config, folder = _new_vae_folder(base_sd, out, config)
+  start = time.perf_counter()
+  vae_config, params = load_vae(os.path.join(base_sd, "vae"))
+  params, scores = _finetune_decoder(vae_config, params, config.data, budget)
+  _write_vae_folder(base_sd, folder, manifest, vae_config, params, "decoder_continued", {
+      "command": command or f"python -m magicpose_jax.demo.pretrain --finetune-decoder {base_sd} --out {out}",
+      "commit": source_commit(), "steps": budget.decoder_steps, "images": budget.decoder_images,
+      "head_weight": budget.decoder_head_weight, "latent_noise": budget.decoder_latent_noise,
+      "head_scale": float(config.data.synthetic.head_scale), "eye_scale": float(config.data.synthetic.eye_scale),
+      "loss": scores.get("loss"),
+      "seconds": round(time.perf_counter() - start, 1)})
+  return folder
+
+
+def _new_vae_folder(base_sd: str, out: str, config: ml_collections.ConfigDict | None
+                    ) -> tuple[dict[str, Any], ml_collections.ConfigDict, str]:
+  """(`base_sd`'s checked manifest, `config` or the pretrain's, `out/sd`) for a command that rewrites only the VAE
+  of a finished base; an existing `out/sd` is refused before any training."""
   manifest = pretrained.check_base_sd(base_sd)
   config = config if config is not None else pretrain_config()
   folder = os.path.join(out, "sd")
   if os.path.exists(folder):
     raise FileExistsError(f"{folder} exists: pass another --out (nothing is overwritten)")
-  start = time.perf_counter()
-  vae_config, params = load_vae(os.path.join(base_sd, "vae"))
-  params, scores = _finetune_decoder(vae_config, params, config.data, budget)
+  return manifest, config, folder
+
+
+def _write_vae_folder(base_sd: str, folder: str, manifest: dict[str, Any], vae_config: autoencoder.VAEConfig,
+                      params: dict[str, Any], record: str, run: dict[str, Any]) -> None:
+  """Writes `folder`: a copy of `base_sd` with the VAE `params`, its manifest `manifest`'s record plus `run`
+  appended to the list `record`, and the sha256 of every file as it now is."""
   shutil.copytree(base_sd, folder)
   written = save_vae(vae_config, params, os.path.join(folder, "vae"))
   stale = set(os.listdir(os.path.join(folder, "vae"))) - set(written)
   if stale:
     raise ValueError(f"{folder}/vae: {sorted(stale)} from {base_sd} not rewritten by save_vae")
   info = {k: v for k, v in manifest.items() if k not in ("files", "sha256")}
-  info["decoder_continued"] = [*info.get("decoder_continued", []), {
-      "command": command or f"python -m magicpose_jax.demo.pretrain --finetune-decoder {base_sd} --out {out}",
-      "commit": source_commit(), "steps": budget.decoder_steps, "images": budget.decoder_images,
-      "head_weight": budget.decoder_head_weight, "latent_noise": budget.decoder_latent_noise,
-      "head_scale": float(config.data.synthetic.head_scale), "eye_scale": float(config.data.synthetic.eye_scale),
-      "loss": scores.get("loss"),
-      "seconds": round(time.perf_counter() - start, 1)}]
+  info[record] = [*info.get(record, []), run]
   pretrained.write_manifest(folder, info)
-  return folder
 
 
 def tune_encoder_of(base_sd: str, out: str, training: autoencoder.EncoderTuning = TUNE_ENCODER,
@@ -222,11 +237,7 @@ def tune_encoder_of(base_sd: str, out: str, training: autoencoder.EncoderTuning 
   configs/demo.py --config.stage=base --config.base.path=OUT/sd ...`) before the demo's stages train over it. The
   manifest keeps `base_sd`'s record and adds the run to `encoder_tuned`, with the sha256 of every file as it now is.
   """
-  manifest = pretrained.check_base_sd(base_sd)
-  config = config if config is not None else pretrain_config()
-  folder = os.path.join(out, "sd")
-  if os.path.exists(folder):
-    raise FileExistsError(f"{folder} exists: pass another --out (nothing is overwritten)")
+  manifest, config, folder = _new_vae_folder(base_sd, out, config)
   start = time.perf_counter()
   vae_config, params = load_vae(os.path.join(base_sd, "vae"))
   figures, heads, eyes = training_figures_and_parts(config.data, images)
@@ -240,19 +251,12 @@ def tune_encoder_of(base_sd: str, out: str, training: autoencoder.EncoderTuning 
 
   params, scores = autoencoder.tune_autoencoder(vae_config, params, figures, weights, training, progress)
   bar.close()
-  shutil.copytree(base_sd, folder)
-  written = save_vae(vae_config, params, os.path.join(folder, "vae"))
-  stale = set(os.listdir(os.path.join(folder, "vae"))) - set(written)
-  if stale:
-    raise ValueError(f"{folder}/vae: {sorted(stale)} from {base_sd} not rewritten by save_vae")
-  info = {k: v for k, v in manifest.items() if k not in ("files", "sha256")}
-  info["encoder_tuned"] = [*info.get("encoder_tuned", []), {
+  _write_vae_folder(base_sd, folder, manifest, vae_config, params, "encoder_tuned", {
       "command": command or f"python -m magicpose_jax.demo.pretrain --tune-encoder {base_sd} --out {out}",
       "commit": source_commit(), "steps": training.steps, "images": images, "lr": training.lr,
       "anchor": training.anchor, "head_weight": TUNE_HEAD_WEIGHT, "eye_weight": TUNE_EYE_WEIGHT,
       "head_scale": float(config.data.synthetic.head_scale), "eye_scale": float(config.data.synthetic.eye_scale),
-      **scores, "seconds": round(time.perf_counter() - start, 1)}]
-  pretrained.write_manifest(folder, info)
+      **scores, "seconds": round(time.perf_counter() - start, 1)})
   return folder
 
 

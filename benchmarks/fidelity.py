@@ -2,6 +2,8 @@
 budget, scored on held-out identities x held-out poses; writes benchmarks/results/fidelity.md.
 
     python benchmarks/fidelity.py [--out outputs/fidelity] [--scale 1.0] [--fresh] [--reuse outputs/demo]
+        [--base-sd magicpose_jax/demo/pretrained_sd] [--seed 0] [--sampling-seeds 0 1 2]
+    python benchmarks/fidelity.py --combine A.json B.json --results OUT.md   # several training seeds together
 
 Variants (shared: the demo's autoencoder and the base UNet, made once, as in the demo):
   full            stage 1 then stage 2 (appearance + pose), sampled with guidance `Budget.guidance`;
@@ -13,6 +15,12 @@ Variants (shared: the demo's autoencoder and the base UNet, made once, as in the
 `--scale` multiplies every diffusion training budget (1.0: about an hour on a quiet 2-core CPU; the VAE is
 trained as in the demo whatever the scale). The Markdown table has the
 commit, seed, budget and wall time; the paper's claims are checked and printed, not tuned for.
+
+Spread: `--seed` is the training seed (`config.seed`: inits, data order, noise), `--sampling-seeds` re-sample
+every variant from other initial noise (seed 0 is the demo's own draw). With several sampling seeds the table
+shows mean (min..max), and each claim its smallest margin over the seeds against the larger seed-to-seed range
+of the two variants compared. `--combine` reads the JSONs of runs at other training seeds (the same sampling
+seeds) and judges each claim over every (training, sampling) seed pair the same way.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 
 from magicpose_jax import demo
@@ -72,32 +82,85 @@ class Fidelity(demo.Demo):
   def variants(self) -> dict[str, str]:
     return {**super().variants(), "no_augmentation": self.path("runs", "no_augmentation")}
 
-  def evaluate_all(self) -> dict[str, dict]:
+  def evaluate_all(self, seeds: Sequence[int] = (0,)) -> dict[str, list[dict]]:
+    """Every variant on the held-out pairs at each sampling seed: variant -> [`rt.report`, one per seed]."""
     b = self.budget
     pairs = rt.holdout_pairs(self.config.data, b.poses_per_identity, b.holdout_identities)
     source = rt.synthetic_source(self.config.data)
     guided = SamplerConfig(num_steps=b.sample_steps, guidance=b.guidance)
     runs = {**self.variants(), "no_cfg": self.path("runs", "stage2")}
-    order = ["full", "no_appearance", "no_pose", "no_cfg", "no_augmentation"]
     out = {}
-    bar = tqdm.tqdm(total=len(order) * len(pairs), desc="evaluate", unit="identity", dynamic_ncols=True)
-    for name in order:
+    bar = tqdm.tqdm(total=len(ORDER) * len(pairs) * len(seeds), desc="evaluate", unit="identity",
+                    dynamic_ncols=True)
+    for name in ORDER:
       sampler = dataclasses.replace(guided, guidance=1.0) if name == "no_cfg" else guided
-      result = rt.retarget(rt.load_trained(runs[name]), source, pairs, sampler, progress=bar.update)
-      out[name] = rt.report(result.metrics)
+      model = rt.load_trained(runs[name])
+      out[name] = [rt.report(rt.retarget(model, source, pairs, sampler, seed=sampling_noise_seed(seed),
+                                         progress=bar.update).metrics) for seed in seeds]
     bar.close()
     return out
 
 
-def claims(results: dict[str, dict]) -> dict[str, bool]:
-  full = results["full"]
-  out = {"identity error: full < no_appearance": full["identity_error"] < results["no_appearance"]["identity_error"],
-         "pose mIoU: full > no_pose": full["mean_iou"] > results["no_pose"]["mean_iou"],
-         "face L1: full < no_pose": full["face_l1"] < results["no_pose"]["face_l1"]}
-  for name in results:
-    if name != "full":
-      out[f"SSIM: full >= {name}"] = full["ssim"] >= results[name]["ssim"]
+ORDER = ("full", "no_appearance", "no_pose", "no_cfg", "no_augmentation")
+
+# (claim, metric, the variant the full model is compared with, "lower" or "higher" is better)
+CLAIMS = (("identity error: full < no_appearance", "identity_error", "no_appearance", "lower"),
+          ("pose mIoU: full > no_pose", "mean_iou", "no_pose", "higher"),
+          ("face L1: full < no_pose", "face_l1", "no_pose", "lower"),
+          *((f"SSIM: full > {name}", "ssim", name, "higher")
+            for name in ("no_appearance", "no_pose", "no_cfg", "no_augmentation")))
+
+
+def sampling_noise_seed(seed: int) -> int:
+  """`rt.retarget`'s seed for sampling seed `seed`: it draws identity i's noise from seed + i, so the seeds are
+  spaced by more than any identity count (0 stays the demo's own draw; as benchmarks/seed_spread.py)."""
+  return seed * 100_003
+
+
+def judge_claims(runs: dict[str, list[dict]]) -> list[dict]:
+  """Each claim over index-aligned runs (variant -> [report]; index k is the same training and sampling seed for
+  every variant).
+
+  Returns:
+    [{"claim", "margin" (the smallest over the runs; > 0 where the full model is better), "spread" (the larger
+    range of the two variants' values), "verdict"}]: "holds beyond the spread" when margin > spread, "holds,
+    within the spread" when only margin > 0, else "does not hold".
+  """
+  out = []
+  for claim, key, other, order in CLAIMS:
+    full = np.array([r[key] for r in runs["full"]], np.float64)
+    them = np.array([r[key] for r in runs[other]], np.float64)
+    if full.shape != them.shape:
+      raise ValueError(f"judge_claims: {len(full)} runs of full but {len(them)} of {other}")
+    margins = them - full if order == "lower" else full - them
+    spread = float(max(np.ptp(full), np.ptp(them)))
+    margin = float(margins.min())
+    verdict = ("holds beyond the spread" if margin > spread else
+               "holds, within the spread" if margin > 0 else "does not hold")
+    out.append({"claim": claim, "margin": margin, "spread": spread, "verdict": verdict})
   return out
+
+
+def _cell(values: list[float], digits: int) -> str:
+  mean = f"{np.mean(values):.{digits}f}"
+  return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+
+
+def spread_table(runs: dict[str, list[dict]]) -> str:
+  """A Markdown table: per variant the mean (min..max) over its runs of `rt.MARKDOWN_COLUMNS`."""
+  lines = [rt.markdown_header(["variant"])]
+  for name, reports in runs.items():
+    cells = [_cell([r["psnr"] for r in reports], 2)]
+    cells += [_cell([r[k] for r in reports], 3) for k in ("ssim", "mean_iou", "identity_error", "face_l1",
+                                                           "eye_state")]
+    cells += [_cell([r["region_error"][k] for r in reports], 3) for k in ("clothes", "skin", "hair", "background")]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def claim_lines(judged: list[dict]) -> list[str]:
+  return [f"- {'**does not hold**' if j['verdict'] == 'does not hold' else j['verdict']}: {j['claim']} "
+          f"(smallest margin {j['margin']:.3f}, spread {j['spread']:.3f})" for j in judged]
 
 
 REUSABLE = ("vae", "base_sd", *(os.path.join("runs", n) for n in ("base", "stage1", "stage2", "no_appearance",
@@ -121,16 +184,19 @@ def reuse_demo(demo_out: str, out: str, need_vae: bool = True) -> str:
   return f"Phases taken from the demo run in {demo_out}: {', '.join(copied) or 'none new'}"
 
 
-def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, seconds: float, seed: int,
-                   scale: float | None, note: str = "", command: str = "") -> str:
-  checked = claims(results)
+def write_markdown(path: str, runs: dict[str, list[dict]], budget: demo.Budget, seconds: float, seed: int,
+                   scale: float | None, note: str = "", command: str = "",
+                   sampling_seeds: Sequence[int] = (0,)) -> str:
+  """Writes the table and claims of one training seed's `Fidelity.evaluate_all` to `path` (Markdown) and beside
+  it the same with every report as JSON (`--combine` reads it); returns the Markdown."""
+  judged = judge_claims(runs)
   commit = source_commit() or "unknown"
   lines = [
       "# Fidelity benchmark: MagicPose and its ablations on synthetic figures",
       "",
-      f"`{command or f'python benchmarks/fidelity.py --scale {scale}'}` -- commit {commit}, seed {seed}, "
-      f"{datetime.date.today().isoformat()}, wall time {seconds / 60:.1f} min on {jax.default_backend()} "
-      f"({os.cpu_count()} cores).",
+      f"`{command or f'python benchmarks/fidelity.py --scale {scale}'}` -- commit {commit}, training seed {seed}, "
+      f"sampling seeds {list(sampling_seeds)}, {datetime.date.today().isoformat()}, wall time {seconds / 60:.1f} min "
+      f"on {jax.default_backend()} ({os.cpu_count()} cores).",
       "",
       f"Held-out identities x held-out poses: {budget.holdout_identities} x {budget.poses_per_identity} images per "
       f"variant, DDIM {budget.sample_steps} steps, guidance {budget.guidance} (no_cfg: 1). Budget (steps, batch "
@@ -140,19 +206,64 @@ def write_markdown(path: str, results: dict[str, dict], budget: demo.Budget, sec
          "= the stage-1 model") + f", no_augmentation {budget.stage1_steps} + {budget.stage2_steps}."
       + (f" {note}." if note else ""),
       "",
-      rt.metrics_table({n: {k: r[k] for k, _, _ in rt.SUMMARY_KEYS} for n, r in results.items()}, markdown=True),
+      spread_table(runs),
       "",
-      "Claims of the paper, as measured here:",
+      "Claims of the paper, as measured here" + (" (margins and spreads over the sampling seeds):"
+                                                 if len(sampling_seeds) > 1 else ":"),
       "",
+      *claim_lines(judged),
   ]
-  lines += [f"- {'holds' if ok else '**does not hold**'}: {claim}" for claim, ok in checked.items()]
   text = "\n".join(lines) + "\n"
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     f.write(text)
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump({"results": results, "claims": checked, "budget": dataclasses.asdict(budget), "seconds": seconds,
-               "seed": seed, "scale": scale, "commit": commit}, f, indent=2)
+    json.dump({"runs": runs, "claims": judged, "budget": dataclasses.asdict(budget), "seconds": seconds,
+               "seed": seed, "sampling_seeds": list(sampling_seeds), "scale": scale, "commit": commit,
+               "command": command}, f, indent=2)
+  return text
+
+
+def combine(paths: Sequence[str], out: str) -> str:
+  """Judges the claims over the runs of several `write_markdown` JSONs (other training seeds, the same sampling
+  seeds and budget); writes the Markdown to `out` and returns it."""
+  records = []
+  for path in paths:
+    with open(path) as f:
+      record = json.load(f)
+    if "runs" not in record:
+      raise ValueError(f"--combine {path}: no 'runs' (a JSON written by this script with --sampling-seeds)")
+    records.append(record)
+  for path, record in zip(paths[1:], records[1:], strict=True):
+    for key in ("budget", "sampling_seeds"):
+      if record[key] != records[0][key]:
+        raise ValueError(f"--combine: {path} has {key} {record[key]}, {paths[0]} has {records[0][key]}")
+  variants = list(records[0]["runs"])
+  runs = {name: [r for record in records for r in record["runs"][name]] for name in variants}
+  within = {j["claim"]: max(judge_claims(record["runs"])[i]["spread"] for record in records)
+            for i, j in enumerate(judge_claims(records[0]["runs"]))}
+  judged = judge_claims(runs)
+  seeds = [record["seed"] for record in records]
+  lines = [
+      "# Fidelity benchmark over training seeds",
+      "",
+      *(f"- training seed {r['seed']}: `{r.get('command', '')}` -- commit {r['commit']}, "
+        f"{r['seconds'] / 60:.1f} min" for r in records),
+      "",
+      f"Every variant over training seeds {seeds} x sampling seeds {records[0]['sampling_seeds']}, mean (min..max):",
+      "",
+      spread_table(runs),
+      "",
+      "Claims of the paper: the smallest margin over all the runs against the larger range of the two variants over "
+      "all the runs (the sampling-only range, the largest within one training seed, in brackets):",
+      "",
+      *(f"{line} [sampling only: {within[j['claim']]:.3f}]" for line, j in zip(claim_lines(judged), judged,
+                                                                                 strict=True)),
+  ]
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write(text)
   return text
 
 
@@ -170,7 +281,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--base-sd", default="",
                       help="train the variants over this pretrained base (`magicpose_jax.demo.pretrain`; e.g. the "
                       "packaged magicpose_jax/demo/pretrained_sd) instead of training a VAE and base here")
+  parser.add_argument("--seed", type=int, default=None,
+                      help="the training seed (config.seed: inits, data order, noise); default configs/demo.py's")
+  parser.add_argument("--sampling-seeds", type=int, nargs="+", default=[0],
+                      help="sample every variant at each of these seeds (0: the demo's own draw)")
+  parser.add_argument("--combine", nargs="+", default=[], metavar="JSON",
+                      help="judge the claims over these runs' JSONs (other training seeds) into --results; trains "
+                      "and samples nothing")
   args = parser.parse_args(argv)
+  if args.combine:
+    print(combine(args.combine, args.results))
+    return
+  if len(set(args.sampling_seeds)) != len(args.sampling_seeds) or min(args.sampling_seeds) < 0:
+    parser.error(f"--sampling-seeds must be distinct and >= 0, got {args.sampling_seeds}")
+  config = demo.load_config()
+  if args.seed is not None:
+    config.seed = args.seed
   os.makedirs(args.out, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out), "jax_cache"))
   if args.budget == "bench":
@@ -178,15 +304,15 @@ def main(argv: list[str] | None = None) -> None:
   else:
     budget = demo.DEMO if args.base_sd else demo.TRAINED_BASE
   t0 = time.perf_counter()
-  bench = Fidelity(args.out, budget, demo.load_config(), fresh=args.fresh, base_sd=args.base_sd or None)
+  bench = Fidelity(args.out, budget, config, fresh=args.fresh, base_sd=args.base_sd or None)
   note = reuse_demo(args.reuse, args.out, need_vae=not args.base_sd) if args.reuse else ""  # after --fresh's clean-up
   if not args.base_sd:
     bench.train_vae()
   bench.train_all()
-  results = bench.evaluate_all()
+  runs = bench.evaluate_all(args.sampling_seeds)
   command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
-  print(write_markdown(args.results, results, budget, time.perf_counter() - t0, bench.config.seed,
-                       args.scale if args.budget == "bench" else None, note, command))
+  print(write_markdown(args.results, runs, budget, time.perf_counter() - t0, bench.config.seed,
+                       args.scale if args.budget == "bench" else None, note, command, args.sampling_seeds))
 
 
 if __name__ == "__main__":

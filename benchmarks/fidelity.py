@@ -43,6 +43,7 @@ import tqdm
 from magicpose_jax import demo
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.eval import claims
 from magicpose_jax.eval.report import source_commit
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity.md")
@@ -103,42 +104,10 @@ class Fidelity(demo.Demo):
 
 ORDER = ("full", "no_appearance", "no_pose", "no_cfg", "no_augmentation")
 
-# (claim, metric, the variant the full model is compared with, "lower" or "higher" is better)
-CLAIMS = (("identity error: full < no_appearance", "identity_error", "no_appearance", "lower"),
-          ("pose mIoU: full > no_pose", "mean_iou", "no_pose", "higher"),
-          ("face L1: full < no_pose", "face_l1", "no_pose", "lower"),
-          *((f"SSIM: full > {name}", "ssim", name, "higher")
-            for name in ("no_appearance", "no_pose", "no_cfg", "no_augmentation")))
-
-
 def sampling_noise_seed(seed: int) -> int:
   """`rt.retarget`'s seed for sampling seed `seed`: it draws identity i's noise from seed + i, so the seeds are
   spaced by more than any identity count (0 stays the demo's own draw; as benchmarks/seed_spread.py)."""
   return seed * 100_003
-
-
-def judge_claims(runs: dict[str, list[dict]]) -> list[dict]:
-  """Each claim over index-aligned runs (variant -> [report]; index k is the same training and sampling seed for
-  every variant).
-
-  Returns:
-    [{"claim", "margin" (the smallest over the runs; > 0 where the full model is better), "spread" (the larger
-    range of the two variants' values), "verdict"}]: "holds beyond the spread" when margin > spread, "holds,
-    within the spread" when only margin > 0, else "does not hold".
-  """
-  out = []
-  for claim, key, other, order in CLAIMS:
-    full = np.array([r[key] for r in runs["full"]], np.float64)
-    them = np.array([r[key] for r in runs[other]], np.float64)
-    if full.shape != them.shape:
-      raise ValueError(f"judge_claims: {len(full)} runs of full but {len(them)} of {other}")
-    margins = them - full if order == "lower" else full - them
-    spread = float(max(np.ptp(full), np.ptp(them)))
-    margin = float(margins.min())
-    verdict = ("holds beyond the spread" if margin > spread else
-               "holds, within the spread" if margin > 0 else "does not hold")
-    out.append({"claim": claim, "margin": margin, "spread": spread, "verdict": verdict})
-  return out
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -156,11 +125,6 @@ def spread_table(runs: dict[str, list[dict]]) -> str:
     cells += [_cell([r["region_error"][k] for r in reports], 3) for k in ("clothes", "skin", "hair", "background")]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def claim_lines(judged: list[dict]) -> list[str]:
-  return [f"- {'**does not hold**' if j['verdict'] == 'does not hold' else j['verdict']}: {j['claim']} "
-          f"(smallest margin {j['margin']:.3f}, spread {j['spread']:.3f})" for j in judged]
 
 
 REUSABLE = ("vae", "base_sd", *(os.path.join("runs", n) for n in ("base", "stage1", "stage2", "no_appearance",
@@ -189,7 +153,7 @@ def write_markdown(path: str, runs: dict[str, list[dict]], budget: demo.Budget, 
                    sampling_seeds: Sequence[int] = (0,)) -> str:
   """Writes the table and claims of one training seed's `Fidelity.evaluate_all` to `path` (Markdown) and beside
   it the same with every report as JSON (`--combine` reads it); returns the Markdown."""
-  judged = judge_claims(runs)
+  judged = claims.judge(runs, claims.ABLATION_CLAIMS)
   commit = source_commit() or "unknown"
   lines = [
       "# Fidelity benchmark: MagicPose and its ablations on synthetic figures",
@@ -211,7 +175,7 @@ def write_markdown(path: str, runs: dict[str, list[dict]], budget: demo.Budget, 
       "Claims of the paper, as measured here" + (" (margins and spreads over the sampling seeds):"
                                                  if len(sampling_seeds) > 1 else ":"),
       "",
-      *claim_lines(judged),
+      *claims.verdict_lines(judged),
   ]
   text = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -240,9 +204,9 @@ def combine(paths: Sequence[str], out: str) -> str:
         raise ValueError(f"--combine: {path} has {key} {record[key]}, {paths[0]} has {records[0][key]}")
   variants = list(records[0]["runs"])
   runs = {name: [r for record in records for r in record["runs"][name]] for name in variants}
-  within = {j["claim"]: max(judge_claims(record["runs"])[i]["spread"] for record in records)
-            for i, j in enumerate(judge_claims(records[0]["runs"]))}
-  judged = judge_claims(runs)
+  per_seed = [claims.judge(record["runs"], claims.ABLATION_CLAIMS) for record in records]
+  within = [max(judged[i]["spread"] for judged in per_seed) for i in range(len(claims.ABLATION_CLAIMS))]
+  judged = claims.judge(runs, claims.ABLATION_CLAIMS)
   seeds = [record["seed"] for record in records]
   lines = [
       "# Fidelity benchmark over training seeds",
@@ -257,8 +221,8 @@ def combine(paths: Sequence[str], out: str) -> str:
       "Claims of the paper: the smallest margin over all the runs against the larger range of the two variants over "
       "all the runs (the sampling-only range, the largest within one training seed, in brackets):",
       "",
-      *(f"{line} [sampling only: {within[j['claim']]:.3f}]" for line, j in zip(claim_lines(judged), judged,
-                                                                                 strict=True)),
+      *(f"{line} [within one training seed: {spread:.3f}]"
+        for line, spread in zip(claims.verdict_lines(judged), within, strict=True)),
   ]
   text = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -5,8 +5,9 @@
 Re-samples the held-out pairs of a finished demo (`python -m magicpose_jax.demo --out DIR`) with every evaluated
 model (full, no_appearance, no_pose) and each sampling seed (seed 0 is the demo's own draw), and prints per model
 and metric the mean and the range (min..max) over seeds, then the demo's claims with their smallest margin over
-the seeds against the largest seed-to-seed range of the two models compared. Training is not repeated: this is
-the sampling spread only. Sampling only: ~1 minute per model and seed on a quiet 2-core CPU.
+the seeds against the largest seed-to-seed range of the two models compared (`magicpose_jax.eval.claims`).
+Training is not repeated: this is the sampling spread only. Sampling only: ~1 minute per model and seed on a
+quiet 2-core CPU.
 """
 
 from __future__ import annotations
@@ -20,12 +21,8 @@ import numpy as np
 from magicpose_jax.demo import DEMO, load_config
 from magicpose_jax.demo import retarget as rt
 from magicpose_jax.diffusion.sampler import SamplerConfig
+from magicpose_jax.eval import claims
 from magicpose_jax.eval.report import source_commit
-
-# (claim, metric, better model, worse model, "lower" or "higher" is better)
-CLAIMS = (("identity: full < no_appearance", "identity_error", "full", "no_appearance", "lower"),
-          ("pose: full > no_pose (mIoU)", "mean_iou", "full", "no_pose", "higher"),
-          ("face: full < no_pose (face L1)", "face_l1", "full", "no_pose", "lower"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,32 +37,25 @@ def main(argv: list[str] | None = None) -> None:
   source = rt.synthetic_source(data)
   sampler = SamplerConfig(num_steps=DEMO.sample_steps, guidance=DEMO.guidance)
   runs = {"full": "stage2", "no_appearance": "no_appearance", "no_pose": "stage1"}  # DEMO.no_pose_steps == 0
-  values: dict[str, dict[str, list[float]]] = {}
+  reports: dict[str, list[dict[str, float]]] = {}  # model -> one summary per seed
   for name, run in runs.items():
     model = rt.load_trained(os.path.join(args.demo, "runs", run))
     for seed in args.seeds:
       # rt.retarget draws identity i's noise from seed + i: offset by more than the identity count.
-      result = rt.retarget(model, source, pairs, sampler, seed=seed * 100_003)
-      for key, value in rt.summary(result.metrics).items():
-        values.setdefault(name, {}).setdefault(key, []).append(value)
-      print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rt.summary(result.metrics).items()),
-            flush=True)
+      summary = rt.summary(rt.retarget(model, source, pairs, sampler, seed=seed * 100_003).metrics)
+      reports.setdefault(name, []).append(summary)
+      print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()), flush=True)
   commit = source_commit() or "unknown"
   command = " ".join(["python benchmarks/seed_spread.py", *(sys.argv[1:] if argv is None else argv)])
   print(f"\n`{command}` -- commit {commit}, sampling seeds {args.seeds}\n")
   print("| model | " + " | ".join(title for _, title, _ in rt.SUMMARY_KEYS) + " |")
   print("|---|" + "---:|" * len(rt.SUMMARY_KEYS))
-  for name, metrics in values.items():
-    cells = [f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" for v in (metrics[k] for k, _, _ in rt.SUMMARY_KEYS)]
+  for name, summaries in reports.items():
+    columns = ([s[k] for s in summaries] for k, _, _ in rt.SUMMARY_KEYS)
+    cells = [f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" for v in columns]
     print(f"| {name} | " + " | ".join(cells) + " |")
   print()
-  for claim, key, better, worse, order in CLAIMS:
-    a, b = np.array(values[better][key]), np.array(values[worse][key])
-    margins = (b - a) if order == "lower" else (a - b)  # per seed; > 0 where the claim holds
-    spread = max(np.ptp(a), np.ptp(b))
-    verdict = "holds beyond the seed spread" if margins.min() > spread else \
-        ("holds, within the seed spread" if margins.min() > 0 else "DOES NOT HOLD for every seed")
-    print(f"- {claim}: smallest margin {margins.min():.3f}, seed spread {spread:.3f}: {verdict}")
+  print("\n".join(claims.verdict_lines(claims.judge(reports, claims.DEMO_CLAIMS))))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from magicpose_jax.demo import retarget as rt
 from magicpose_jax.demo.figures import image_grid, save_animation, save_png
 from magicpose_jax.diffusion.sampler import SamplerConfig
 from magicpose_jax.diffusion.schedules import SD15_SCHEDULE
+from magicpose_jax.eval import claims
 from magicpose_jax.models.clip import CLIP_VARIANTS
 from magicpose_jax.models.patch_vae import fit_patch_vae
 from magicpose_jax.models.unet import VARIANTS, UNetConfig
@@ -447,11 +448,7 @@ class Demo:
     self.timings["grid and animation"] = round(time.perf_counter() - start, 1)
     self.timings["total"] = round(time.perf_counter() - t0, 1)
     s = evaluation["summaries"]
-    claims = {
-        "identity: full < no_appearance": s["full"]["identity_error"] < s["no_appearance"]["identity_error"],
-        "pose: full > no_pose (mIoU)": s["full"]["mean_iou"] > s["no_pose"]["mean_iou"],
-        "face: full < no_pose (face L1)": s["full"]["face_l1"] < s["no_pose"]["face_l1"],
-    }
+    judged = claims.judge({name: [summary] for name, summary in s.items()}, claims.DEMO_CLAIMS)
     b = self.budget
     report = {
         "models": {n: rt.report(r.metrics) for n, r in evaluation["results"].items()},
@@ -459,7 +456,8 @@ class Demo:
         "ablations": f"trained in this demo: no_appearance {b.no_appearance_steps} steps of stage 2 from the base; "
                      + ("no_pose = the stage-1 model (appearance only, " + f"{b.stage1_steps} steps)"
                         if b.no_pose_steps == 0 else f"no_pose {b.no_pose_steps} steps of stage 2 without pose"),
-        "claims": claims, "budget": dataclasses.asdict(b), "seconds": self.timings, "cached_phases": self.cached,
+        "claims": {j["claim"]: j["margin"] > 0 for j in judged},
+        "budget": dataclasses.asdict(b), "seconds": self.timings, "cached_phases": self.cached,
         "outputs": {"grid": self.path("retarget.png"), "animation": evaluation["animation"]},
         "jax_backend": jax.default_backend(),
     }

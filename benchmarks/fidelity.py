@@ -96,18 +96,13 @@ class Fidelity(demo.Demo):
     for name in ORDER:
       sampler = dataclasses.replace(guided, guidance=1.0) if name == "no_cfg" else guided
       model = rt.load_trained(runs[name])
-      out[name] = [rt.report(rt.retarget(model, source, pairs, sampler, seed=sampling_noise_seed(seed),
+      out[name] = [rt.report(rt.retarget(model, source, pairs, sampler, seed=rt.sampling_seed(seed),
                                          progress=bar.update).metrics) for seed in seeds]
     bar.close()
     return out
 
 
 ORDER = ("full", "no_appearance", "no_pose", "no_cfg", "no_augmentation")
-
-def sampling_noise_seed(seed: int) -> int:
-  """`rt.retarget`'s seed for sampling seed `seed`: it draws identity i's noise from seed + i, so the seeds are
-  spaced by more than any identity count (0 stays the demo's own draw; as benchmarks/seed_spread.py)."""
-  return seed * 100_003
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -119,10 +114,8 @@ def spread_table(runs: dict[str, list[dict]]) -> str:
   """A Markdown table: per variant the mean (min..max) over its runs of `rt.MARKDOWN_COLUMNS`."""
   lines = [rt.markdown_header(["variant"])]
   for name, reports in runs.items():
-    cells = [_cell([r["psnr"] for r in reports], 2)]
-    cells += [_cell([r[k] for r in reports], 3) for k in ("ssim", "mean_iou", "identity_error", "face_l1",
-                                                           "eye_state")]
-    cells += [_cell([r["region_error"][k] for r in reports], 3) for k in ("clothes", "skin", "hair", "background")]
+    columns = zip(*(rt.markdown_values(r) for r in reports), strict=True)
+    cells = [_cell(list(values), 2 if i == 0 else 3) for i, values in enumerate(columns)]  # PSNR, then the rest
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

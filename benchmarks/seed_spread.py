@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> None:
   for name, run in runs.items():
     model = rt.load_trained(os.path.join(args.demo, "runs", run))
     for seed in args.seeds:
-      # rt.retarget draws identity i's noise from seed + i: offset by more than the identity count.
-      summary = rt.summary(rt.retarget(model, source, pairs, sampler, seed=seed * 100_003).metrics)
+      summary = rt.summary(rt.retarget(model, source, pairs, sampler, seed=rt.sampling_seed(seed)).metrics)
       reports.setdefault(name, []).append(summary)
       print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()), flush=True)
   commit = source_commit() or "unknown"

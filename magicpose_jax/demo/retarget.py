@@ -101,6 +101,12 @@ class RetargetResult:
   rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
+def sampling_seed(draw: int) -> int:
+  """`retarget`'s `seed` for sampling draw `draw` (0, 1, 2, ...). `retarget` draws identity i's noise from
+  seed + i, so the draws are spaced by more than any identity index (the demo's 100,000 identities): no two draws
+  share an identity's noise. Draw 0 is the demo's own."""
+  return draw * 100_003
+
 def retarget(model: TrainedModel, source: SyntheticSource, pairs: Sequence[tuple[int, int, list[int]]],
              sampler: SamplerConfig, *, seed: int = 0, progress: Any = None) -> RetargetResult:
   """Generates every (identity, target pose) of `pairs` from the identity's reference frame and scores them.
@@ -153,11 +159,16 @@ def markdown_header(labels: Sequence[str]) -> str:
 
 def markdown_row(labels: Sequence[str], metrics: dict) -> str:
   """A Markdown row of an `evaluate_figures` dict (`MARKDOWN_COLUMNS`) after the text cells `labels`."""
-  r = metrics["region_error"]
-  values = [metrics["ssim"], metrics["mean_iou"], metrics["identity_error"], metrics["face_l1"],
-            metrics["eye_state"], r["clothes"], r["skin"], r["hair"], r["background"]]
-  cells = [*labels, f"{metrics['psnr']:.2f}", *(f"{v:.3f}" for v in values)]
+  psnr, *rest = markdown_values(metrics)
+  cells = [*labels, f"{psnr:.2f}", *(f"{v:.3f}" for v in rest)]
   return f"| {' | '.join(cells)} |"
+
+
+def markdown_values(metrics: dict) -> list[float]:
+  """The `MARKDOWN_COLUMNS` values of an `evaluate_figures` dict (or a `report`), in order."""
+  r = metrics["region_error"]
+  return [metrics["psnr"], metrics["ssim"], metrics["mean_iou"], metrics["identity_error"], metrics["face_l1"],
+          metrics["eye_state"], r["clothes"], r["skin"], r["hair"], r["background"]]
 
 
 def metrics_table(results: dict[str, dict[str, float]], markdown: bool = False) -> str:
